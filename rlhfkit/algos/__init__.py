@@ -1,0 +1,59 @@
+"""Pure RLHF/PPO math: tensors and floats in, (tensor, stats) out. Imports torch only.
+
+Each function is listed with its equation and paper in docs/algorithms.md.
+"""
+
+from rlhfkit.algos.advantages import (
+    ESTIMATORS,
+    compute_advantages,
+    gae_advantages,
+    mc_advantages,
+    td_advantages,
+)
+from rlhfkit.algos.kl import kl_penalty
+from rlhfkit.algos.kl_control import AdaptiveKLController, FixedKLController
+from rlhfkit.algos.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
+from rlhfkit.algos.losses import aggregate, entropy_bonus, policy_loss, value_loss
+from rlhfkit.algos.masking import last_index, response_mask
+from rlhfkit.algos.rewards import shape_rewards
+from rlhfkit.algos.rm_losses import pairwise_accuracy, pairwise_loss, ranking_loss
+from rlhfkit.algos.stats import (
+    RunningMeanStd,
+    clip_abs,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "RunningMeanStd",
+    "aggregate",
+    "clip_abs",
+    "compute_advantages",
+    "entropy_bonus",
+    "explained_variance",
+    "full_kl_from_logits",
+    "gae_advantages",
+    "kl_penalty",
+    "last_index",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "mc_advantages",
+    "pairwise_accuracy",
+    "pairwise_loss",
+    "policy_loss",
+    "ranking_loss",
+    "response_mask",
+    "shape_rewards",
+    "td_advantages",
+    "token_logprobs",
+    "value_loss",
+]

@@ -1,0 +1,127 @@
+"""Per-token log pi(a_t|s_t) and policy entropy from logits, without a full fp32 log-softmax.
+
+A (B, T, V) float32 log-softmax for B=64, T=256, V=50k is 3.3 GB. We process rows in chunks:
+each chunk is upcast to float32, reduced to its logsumexp, and freed, so the float32 working
+set is ``chunk_rows * V``. A custom autograd function recomputes the softmax chunk by chunk in
+backward instead of letting autograd keep every chunk alive (same idea as OpenRLHF's and
+Liger's fused cross-entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 logits are reduced in float32; float64 stays float64 (exact tests)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_forward(z: torch.Tensor, tok: torch.Tensor, need_entropy: bool):
+    # z: (N, V) float32 logits / temperature; tok: (N,)
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    logp = z.gather(-1, tok[:, None]).squeeze(-1) - lse
+    if not need_entropy:
+        return logp, None, lse
+    logp_all = z - lse[:, None]  # one chunk only
+    ent = -(logp_all.exp() * logp_all).sum(-1)  # not lse - sum(p z): that cancels badly in fp32
+    return logp, ent, lse
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_rows, need_entropy):
+        v = logits.shape[-1]
+        flat = logits.reshape(-1, v)  # (N, V), N = B*T
+        tok = tokens.reshape(-1)
+        n = flat.shape[0]
+        work = _work_dtype(logits.dtype)
+        logp = torch.empty(n, dtype=work, device=logits.device)
+        ent = torch.empty(n if need_entropy else 0, dtype=work, device=logits.device)
+        for s in range(0, n, chunk_rows):
+            z = flat[s : s + chunk_rows].to(work) / temperature
+            lp, h, _ = _chunk_forward(z, tok[s : s + chunk_rows], need_entropy)
+            logp[s : s + chunk_rows] = lp
+            if need_entropy:
+                ent[s : s + chunk_rows] = h
+        ctx.save_for_backward(logits, tokens, ent)
+        ctx.temperature, ctx.chunk_rows, ctx.need_entropy = temperature, chunk_rows, need_entropy
+        shape = tokens.shape
+        return logp.view(shape), (ent.view(shape) if need_entropy else ent)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, tokens, ent = ctx.saved_tensors
+        temp, rows = ctx.temperature, ctx.chunk_rows
+        v = logits.shape[-1]
+        flat = logits.reshape(-1, v)
+        tok = tokens.reshape(-1)
+        work = _work_dtype(logits.dtype)
+        g_logp = g_logp.reshape(-1).to(work)
+        use_ent = ctx.need_entropy and g_ent is not None and g_ent.numel() > 0
+        g_ent = g_ent.reshape(-1).to(work) if use_ent else None
+        grad = torch.empty_like(flat)
+        for s in range(0, flat.shape[0], rows):
+            sl = slice(s, s + rows)
+            z = flat[sl].to(work) / temp
+            logp_all = torch.log_softmax(z, dim=-1)  # (n, V) one chunk only
+            p = logp_all.exp()
+            # d logp_a / dz = onehot(a) - p
+            gz = -p * g_logp[sl, None]
+            gz.scatter_add_(-1, tok[sl, None], g_logp[sl, None])
+            if use_ent:
+                # dH/dz_k = -p_k (log p_k + H)
+                gz -= p * (logp_all + ent[sl, None]) * g_ent[sl, None]
+            grad[sl] = (gz / temp).to(grad.dtype)
+        return grad.view_as(logits), None, None, None, None
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a_t|s_t) of the taken tokens and the entropy H(pi(.|s_t)), both (B, T).
+
+    Outputs are float32 for fp32/bf16/fp16 logits (float64 for float64 logits).
+
+    logits: (B, T, V) already aligned so that ``logits[:, t]`` predicts ``tokens[:, t]``.
+    The distribution is softmax(logits / temperature): use the sampling temperature, or the
+    ratio pi_new / pi_old compares two different distributions.
+    """
+    return _LogprobEntropy.apply(logits, tokens, float(temperature), int(chunk_rows), True)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[tokens], (B, T); see ``logprobs_and_entropy``."""
+    return _LogprobEntropy.apply(logits, tokens, float(temperature), int(chunk_rows), False)[0]
+
+
+def full_kl_from_logits(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) = sum_a pi(a) (log pi(a) - log pi_ref(a)) at each position, (B, T).
+
+    The estimators in ``kl.py`` see only the sampled token; this sums over the whole vocabulary
+    (lower variance, but needs both (B, T, V) logits at once). Not differentiated by PPO.
+    """
+    v = logits.shape[-1]
+    a, b = logits.reshape(-1, v), ref_logits.reshape(-1, v)
+    out = []
+    for s in range(0, a.shape[0], chunk_rows):
+        work = _work_dtype(logits.dtype)
+        lp = torch.log_softmax(a[s : s + chunk_rows].to(work) / temperature, -1)
+        lq = torch.log_softmax(b[s : s + chunk_rows].to(work) / temperature, -1)
+        out.append((lp.exp() * (lp - lq)).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])

@@ -1,0 +1,96 @@
+"""PPO losses (the seed's step 3). Each returns (loss, stats); stats are detached tensors.
+
+aggregation:
+    "token":    sum over all tokens / number of tokens (long responses weigh more; DAPO, OpenRLHF)
+    "sequence": mean over sequences of each sequence's token mean (the original PPO-for-LM form)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rlhfkit.algos.stats import masked_mean
+
+Aggregation = Literal["token", "sequence"]
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation = "token"
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token quantity to a scalar over the masked positions."""
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        per_seq = masked_mean(per_token, mask, dim=1)  # (B,)
+        return masked_mean(per_seq, mask.bool().any(dim=1))  # empty rows do not count
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    aggregation: Aggregation = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate, negated for minimisation (Schulman et al. 2017, eq. 7):
+
+        L = -E[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi_theta / pi_old
+
+    logprobs (B, T) log pi_theta (with grad); old_logprobs, advantages (B, T) from the rollout.
+    stats: clip_frac (share of tokens where the clipped term is chosen), approx_kl (k3 of
+    pi_old vs pi_theta, Schulman's low-variance estimator), ratio_mean.
+    """
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    m = mask.bool()
+    log_ratio = torch.where(m, logprobs - old_logprobs, zero)  # garbage in pads must not reach exp
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    per_token = -torch.min(unclipped, clipped)
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float | None = None,
+    aggregation: Aggregation = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The seed's critic loss E[(V_phi(s_t) - V_target)^2], optionally clipped around the old values.
+
+    With clip_eps, V_clip = old + clip(V - old, -eps, eps) and the loss is the elementwise max of
+    the two squared errors (PPO2 baselines; Andrychowicz et al. 2021 find it rarely helps).
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    m = mask.bool()
+    err = (values - returns) ** 2
+    if clip_eps is None:
+        per_token, clip_frac = err, torch.zeros((), device=values.device)
+    else:
+        v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        err_clip = (v_clip - returns) ** 2
+        per_token = torch.max(err, err_clip)
+        clip_frac = masked_mean((err_clip > err).to(values.dtype), mask).detach()
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation)
+    return loss, {"value_clip_frac": clip_frac}
+
+
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation = "token"
+) -> torch.Tensor:
+    """S = E[-sum_a pi(a|s_t) log pi(a|s_t)], aggregated like the other losses. Add ``-ent_coef * S``."""
+    zero = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+    return aggregate(torch.where(mask.bool(), entropy, zero), mask, aggregation)

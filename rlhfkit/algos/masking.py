@@ -1,0 +1,24 @@
+"""Response masks: where a sampled response ends. Every module uses these two functions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def response_mask(tokens: torch.Tensor, stop_ids: torch.Tensor | list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row, 0 after it. (B, T) -> (B, T) bool.
+
+    A row with no stop token (truncated at max length) is all ones.
+    """
+    stop = torch.as_tensor(stop_ids, device=tokens.device)
+    is_stop = torch.isin(tokens, stop)  # (B, T)
+    # number of stop tokens strictly before t; a token is kept while that count is 0
+    before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()
+    return before == 0
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a right-padded (B, T) mask; 0 for an empty row. (B,)"""
+    t = mask.shape[1]
+    positions = torch.arange(t, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
