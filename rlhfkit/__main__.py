@@ -1,0 +1,5 @@
+import sys
+
+from rlhfkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Templates, tokenisation, truncation and collation. Prompt rendering lives here once, so SFT,
+RM and PPO see byte-identical prompts.
+
+Decisions (docs/decisions.md): when the tokenizer has a chat template, every example goes
+through it (plain strings become one user turn and one assistant turn); otherwise prompt and
+completion are concatenated as they are. EOS is appended to every completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.data.formats import Text
+from rlhfkit.data.readers import DataError
+
+IGNORE_INDEX = -100  # label value that HF causal-LM losses skip
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_length: int
+    max_prompt_length: int
+    overlong: str = "truncate"  # or "drop"
+
+
+def _as_messages(text: Text, role: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": text}] if isinstance(text, str) else list(text)
+
+
+def _plain(text: Text) -> str:
+    # a message list without a chat template: "role: content" lines
+    if isinstance(text, str):
+        return text
+    return "".join(f"{m['role']}: {m['content']}\n" for m in text)
+
+
+def uses_chat_template(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def render_prompt(tokenizer, prompt: Text) -> str:
+    """The exact text the policy sees before its response."""
+    if uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(_as_messages(prompt, "user"), add_generation_prompt=True, tokenize=False)
+    return _plain(prompt)
+
+
+def render_completion(tokenizer, prompt: Text, completion: Text, where: str) -> str:
+    """The response text that follows ``render_prompt(prompt)``, without trailing template whitespace."""
+    if not uses_chat_template(tokenizer):
+        return _plain(completion)
+    p = render_prompt(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(
+        _as_messages(prompt, "user") + _as_messages(completion, "assistant"), tokenize=False
+    )
+    if not full.startswith(p):
+        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of prompt+completion")
+    return full[len(p) :].rstrip()
+
+
+def encode_prompt(tokenizer, prompt: Text) -> list[int]:
+    text = render_prompt(tokenizer, prompt)
+    # a chat template writes its own BOS; plain text gets the tokenizer's special tokens
+    return tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
+
+
+def encode_completion(tokenizer, prompt: Text, completion: Text, where: str) -> list[int]:
+    ids = tokenizer(render_completion(tokenizer, prompt, completion, where), add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]  # without EOS in the data the model never learns to stop
+    return ids
+
+
+def fit(prompt_ids: list[int], completion_ids: list[int], limits: Limits) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: prompts are cut from the left, completions from the right.
+
+    Returns None when the example is over a limit and ``overlong == 'drop'``.
+    """
+    over = len(prompt_ids) > limits.max_prompt_length or len(prompt_ids) + len(completion_ids) > limits.max_length
+    if not over:
+        return prompt_ids, completion_ids
+    if limits.overlong == "drop":
+        return None
+    prompt_ids = prompt_ids[-limits.max_prompt_length :]
+    return prompt_ids, completion_ids[: max(limits.max_length - len(prompt_ids), 1)]
+
+
+def tokenize_prompt_completion(
+    tokenizer, prompt: Text, completion: Text, limits: Limits, where: str
+) -> tuple[list[int], list[int]] | None:
+    """(prompt_ids, completion_ids incl. EOS) after the length limits, or None if dropped."""
+    return fit(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, prompt, completion, where), limits)
+
+
+def sft_labels(prompt_ids: list[int], completion_ids: list[int], train_on_prompt: bool) -> list[int]:
+    """Labels aligned with input_ids = prompt + completion; prompt positions are ignored by default."""
+    masked = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    return masked + list(completion_ids)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids padded on the right, and the (B, L) attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids padded on the left (for generation), and the (B, P) attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask

@@ -1,0 +1,68 @@
+"""Small helpers the stage recipes share: threads/seed, output directory, final export."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import ModelConfig, TrainConfig, to_dict
+from rlhfkit.models import export_model, load_policy, load_scalar_model, restore_adapter
+from rlhfkit.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    save_run_config,
+    write_atomic_dir,
+)
+
+
+def setup_run(train: TrainConfig) -> Path:
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    random.seed(train.seed)
+    torch.manual_seed(train.seed)
+    out = Path(train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def find_resume(train: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    ckpt = latest_checkpoint(train.output_dir) if train.resume else None
+    if ckpt is None:
+        return None, None
+    print(f"resuming from {ckpt}", file=sys.stderr)
+    return ckpt, load_trainer_state(ckpt)
+
+
+def load_trainable_policy(cfg: ModelConfig, tokenizer, ckpt: Path | None, path: str | None = None):
+    """The policy to train: from the newest checkpoint when resuming (LoRA: base + saved adapter)."""
+    if ckpt is None or cfg.lora.enabled:
+        model = load_policy(cfg, tokenizer, path=path)
+        if ckpt is not None:
+            restore_adapter(model, ckpt)
+        return model
+    return load_policy(cfg, tokenizer, path=str(ckpt / "model"))
+
+
+def load_trainable_scalar(cfg: ModelConfig, tokenizer, ckpt: Path | None, path: str, fresh_head: bool):
+    if ckpt is None or cfg.lora.enabled:
+        model = load_scalar_model(cfg, tokenizer, path, fresh_head=fresh_head)
+        if ckpt is not None:
+            restore_adapter(model, ckpt)
+        return model
+    return load_scalar_model(cfg, tokenizer, str(ckpt / "model"), fresh_head=False)
+
+
+def export_final(model, tokenizer, out: Path, cfg, extra=None) -> Path:
+    """output_dir/final: a plain HF directory with the resolved run config beside the weights."""
+
+    def write(d: Path) -> None:
+        export_model(model, tokenizer, d)
+        save_run_config(d, to_dict(cfg))
+        if extra is not None:
+            extra(d)
+
+    return write_atomic_dir(out / "final", write)

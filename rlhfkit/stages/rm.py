@@ -1,0 +1,113 @@
+"""Stage 2 of the seed: a reward model (SFT backbone + scalar head) trained on rankings.
+
+Pairs use the Bradley-Terry loss (with the data's margin when present); ranked lists of K use
+the InstructGPT K-way loss over all C(K, 2) pairs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos import pairwise_loss, ranking_loss
+from rlhfkit.config import RMConfig, to_dict
+from rlhfkit.data.build import RankItem, load_preferences, train_eval
+from rlhfkit.data.tokenize import pad_right
+from rlhfkit.models import load_tokenizer, save_reward_stats, sequence_scores, write_trainable
+from rlhfkit.stages.common import export_final, find_resume, load_trainable_scalar, setup_run
+from rlhfkit.train.logger import MetricLogger
+from rlhfkit.train.loop import fit
+
+
+def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor]:
+    k = max(len(it.sequences) for it in items)
+    seqs, valid = [], torch.zeros(len(items), k, dtype=torch.bool)
+    for b, it in enumerate(items):
+        for j in range(k):
+            # rows beyond a prompt's K repeat its last response and are masked out of the loss
+            seqs.append(it.sequences[min(j, len(it.sequences) - 1)])
+            valid[b, j] = j < len(it.sequences)
+    ids, mask = pad_right(seqs, pad_id)  # (B*K, L)
+    margins = torch.tensor([it.margin if it.margin is not None else 0.0 for it in items])
+    return {"input_ids": ids, "attention_mask": mask, "valid": valid, "margin": margins,
+            "has_margin": any(it.margin is not None for it in items)}
+
+
+def score_batch(model, batch) -> torch.Tensor:
+    b, k = batch["valid"].shape
+    return sequence_scores(model, batch["input_ids"], batch["attention_mask"]).view(b, k)  # (B, K)
+
+
+def rm_loss(model, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r = score_batch(model, batch)  # (B, K), best first
+    if r.shape[1] == 2 and bool(batch["valid"].all()):
+        margin = batch["margin"] if (use_margin and batch["has_margin"]) else None
+        return pairwise_loss(r[:, 0], r[:, 1], margin)
+    return ranking_loss(r, batch["valid"])
+
+
+@torch.no_grad()
+def evaluate_rm(model, items: list[RankItem], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Pairwise accuracy over all ranked pairs, mean best-minus-worst margin, reward mean/std."""
+    if not items:
+        return {}
+    model.eval()
+    right, pairs, margins, all_r = 0.0, 0, [], []
+    for i in range(0, len(items), batch_size):
+        batch = collate_ranked(items[i : i + batch_size], pad_id)
+        r = score_batch(model, batch)
+        for row, valid in zip(r, batch["valid"], strict=True):
+            s = row[valid]
+            d = s[:, None] - s[None, :]
+            upper = torch.triu(torch.ones_like(d, dtype=torch.bool), 1)
+            right += float((d[upper] > 0).float().sum() + 0.5 * (d[upper] == 0).float().sum())
+            pairs += int(upper.sum())
+            margins.append(float(s[0] - s[-1]))
+            all_r.append(s)
+    allr = torch.cat(all_r)
+    return {"accuracy": right / pairs, "margin": sum(margins) / len(margins),
+            "reward_mean": float(allr.mean()), "reward_std": float(allr.std())}
+
+
+@torch.no_grad()
+def reward_reference_stats(model, items: list[RankItem], pad_id: int, batch_size: int) -> tuple[float, float, int]:
+    """Mean/std of the RM's scores over the responses of ``items`` (PPO normalises scores with these)."""
+    model.eval()
+    seqs = [s for it in items for s in it.sequences]
+    scores = [sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id)) for i in range(0, len(seqs), batch_size)]
+    allr = torch.cat(scores)
+    return float(allr.mean()), float(allr.std()) if allr.numel() > 1 else 1.0, int(allr.numel())
+
+
+def run_rm(cfg: RMConfig) -> Path:
+    out = setup_run(cfg.train)
+    # 1. tokenizer and preference data
+    tokenizer = load_tokenizer(cfg.model)
+    train, evals, reports = train_eval(load_preferences, tokenizer, cfg.data, cfg.train.seed)
+    for r in reports:
+        print(r.line(), file=sys.stderr)
+    # 2. SFT backbone + freshly initialised scalar head (or the newest checkpoint when resuming)
+    ckpt, state = find_resume(cfg.train)
+    model = load_trainable_scalar(cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True)
+    # 3. train on the ranking loss
+    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+    pad = tokenizer.pad_token_id
+    fit(
+        model,
+        train,
+        lambda b: collate_ranked(b, pad),
+        lambda m, b: rm_loss(m, b, cfg.use_margin),
+        cfg.train,
+        logger,
+        evaluate=lambda: evaluate_rm(model, evals, pad, cfg.train.batch_size),
+        write_model=lambda d: write_trainable(model, tokenizer, d),
+        run_config=to_dict(cfg),
+        resume_state=state,
+        show_progress=cfg.log.progress,
+    )
+    logger.close()
+    # 4. reward statistics on a reference set, stored beside the weights for PPO's normalisation
+    mean, std, n = reward_reference_stats(model, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size)
+    return export_final(model, tokenizer, out, cfg, extra=lambda d: save_reward_stats(d, mean, std, n))

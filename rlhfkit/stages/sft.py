@@ -1,0 +1,76 @@
+"""Stage 1 of the seed: supervised fine-tuning (next-token loss on instruction/response pairs)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import SFTConfig, to_dict
+from rlhfkit.data.build import SFTItem, load_sft, train_eval
+from rlhfkit.data.tokenize import IGNORE_INDEX, pad_right
+from rlhfkit.models import load_tokenizer, write_trainable
+from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
+from rlhfkit.train.logger import MetricLogger
+from rlhfkit.train.loop import fit
+
+
+def collate_sft(items: list[SFTItem], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, mask = pad_right([it.input_ids for it in items], pad_id)  # (B, L)
+    labels, _ = pad_right([it.labels for it in items], IGNORE_INDEX)  # (B, L), -100 on prompt and pad
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy over the completion tokens (HF shifts labels by one)."""
+    out = model(**batch, use_cache=False)
+    return out.loss, {}
+
+
+@torch.no_grad()
+def evaluate_sft(model, items: list[SFTItem], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Token-weighted loss and perplexity over ``items``."""
+    if not items:
+        return {}
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        batch = collate_sft(items[i : i + batch_size], pad_id)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(**batch, use_cache=False).loss) * n
+        tokens += n
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    out = setup_run(cfg.train)
+    # 1. tokenizer and data (every skip and truncation is counted and printed)
+    tokenizer = load_tokenizer(cfg.model)
+    train, evals, reports = train_eval(load_sft, tokenizer, cfg.data, cfg.train.seed)
+    for r in reports:
+        print(r.line(), file=sys.stderr)
+    # 2. the model: the pretrained LM, or the newest checkpoint when resuming
+    ckpt, state = find_resume(cfg.train)
+    model = load_trainable_policy(cfg.model, tokenizer, ckpt)
+    # 3. train on next-token loss
+    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+    pad = tokenizer.pad_token_id
+    fit(
+        model,
+        train,
+        lambda b: collate_sft(b, pad),
+        sft_loss,
+        cfg.train,
+        logger,
+        evaluate=lambda: evaluate_sft(model, evals, pad, cfg.train.batch_size),
+        write_model=lambda d: write_trainable(model, tokenizer, d),
+        run_config=to_dict(cfg),
+        resume_state=state,
+        show_progress=cfg.log.progress,
+    )
+    logger.close()
+    # 4. a plain HF checkpoint for the next stages
+    return export_final(model, tokenizer, out, cfg)

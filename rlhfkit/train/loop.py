@@ -1,0 +1,122 @@
+"""The supervised training loop shared by SFT and RM (PPO reuses its optimizer/checkpoint parts).
+
+Micro-batches come from a per-epoch permutation seeded by (seed, epoch), so the data position
+(epoch, micro-batch) plus the RNG state is all that exact resume needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from rlhfkit.config import TrainConfig
+from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from rlhfkit.train.logger import MetricLogger
+from rlhfkit.train.optim import clip_and_step, optimizer_from_config
+
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro: int = 0  # micro-batches consumed in this epoch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def micro_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = epoch_order(n, seed, epoch)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def total_steps(n: int, cfg: TrainConfig) -> int:
+    per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum_steps)
+    steps = per_epoch * cfg.epochs
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def _mean_stats(acc: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    return {k: float(torch.stack([a[k].detach().float() for a in acc]).mean()) for k in acc[0]} if acc else {}
+
+
+def fit(
+    model,
+    items: Sequence[Any],
+    collate: Callable[[list[Any]], Any],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    logger: MetricLogger,
+    evaluate: Callable[[], dict[str, float]],
+    write_model: Callable[[Path], None],
+    run_config: dict[str, Any],
+    resume_state: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` on ``items``; returns the final eval metrics."""
+    steps = total_steps(len(items), cfg)
+    optimizer, scheduler = optimizer_from_config(model, cfg, steps)
+    pos = Position()
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        pos = Position(**resume_state["position"])
+        set_rng_state(resume_state["rng"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint() -> None:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "position": vars(pos).copy(),
+            "rng": rng_state(),
+        }
+        save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
+
+    model.train()
+    bar = tqdm(total=steps, initial=pos.step, disable=not show_progress, desc="train", leave=False)
+    acc: list[dict[str, torch.Tensor]] = []
+    micro_in_step = 0
+    while pos.step < steps and pos.epoch < cfg.epochs:
+        batches = micro_batches(len(items), cfg.batch_size, cfg.seed, pos.epoch)
+        while pos.micro < len(batches) and pos.step < steps:
+            batch = collate([items[i] for i in batches[pos.micro]])
+            loss, stats = loss_fn(model, batch)
+            (loss / cfg.grad_accum_steps).backward()
+            acc.append({"loss": loss.detach(), **stats})
+            pos.micro += 1
+            micro_in_step += 1
+            end_of_epoch = pos.micro == len(batches)
+            if micro_in_step < cfg.grad_accum_steps and not end_of_epoch:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            norm = clip_and_step(params, optimizer, scheduler, cfg.max_grad_norm)
+            pos.step += 1
+            micro_in_step = 0
+            bar.update(1)
+            if pos.step % cfg.log_every == 0 or pos.step == steps:
+                logger.log(pos.step, {**{f"train/{k}": v for k, v in _mean_stats(acc).items()},
+                                      "train/grad_norm": float(norm), "train/lr": lr}, echo=not show_progress)
+                acc = []
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
+                logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})
+                model.train()
+            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < steps:
+                checkpoint()
+        if pos.micro >= len(batches):
+            pos.epoch, pos.micro = pos.epoch + 1, 0
+    bar.close()
+    final = evaluate()
+    logger.log(pos.step, {f"eval/{k}": v for k, v in final.items()})
+    checkpoint()
+    return final

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny local Llama and tokenizer (no hub), and synthetic data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.toy import build_tiny_lm
+
+torch.set_num_threads(2)
+
+COLORS = ["red", "blue", "green", "gold", "pink", "gray"]
+WORDS = COLORS + ["copy", ":", "good", "bad", "ok", "say", "the", "a", "word", "user", "assistant"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm", WORDS, hidden=32, layers=2, heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tinychat") / "lm", WORDS, hidden=32, layers=2, heads=2,
+                         chat_template=CHAT_TEMPLATE)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def copy_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = " ".join(rng.choice(COLORS) for _ in range(rng.randint(1, 3)))
+        rows.append({"prompt": f"copy : {words} :", "completion": words})
+    return rows
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable rule: the chosen response says 'good', the rejected one 'bad'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        c = rng.choice(COLORS)
+        filler = " ".join(rng.choice(COLORS) for _ in range(rng.randint(0, 2)))
+        rows.append({"prompt": f"say {c} :", "chosen": f"{filler} good {c}".strip(), "rejected": f"{filler} bad {c}".strip()})
+    return rows
