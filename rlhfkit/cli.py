@@ -34,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, desc) in STAGES.items():
         p = sub.add_parser(name, help=desc, description=desc)
         p.add_argument("--config", help="YAML config file (see configs/)")
-        p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied after the file")
+        p.add_argument(
+            "--help-config",
+            action="store_true",
+            help="list every config key with its default and help",
+        )
+        p.add_argument(
+            "overrides", nargs="*", help="key.sub=value overrides applied after the file"
+        )
     return parser
 
 

@@ -22,7 +22,14 @@ class ConfigError(ValueError):
     """A config key is unknown, or its value has the wrong type or range."""
 
 
-def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+def knob(
+    default: Any,
+    help: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+):
     """A config field with help text and an optional range [lo, hi] (or (lo, hi] with lo_open)."""
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open}
     if isinstance(default, (list, dict)):
@@ -42,8 +49,12 @@ class LoraConfig:
     enabled: bool = knob(False, "train LoRA adapters (peft) instead of all weights")
     r: int = knob(8, "LoRA rank", lo=1)
     alpha: float = knob(16.0, "LoRA scaling alpha", lo=0, lo_open=True)
-    dropout: float = knob(0.0, "LoRA dropout (kept 0 so rollout and update logprobs agree)", lo=0, hi=1)
-    target_modules: list[str] = knob(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
+    dropout: float = knob(
+        0.0, "LoRA dropout (kept 0 so rollout and update logprobs agree)", lo=0, hi=1
+    )
+    target_modules: list[str] = knob(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters"
+    )
 
 
 @dataclass(frozen=True)
@@ -51,23 +62,39 @@ class ModelConfig:
     name_or_path: str = knob("", "HF hub id or local directory of the pretrained causal LM")
     tokenizer: str = knob("", "tokenizer id/path; empty = same as name_or_path")
     gguf_file: str = knob("", "load this GGUF file inside name_or_path (dequantized)")
-    dtype: Literal["fp32", "bf16"] = knob("fp32", "weights/compute dtype; fp32 is the exact default")
+    dtype: Literal["fp32", "bf16"] = knob(
+        "fp32", "weights/compute dtype; fp32 is the exact default"
+    )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
-    trust_remote_code: bool = knob(False, "allow model repos to run their own Python code (off: security)")
+    trust_remote_code: bool = knob(
+        False, "allow model repos to run their own Python code (off: security)"
+    )
     lora: LoraConfig = sub(LoraConfig, "LoRA adapters")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: str = knob("", "JSONL/JSON/Parquet/CSV file, a saved HF dataset dir, or a hub dataset name")
-    eval_file: str = knob("", "held-out file in the same format; empty = split eval_fraction off train")
-    eval_fraction: float = knob(0.0, "share of train held out for evaluation when eval_file is empty", lo=0, hi=0.9)
+    train_file: str = knob(
+        "", "JSONL/JSON/Parquet/CSV file, a saved HF dataset dir, or a hub dataset name"
+    )
+    eval_file: str = knob(
+        "", "held-out file in the same format; empty = split eval_fraction off train"
+    )
+    eval_fraction: float = knob(
+        0.0, "share of train held out for evaluation when eval_file is empty", lo=0, hi=0.9
+    )
     split: str = knob("train", "split to read from an HF dataset")
     max_length: int = knob(512, "max tokens of prompt + completion", lo=2)
     max_prompt_length: int = knob(256, "max prompt tokens (prompts are cut from the left)", lo=1)
-    overlong: Literal["truncate", "drop"] = knob("truncate", "what to do with examples over max_length")
-    on_error: Literal["raise", "skip"] = knob("raise", "bad records: stop with an error, or skip and count")
-    train_on_prompt: bool = knob(False, "SFT: put loss on prompt tokens too (default: completion only)")
+    overlong: Literal["truncate", "drop"] = knob(
+        "truncate", "what to do with examples over max_length"
+    )
+    on_error: Literal["raise", "skip"] = knob(
+        "raise", "bad records: stop with an error, or skip and count"
+    )
+    train_on_prompt: bool = knob(
+        False, "SFT: put loss on prompt tokens too (default: completion only)"
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +145,14 @@ class RMConfig:
     data: DataConfig = sub(DataConfig, "preferences {prompt, chosen, rejected} or ranked lists")
     train: TrainConfig = sub(TrainConfig)
     log: LogConfig = sub(LogConfig)
-    use_margin: bool = knob(True, "subtract the data's `margin` field inside the BT loss when present")
-    norm_examples: int = knob(256, "responses of this many train examples scored after training to store the reward mean/std (0 = all)", lo=0)
+    use_margin: bool = knob(
+        True, "subtract the data's `margin` field inside the BT loss when present"
+    )
+    norm_examples: int = knob(
+        256,
+        "responses of this many train examples scored after training to store the reward mean/std (0 = all)",
+        lo=0,
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -191,7 +224,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
     for k in data:
         if k not in fields:
             close = difflib.get_close_matches(str(k), fields, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {sorted(fields)}"
+            hint = (
+                f"; did you mean '{prefix}{close[0]}'?"
+                if close
+                else f"; valid keys: {sorted(fields)}"
+            )
             raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
     kwargs = {}
     for name, f in fields.items():

@@ -148,7 +148,9 @@ def load_scalar_model(
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg, path))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, **_load_kwargs(cfg, path)
+    )
     _fit_vocab(model, tokenizer)
     if fresh_head:
         init_scalar_head(model.score)
@@ -167,14 +169,18 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Same value as HF's ``AutoModelForSequenceClassification(...).logits`` when pad != eos, but the
     head runs on one position per row only.
     """
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
     last = attention_mask.sum(dim=1) - 1  # (B,) right padding: last real token
     h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return scalar_head(model)(h_last).squeeze(-1).float()
 
 
 def save_reward_stats(directory: str | Path, mean: float, std: float, n: int) -> None:
-    Path(directory, REWARD_STATS_FILE).write_text(json.dumps({"mean": mean, "std": std, "n": n}, indent=2))
+    Path(directory, REWARD_STATS_FILE).write_text(
+        json.dumps({"mean": mean, "std": std, "n": n}, indent=2)
+    )
 
 
 def read_reward_stats(directory: str | Path) -> dict[str, float] | None:
@@ -209,4 +215,6 @@ def restore_adapter(model, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")))
+    set_peft_model_state_dict(
+        model, load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+    )

@@ -16,14 +16,19 @@ def build_tokenizer(words: list[str], chat_template: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([SPECIAL["pad"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["unk"]])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate([SPECIAL["pad"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["unk"]])
+    }
     for w in words:
         vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk"]))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     bos = vocab[SPECIAL["bos"]]
-    tk.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], bos)])
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], bos)]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token=SPECIAL["bos"],

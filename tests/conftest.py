@@ -23,13 +23,21 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny") / "lm", WORDS, hidden=32, layers=2, heads=2)
+    return build_tiny_lm(
+        tmp_path_factory.mktemp("tiny") / "lm", WORDS, hidden=32, layers=2, heads=2
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_chat_lm(tmp_path_factory) -> Path:
-    return build_tiny_lm(tmp_path_factory.mktemp("tinychat") / "lm", WORDS, hidden=32, layers=2, heads=2,
-                         chat_template=CHAT_TEMPLATE)
+    return build_tiny_lm(
+        tmp_path_factory.mktemp("tinychat") / "lm",
+        WORDS,
+        hidden=32,
+        layers=2,
+        heads=2,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -53,5 +61,11 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         c = rng.choice(COLORS)
         filler = " ".join(rng.choice(COLORS) for _ in range(rng.randint(0, 2)))
-        rows.append({"prompt": f"say {c} :", "chosen": f"{filler} good {c}".strip(), "rejected": f"{filler} bad {c}".strip()})
+        rows.append(
+            {
+                "prompt": f"say {c} :",
+                "chosen": f"{filler} good {c}".strip(),
+                "rejected": f"{filler} bad {c}".strip(),
+            }
+        )
     return rows

@@ -32,9 +32,11 @@ class LoadReport:
     kept: int = 0
 
     def line(self) -> str:
-        return (f"{self.source}: {self.kept} examples kept of {self.records} records "
-                f"({self.skipped_bad} malformed skipped, {self.truncated} truncated, "
-                f"{self.dropped_overlong} over-long dropped)")
+        return (
+            f"{self.source}: {self.kept} examples kept of {self.records} records "
+            f"({self.skipped_bad} malformed skipped, {self.truncated} truncated, "
+            f"{self.dropped_overlong} over-long dropped)"
+        )
 
 
 @dataclass
@@ -55,7 +57,9 @@ class RankItem:
 @dataclass
 class PromptItem:
     prompt_ids: list[int]
-    prompt: object = field(repr=False, default=None)  # the original text/messages (for reward functions)
+    prompt: object = field(
+        repr=False, default=None
+    )  # the original text/messages (for reward functions)
 
 
 def _limits(cfg: DataConfig) -> Limits:
@@ -76,7 +80,9 @@ def _read(source: str, cfg: DataConfig, parse) -> tuple[list, LoadReport]:
     examples, skipped = parse_all(records, parse, cfg.on_error)
     report = LoadReport(source, records=len(records), skipped_bad=skipped)
     if not examples:
-        raise DataError(f"{source}: no usable examples ({len(records)} records, {skipped} malformed)")
+        raise DataError(
+            f"{source}: no usable examples ({len(records)} records, {skipped} malformed)"
+        )
     return examples, report
 
 
@@ -89,7 +95,9 @@ def _fit_counted(prompt_ids, completion_ids, limits: Limits, report: LoadReport)
     return out
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer, cfg: DataConfig, report: LoadReport) -> list[SFTItem]:
+def tokenize_sft(
+    examples: list[SFTExample], tokenizer, cfg: DataConfig, report: LoadReport
+) -> list[SFTItem]:
     items = []
     for ex in examples:
         p = encode_prompt(tokenizer, ex.prompt)
@@ -101,7 +109,9 @@ def tokenize_sft(examples: list[SFTExample], tokenizer, cfg: DataConfig, report:
     return items
 
 
-def tokenize_ranked(examples: list, tokenizer, cfg: DataConfig, report: LoadReport) -> list[RankItem]:
+def tokenize_ranked(
+    examples: list, tokenizer, cfg: DataConfig, report: LoadReport
+) -> list[RankItem]:
     items = []
     for ex in examples:
         responses = [ex.chosen, ex.rejected] if isinstance(ex, PreferenceExample) else ex.responses
@@ -139,7 +149,9 @@ def load_preferences(source: str, tokenizer, cfg: DataConfig) -> tuple[list[Rank
     examples, skipped = parse_all(records, parse, cfg.on_error)
     report = LoadReport(source, records=len(records), skipped_bad=skipped)
     if not examples:
-        raise DataError(f"{source}: no usable examples ({len(records)} records, {skipped} malformed)")
+        raise DataError(
+            f"{source}: no usable examples ({len(records)} records, {skipped} malformed)"
+        )
     return tokenize_ranked(examples, tokenizer, cfg, report), report
 
 
@@ -156,7 +168,9 @@ def load_prompts(source: str, tokenizer, cfg: DataConfig) -> tuple[list[PromptIt
             report.truncated += 1
             ids = ids[-cfg.max_prompt_length :]
         if not ids:
-            raise DataError(f"{ex.where}: field 'prompt': renders to zero tokens; generation needs a prompt")
+            raise DataError(
+                f"{ex.where}: field 'prompt': renders to zero tokens; generation needs a prompt"
+            )
         items.append(PromptItem(ids, ex.prompt))
     report.kept = len(items)
     return items, report
@@ -174,5 +188,14 @@ def train_eval(load, tokenizer, cfg: DataConfig, seed: int):
     return train, evals, reports
 
 
-__all__ = ["LoadReport", "PromptItem", "RankItem", "RankedExample", "SFTItem", "load_preferences",
-           "load_prompts", "load_sft", "train_eval"]
+__all__ = [
+    "LoadReport",
+    "PromptItem",
+    "RankItem",
+    "RankedExample",
+    "SFTItem",
+    "load_preferences",
+    "load_prompts",
+    "load_sft",
+    "train_eval",
+]

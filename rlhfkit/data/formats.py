@@ -55,7 +55,11 @@ def _messages(value: Any, rec: Record, field: str) -> list[dict[str, str]]:
     if not value:
         raise _fail(rec, field, "empty message list")
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise _fail(rec, f"{field}[{i}]", "each message needs string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -94,7 +98,9 @@ def parse_preference(rec: Record) -> PreferenceExample:
     margin = rec.fields.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise _fail(rec, "margin", f"expected a number, got {margin!r}")
-    return PreferenceExample(prompt, chosen, rejected, None if margin is None else float(margin), rec.where)
+    return PreferenceExample(
+        prompt, chosen, rejected, None if margin is None else float(margin), rec.where
+    )
 
 
 def parse_ranked(rec: Record) -> RankedExample:
@@ -106,12 +112,20 @@ def parse_ranked(rec: Record) -> RankedExample:
     n = len(sub)
     if "ranking" in rec.fields:
         order = rec.fields["ranking"]
-        if not isinstance(order, list) or sorted(order) != list(range(n)) or any(isinstance(o, bool) for o in order):
-            raise _fail(rec, "ranking", f"expected a permutation of 0..{n - 1} (best first), got {order!r}")
+        if (
+            not isinstance(order, list)
+            or sorted(order) != list(range(n))
+            or any(isinstance(o, bool) for o in order)
+        ):
+            raise _fail(
+                rec, "ranking", f"expected a permutation of 0..{n - 1} (best first), got {order!r}"
+            )
     elif "scores" in rec.fields:
         scores = rec.fields["scores"]
-        if not isinstance(scores, list) or len(scores) != n or not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+        if (
+            not isinstance(scores, list)
+            or len(scores) != n
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
         ):
             raise _fail(rec, "scores", f"expected {n} numbers, one per response")
         order = sorted(range(n), key=lambda i: -scores[i])

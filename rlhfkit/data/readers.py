@@ -54,7 +54,9 @@ def _json(path: Path) -> Iterator[Record]:
     try:
         obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(
+            f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -88,7 +90,11 @@ def _hf_dataset(source: str, split: str) -> Iterator[Record]:
 
     path = Path(source)
     try:
-        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+        ds = (
+            datasets.load_from_disk(str(path))
+            if path.is_dir()
+            else datasets.load_dataset(source, split=split)
+        )
     except Exception as e:
         raise DataError(f"cannot load dataset {source!r}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -110,6 +116,10 @@ def read_records(source: str | Path, split: str = "train") -> list[Record]:
         if not path.exists():
             raise DataError(f"data file {path} does not exist")
         return list(reader(path))
-    if path.is_dir() or (not path.exists() and "/" in str(source) and not str(source).startswith((".", "/"))):
+    if path.is_dir() or (
+        not path.exists() and "/" in str(source) and not str(source).startswith((".", "/"))
+    ):
         return list(_hf_dataset(str(source), split))
-    raise DataError(f"data source {source!r}: not a .jsonl/.json/.csv/.parquet file, a dataset directory, or a hub name")
+    raise DataError(
+        f"data source {source!r}: not a .jsonl/.json/.csv/.parquet file, a dataset directory, or a hub name"
+    )

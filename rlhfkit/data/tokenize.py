@@ -43,7 +43,9 @@ def uses_chat_template(tokenizer) -> bool:
 def render_prompt(tokenizer, prompt: Text) -> str:
     """The exact text the policy sees before its response."""
     if uses_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(_as_messages(prompt, "user"), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            _as_messages(prompt, "user"), add_generation_prompt=True, tokenize=False
+        )
     return _plain(prompt)
 
 
@@ -56,7 +58,9 @@ def render_completion(tokenizer, prompt: Text, completion: Text, where: str) -> 
         _as_messages(prompt, "user") + _as_messages(completion, "assistant"), tokenize=False
     )
     if not full.startswith(p):
-        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of prompt+completion")
+        raise DataError(
+            f"{where}: the chat template does not render the prompt as a prefix of prompt+completion"
+        )
     return full[len(p) :].rstrip()
 
 
@@ -67,18 +71,27 @@ def encode_prompt(tokenizer, prompt: Text) -> list[int]:
 
 
 def encode_completion(tokenizer, prompt: Text, completion: Text, where: str) -> list[int]:
-    ids = tokenizer(render_completion(tokenizer, prompt, completion, where), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(
+        render_completion(tokenizer, prompt, completion, where), add_special_tokens=False
+    )["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids = ids + [tokenizer.eos_token_id]  # without EOS in the data the model never learns to stop
+        ids = ids + [
+            tokenizer.eos_token_id
+        ]  # without EOS in the data the model never learns to stop
     return ids
 
 
-def fit(prompt_ids: list[int], completion_ids: list[int], limits: Limits) -> tuple[list[int], list[int]] | None:
+def fit(
+    prompt_ids: list[int], completion_ids: list[int], limits: Limits
+) -> tuple[list[int], list[int]] | None:
     """Apply the length limits: prompts are cut from the left, completions from the right.
 
     Returns None when the example is over a limit and ``overlong == 'drop'``.
     """
-    over = len(prompt_ids) > limits.max_prompt_length or len(prompt_ids) + len(completion_ids) > limits.max_length
+    over = (
+        len(prompt_ids) > limits.max_prompt_length
+        or len(prompt_ids) + len(completion_ids) > limits.max_length
+    )
     if not over:
         return prompt_ids, completion_ids
     if limits.overlong == "drop":
@@ -91,10 +104,16 @@ def tokenize_prompt_completion(
     tokenizer, prompt: Text, completion: Text, limits: Limits, where: str
 ) -> tuple[list[int], list[int]] | None:
     """(prompt_ids, completion_ids incl. EOS) after the length limits, or None if dropped."""
-    return fit(encode_prompt(tokenizer, prompt), encode_completion(tokenizer, prompt, completion, where), limits)
+    return fit(
+        encode_prompt(tokenizer, prompt),
+        encode_completion(tokenizer, prompt, completion, where),
+        limits,
+    )
 
 
-def sft_labels(prompt_ids: list[int], completion_ids: list[int], train_on_prompt: bool) -> list[int]:
+def sft_labels(
+    prompt_ids: list[int], completion_ids: list[int], train_on_prompt: bool
+) -> list[int]:
     """Labels aligned with input_ids = prompt + completion; prompt positions are ignored by default."""
     masked = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
     return masked + list(completion_ids)

@@ -47,7 +47,9 @@ def load_trainable_policy(cfg: ModelConfig, tokenizer, ckpt: Path | None, path: 
     return load_policy(cfg, tokenizer, path=str(ckpt / "model"))
 
 
-def load_trainable_scalar(cfg: ModelConfig, tokenizer, ckpt: Path | None, path: str, fresh_head: bool):
+def load_trainable_scalar(
+    cfg: ModelConfig, tokenizer, ckpt: Path | None, path: str, fresh_head: bool
+):
     if ckpt is None or cfg.lora.enabled:
         model = load_scalar_model(cfg, tokenizer, path, fresh_head=fresh_head)
         if ckpt is not None:

@@ -31,8 +31,13 @@ def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor
             valid[b, j] = j < len(it.sequences)
     ids, mask = pad_right(seqs, pad_id)  # (B*K, L)
     margins = torch.tensor([it.margin if it.margin is not None else 0.0 for it in items])
-    return {"input_ids": ids, "attention_mask": mask, "valid": valid, "margin": margins,
-            "has_margin": any(it.margin is not None for it in items)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "valid": valid,
+        "margin": margins,
+        "has_margin": any(it.margin is not None for it in items),
+    }
 
 
 def score_batch(model, batch) -> torch.Tensor:
@@ -67,16 +72,25 @@ def evaluate_rm(model, items: list[RankItem], pad_id: int, batch_size: int) -> d
             margins.append(float(s[0] - s[-1]))
             all_r.append(s)
     allr = torch.cat(all_r)
-    return {"accuracy": right / pairs, "margin": sum(margins) / len(margins),
-            "reward_mean": float(allr.mean()), "reward_std": float(allr.std())}
+    return {
+        "accuracy": right / pairs,
+        "margin": sum(margins) / len(margins),
+        "reward_mean": float(allr.mean()),
+        "reward_std": float(allr.std()),
+    }
 
 
 @torch.no_grad()
-def reward_reference_stats(model, items: list[RankItem], pad_id: int, batch_size: int) -> tuple[float, float, int]:
+def reward_reference_stats(
+    model, items: list[RankItem], pad_id: int, batch_size: int
+) -> tuple[float, float, int]:
     """Mean/std of the RM's scores over the responses of ``items`` (PPO normalises scores with these)."""
     model.eval()
     seqs = [s for it in items for s in it.sequences]
-    scores = [sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id)) for i in range(0, len(seqs), batch_size)]
+    scores = [
+        sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id))
+        for i in range(0, len(seqs), batch_size)
+    ]
     allr = torch.cat(scores)
     return float(allr.mean()), float(allr.std()) if allr.numel() > 1 else 1.0, int(allr.numel())
 
@@ -90,7 +104,9 @@ def run_rm(cfg: RMConfig) -> Path:
         print(r.line(), file=sys.stderr)
     # 2. SFT backbone + freshly initialised scalar head (or the newest checkpoint when resuming)
     ckpt, state = find_resume(cfg.train)
-    model = load_trainable_scalar(cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True)
+    model = load_trainable_scalar(
+        cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True
+    )
     # 3. train on the ranking loss
     logger = MetricLogger(out, cfg.log, to_dict(cfg))
     pad = tokenizer.pad_token_id
@@ -109,5 +125,9 @@ def run_rm(cfg: RMConfig) -> Path:
     )
     logger.close()
     # 4. reward statistics on a reference set, stored beside the weights for PPO's normalisation
-    mean, std, n = reward_reference_stats(model, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size)
-    return export_final(model, tokenizer, out, cfg, extra=lambda d: save_reward_stats(d, mean, std, n))
+    mean, std, n = reward_reference_stats(
+        model, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size
+    )
+    return export_final(
+        model, tokenizer, out, cfg, extra=lambda d: save_reward_stats(d, mean, std, n)
+    )

@@ -19,7 +19,9 @@ from rlhfkit.train.loop import fit
 
 def collate_sft(items: list[SFTItem], pad_id: int) -> dict[str, torch.Tensor]:
     ids, mask = pad_right([it.input_ids for it in items], pad_id)  # (B, L)
-    labels, _ = pad_right([it.labels for it in items], IGNORE_INDEX)  # (B, L), -100 on prompt and pad
+    labels, _ = pad_right(
+        [it.labels for it in items], IGNORE_INDEX
+    )  # (B, L), -100 on prompt and pad
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -11,7 +11,9 @@ from rlhfkit.config import LogConfig
 
 
 class MetricLogger:
-    def __init__(self, output_dir: str | Path, cfg: LogConfig, run_config: dict[str, Any] | None = None):
+    def __init__(
+        self, output_dir: str | Path, cfg: LogConfig, run_config: dict[str, Any] | None = None
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
@@ -24,7 +26,9 @@ class MetricLogger:
         if cfg.wandb:
             import wandb
 
-            self._wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(self.dir))
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, config=run_config, dir=str(self.dir)
+            )
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
@@ -55,4 +59,8 @@ class MetricLogger:
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
     p = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    return (
+        [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        if p.exists()
+        else []
+    )

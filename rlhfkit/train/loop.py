@@ -47,7 +47,11 @@ def total_steps(n: int, cfg: TrainConfig) -> int:
 
 
 def _mean_stats(acc: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    return {k: float(torch.stack([a[k].detach().float() for a in acc]).mean()) for k in acc[0]} if acc else {}
+    return (
+        {k: float(torch.stack([a[k].detach().float() for a in acc]).mean()) for k in acc[0]}
+        if acc
+        else {}
+    )
 
 
 def fit(
@@ -105,8 +109,15 @@ def fit(
             micro_in_step = 0
             bar.update(1)
             if pos.step % cfg.log_every == 0 or pos.step == steps:
-                logger.log(pos.step, {**{f"train/{k}": v for k, v in _mean_stats(acc).items()},
-                                      "train/grad_norm": float(norm), "train/lr": lr}, echo=not show_progress)
+                logger.log(
+                    pos.step,
+                    {
+                        **{f"train/{k}": v for k, v in _mean_stats(acc).items()},
+                        "train/grad_norm": float(norm),
+                        "train/lr": lr,
+                    },
+                    echo=not show_progress,
+                )
                 acc = []
             if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
                 logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})

@@ -9,7 +9,9 @@ import torch
 from rlhfkit.config import TrainConfig
 
 
-def make_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def make_optimizer(
+    params, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
     # fused AdamW is ~5x faster than the default foreach path on CPU (measured, issue 6)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
@@ -37,14 +39,18 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int, schedule: str
 
 
 def optimizer_from_config(model, cfg: TrainConfig, total_steps: int):
-    opt = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    opt = make_optimizer(
+        model.parameters(), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
+    )
     return opt, make_scheduler(opt, cfg.warmup_steps, total_steps, cfg.schedule)
 
 
 def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
     """Clip the global grad norm (0 = no clipping, norm still measured), step, zero grads."""
     params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else float("inf")
+    )
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

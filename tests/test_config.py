@@ -1,0 +1,63 @@
+"""Config precedence (defaults < YAML < overrides) and config errors that name the key."""
+
+import pytest
+
+from rlhfkit.config import ConfigError, RMConfig, SFTConfig, from_dict, load_config, to_dict
+
+
+def test_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-4\n  epochs: 3\nmodel:\n  lora:\n    r: 4\n")
+    cfg = load_config(SFTConfig, f, ["train.epochs=5", "model.lora.target_modules=q_proj,v_proj"])
+    assert cfg.train.lr == 1e-4  # YAML over default (and YAML 1.1's string "1e-4" becomes a float)
+    assert cfg.train.epochs == 5  # override over YAML
+    assert cfg.model.lora.r == 4 and cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.batch_size == SFTConfig().train.batch_size  # default kept
+    assert from_dict(SFTConfig, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+        (["trian.lr=1"], "unknown config key 'trian'"),
+        (["train.lr=-1"], "train.lr: -1.0 must be > 0"),
+        (["train.lr=abc"], "train.lr: expected a number"),
+        (["train.epochs=1.5"], "train.epochs: expected an integer"),
+        (
+            ["train.schedule=step"],
+            "train.schedule: 'step' is not one of ['cosine', 'linear', 'constant']",
+        ),
+        (["model.lora.enabled=maybe"], "model.lora.enabled: expected true/false"),
+        (["data.eval_fraction=0.95"], "data.eval_fraction: 0.95 must be <= 0.9"),
+        (["train"], "is not of the form key.sub=value"),
+        (["train=3"], "train: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, None, overrides)
+    assert message in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  epoch: 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.yaml: unknown config key 'train.epoch'; did you mean 'train.epochs'",
+    ):
+        load_config(SFTConfig, f)
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(SFTConfig, f)
+    f.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, f)
+    f.write_text("a: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(
+        ConfigError, match="not valid YAML"
+    ):  # safe_load: configs cannot execute code
+        load_config(SFTConfig, f)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(RMConfig, tmp_path / "missing.yaml")

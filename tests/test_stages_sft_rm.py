@@ -1,0 +1,182 @@
+"""SFT and RM stages end to end on a tiny local model: learning, checkpoints, resume, CLI."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLORS, copy_rows, preference_rows, write_jsonl
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhfkit.config import RMConfig, SFTConfig, load_config
+from rlhfkit.models import read_reward_stats
+from rlhfkit.stages.rm import run_rm
+from rlhfkit.stages.sft import run_sft
+from rlhfkit.train.logger import read_metrics
+
+QUIET = ["log.progress=false", "log.tensorboard=false", "train.log_every=1"]
+
+
+def sft_cfg(tmp_path, lm, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "sft.jsonl", copy_rows(96))
+    return load_config(
+        SFTConfig,
+        None,
+        [
+            f"model.name_or_path={lm}",
+            f"data.train_file={data}",
+            "data.eval_fraction=0.1",
+            f"train.output_dir={tmp_path / 'sft'}",
+            "train.lr=3e-3",
+            "train.batch_size=8",
+            "train.seed=1",
+            *QUIET,
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_lm):
+    tmp = tmp_path_factory.mktemp("sftrun")
+    cfg = sft_cfg(tmp, tiny_lm, "train.epochs=3", "train.schedule=constant")
+    return cfg, run_sft(cfg)
+
+
+def test_sft_loss_drops_and_checkpoint_reloads_in_plain_transformers(sft_run):
+    cfg, final = sft_run
+    losses = [m["train/loss"] for m in read_metrics(cfg.train.output_dir) if "train/loss" in m]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
+    evals = [m for m in read_metrics(cfg.train.output_dir) if "eval/loss" in m]
+    assert evals[-1]["eval/perplexity"] == pytest.approx(
+        torch.tensor(evals[-1]["eval/loss"]).exp().item(), rel=1e-6
+    )
+    assert (final / "run_config.yaml").exists() and (final / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    ids = torch.tensor([tok("copy : red blue :")["input_ids"]])
+    ckpt = sorted((Path(cfg.train.output_dir) / "checkpoints").iterdir())[-1]
+    again = AutoModelForCausalLM.from_pretrained(ckpt / "model")
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_sft_resume_matches_uninterrupted_run(tmp_path, tiny_lm):
+    a = run_sft(sft_cfg(tmp_path / "a", tiny_lm, "train.max_steps=6", "train.grad_accum_steps=2"))
+    b_cfg = sft_cfg(
+        tmp_path / "b",
+        tiny_lm,
+        "train.max_steps=6",
+        "train.grad_accum_steps=2",
+        "train.save_every=2",
+    )
+    run_sft(b_cfg)
+    ckpts = sorted((tmp_path / "b" / "sft" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step-000004", "step-000006"]  # keep_last = 2
+    # pretend the run died after step 4: drop what came later, then resume
+    shutil.rmtree(ckpts[-1])
+    shutil.rmtree(tmp_path / "b" / "sft" / "final")
+    b = run_sft(b_cfg)
+    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def rm_cfg(tmp_path, sft_final, data, *extra):
+    return load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={sft_final}",
+            f"data.train_file={data}",
+            "data.eval_fraction=0.25",
+            f"train.output_dir={tmp_path / 'rm'}",
+            "train.lr=2e-3",
+            "train.batch_size=8",
+            "train.epochs=2",
+            *QUIET,
+            *extra,
+        ],
+    )
+
+
+def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
+    _, sft_final = sft_run
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(160, seed=3))
+    cfg = rm_cfg(tmp_path, sft_final, data)
+    final = run_rm(cfg)
+    ev = [m for m in read_metrics(cfg.train.output_dir) if "eval/accuracy" in m][-1]
+    assert ev["eval/accuracy"] > 0.9
+    stats = read_reward_stats(final)
+    assert stats["n"] == 2 * 120 and stats["std"] > 0
+    # plain transformers gives the same scores as our last-token reader
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import load_scalar_model, sequence_scores
+
+    tok = AutoTokenizer.from_pretrained(final)
+    plain = AutoModelForSequenceClassification.from_pretrained(final)
+    ours = load_scalar_model(ModelConfig(), tok, str(final), fresh_head=False, trainable=False)
+    batch = tok(
+        ["say red : good red </s>", "say blue : bad </s>"], return_tensors="pt", padding=True
+    )
+    assert batch["attention_mask"][1, -1] == 0  # right-padded
+    torch.testing.assert_close(
+        plain(**batch).logits.squeeze(-1),
+        sequence_scores(ours, batch["input_ids"], batch["attention_mask"]),
+    )
+
+
+def test_rm_k_way_ranking_data_trains(tmp_path, sft_run):
+    _, sft_final = sft_run
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        c = rng.choice(COLORS)
+        rows.append(
+            {
+                "prompt": f"say {c} :",
+                "responses": [f"bad {c}", f"good {c}", f"ok {c}"],
+                "scores": [0, 2, 1],
+            }
+        )
+    cfg = rm_cfg(tmp_path, sft_final, write_jsonl(tmp_path / "rank.jsonl", rows), "train.epochs=3")
+    run_rm(cfg)
+    ev = [m for m in read_metrics(cfg.train.output_dir) if "eval/accuracy" in m][-1]
+    assert ev["eval/accuracy"] > 0.9 and ev["eval/margin"] > 0
+
+
+def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm):
+    data = write_jsonl(tmp_path / "sft.jsonl", copy_rows(16))
+    base = [sys.executable, "-m", "rlhfkit", "sft", "--config", "configs/tiny/sft.yaml"]
+    ok = subprocess.run(
+        base
+        + [
+            f"model.name_or_path={tiny_lm}",
+            f"data.train_file={data}",
+            f"train.output_dir={tmp_path / 'o'}",
+            "train.max_steps=2",
+            "log.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "final") is not None
+    bad = subprocess.run(base + ["train.lrr=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'train.lr'" in bad.stderr
+    missing = subprocess.run(
+        base
+        + [
+            f"model.name_or_path={tiny_lm}",
+            f"data.train_file={tmp_path / 'nope.jsonl'}",
+            f"train.output_dir={tmp_path / 'o2'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
