@@ -234,7 +234,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
     for name, f in fields.items():
         if name not in data:
             continue
-        value = _coerce(data[name], hints[name], prefix + name)
+        raw = data[name]
+        if dataclasses.is_dataclass(f.default) and isinstance(raw, dict):
+            raw = _merge(dataclasses.asdict(f.default), raw)  # a section's own defaults (critic.lr)
+        value = _coerce(raw, hints[name], prefix + name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check_range(f, value, prefix + name)
         kwargs[name] = value
@@ -321,8 +324,117 @@ def help_text(cls: type, prefix: str = "") -> str:
         key = prefix + f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.append(help_text(tp, key + "."))
+            lines.append(help_text(tp, key + "."))  # nested defaults shown from the class
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{key:<34} {_type_name(tp):<26} {default!r:<12} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    episodes_per_iteration: int = knob(
+        64, "episodes collected into the experience buffer per iteration", lo=1
+    )
+    chunk_size: int = knob(32, "prompts generated (and scored) at once; size it to memory", lo=1)
+    max_new_tokens: int = knob(32, "response length limit; longer responses are truncated", lo=1)
+    temperature: float = knob(
+        1.0, "sampling temperature (logprobs use the same one)", lo=0, lo_open=True
+    )
+    top_k: int = knob(0, "sample from the k most likely tokens (0 = off)", lo=0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1 = off)", lo=0, hi=1, lo_open=True)
+    stop_strings: list[str] = knob([], "extra strings that end a response (besides EOS)")
+    missing_eos_penalty: float = knob(
+        0.0, "subtracted from the score of responses cut at max_new_tokens", lo=0
+    )
+
+
+@dataclass(frozen=True)
+class PPOAlgoConfig:
+    epochs: int = knob(4, "PPO epochs over each experience buffer", lo=1)
+    minibatch_size: int = knob(16, "episodes per optimizer step", lo=1)
+    micro_batch_size: int = knob(16, "episodes per forward/backward (gradient accumulation)", lo=1)
+    clip_eps: float = knob(0.2, "policy ratio clip epsilon", lo=0, lo_open=True)
+    value_clip_eps: float = knob(
+        0.2, "value clip around the rollout values (0 = unclipped MSE)", lo=0
+    )
+    estimator: Literal["gae", "td", "mc"] = knob(
+        "gae", "advantage estimator (the seed's TD, MC, or GAE)"
+    )
+    gamma: float = knob(1.0, "discount", lo=0, hi=1)
+    lam: float = knob(0.95, "GAE lambda", lo=0, hi=1)
+    kl_coef: float = knob(0.05, "beta in r_t = -beta * KL_t (initial value when adaptive)", lo=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = knob("k1", "per-token KL estimator (Schulman)")
+    adaptive_kl: bool = knob(False, "adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = knob(
+        6.0, "target per-sequence KL for the adaptive controller", lo=0, lo_open=True
+    )
+    kl_horizon: float = knob(10000.0, "adaptive controller horizon, in episodes", lo=1)
+    ent_coef: float = knob(0.0, "entropy bonus coefficient", lo=0)
+    vf_coef: float = knob(0.5, "value loss coefficient", lo=0)
+    whiten_advantages: bool = knob(True, "normalise advantages to mean 0, std 1 over the buffer")
+    reward_norm: Literal["none", "rm_stats", "running"] = knob(
+        "rm_stats",
+        "normalise scores: RM's stored mean/std (falls back to running), running stats, or none",
+    )
+    reward_clip: float = knob(0.0, "clip normalised scores to [-c, c] (0 = off)", lo=0)
+    aggregation: Literal["token", "sequence"] = knob(
+        "token", "loss average over tokens or over sequences"
+    )
+    critic_warmup_iterations: int = knob(0, "iterations that update only the critic, first", lo=0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = knob(1e-6, "learning rate", lo=0, lo_open=True)
+    weight_decay: float = knob(0.0, "AdamW weight decay", lo=0)
+    max_grad_norm: float = knob(1.0, "grad norm clip (0 = off)", lo=0)
+    warmup_iterations: int = knob(0, "linear LR warm-up, in iterations", lo=0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = knob("runs/ppo", "run directory: checkpoints, logs, final actor and critic")
+    seed: int = knob(0, "seed for prompt order, sampling and updates")
+    iterations: int = knob(20, "rollout + update iterations", lo=1)
+    save_every: int = knob(0, "checkpoint every N iterations (0 = only at the end)", lo=0)
+    sample_every: int = knob(5, "log sample generations every N iterations (0 = never)", lo=0)
+    keep_last: int = knob(2, "checkpoints to keep", lo=1)
+    resume: bool = knob(True, "continue from the newest checkpoint in output_dir if there is one")
+    num_threads: int = knob(0, "torch CPU threads (0 = torch's default)", lo=0)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    model: ModelConfig = sub(ModelConfig, "the SFT checkpoint: actor, critic trunk and reference")
+    reward_model: str = knob("", "RM checkpoint directory (from `rlhfkit rm`)")
+    reward_fn: str = knob(
+        "", "instead of an RM: a Python reward 'module:function(prompts, responses) -> scores'"
+    )
+    critic_init: Literal["sft", "rm"] = knob(
+        "sft", "critic trunk from SFT (fresh value head) or from the RM"
+    )
+    data: DataConfig = sub(DataConfig, "prompts: {prompt}")
+    rollout: RolloutConfig = sub(RolloutConfig)
+    ppo: PPOAlgoConfig = sub(PPOAlgoConfig)
+    actor: OptimConfig = sub(OptimConfig, "actor optimizer")
+    critic: OptimConfig = knob(OptimConfig(lr=1e-5), "critic optimizer")
+    run: RunConfig = sub(RunConfig)
+    log: LogConfig = sub(LogConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if bool(self.reward_model) == bool(self.reward_fn):
+            raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set exactly one of them")
+        if self.critic_init == "rm" and not self.reward_model:
+            raise ConfigError(f"{prefix}critic_init: 'rm' needs {prefix}reward_model")
+        if self.ppo.minibatch_size % self.ppo.micro_batch_size:
+            raise ConfigError(
+                f"{prefix}ppo.micro_batch_size must divide {prefix}ppo.minibatch_size"
+            )
+        if self.rollout.episodes_per_iteration % self.ppo.minibatch_size:
+            raise ConfigError(
+                f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
+            )

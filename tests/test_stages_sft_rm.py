@@ -20,7 +20,6 @@ QUIET = ["log.progress=false", "log.tensorboard=false", "train.log_every=1"]
 
 
 def sft_cfg(tmp_path, lm, *extra):
-    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "sft.jsonl", copy_rows(96))
     return load_config(
         SFTConfig,

@@ -1,0 +1,73 @@
+"""The per-token forward passes over prompt + response, with the logit/label alignment in one place.
+
+Layout: ``input_ids = [left-padded prompt (P) | right-padded response (T)]``. The response token
+a_t sits at column P + t and is predicted by the output at column P + t - 1, which is also the
+state s_t the critic values. So both read the T columns P-1 .. P+T-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.algos import last_index, logprobs_and_entropy
+from rlhfkit.models import backbone, scalar_head
+
+
+@dataclass
+class Sequences:
+    input_ids: torch.Tensor  # (B, P+T)
+    attention_mask: torch.Tensor  # (B, P+T)
+    position_ids: torch.Tensor  # (B, P+T)
+    prompt_width: int  # P
+    response: torch.Tensor  # (B, T) a_t
+    response_mask: torch.Tensor  # (B, T) bool
+
+
+def join(prompt_ids, prompt_mask, response, response_mask) -> Sequences:
+    ids = torch.cat([prompt_ids, response], dim=1)
+    attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    return Sequences(ids, attn, pos, prompt_ids.shape[1], response, response_mask.bool())
+
+
+def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: bool = False):
+    """log pi(a_t|s_t) (B, T) and, if asked, the entropy (B, T). Logits only for response positions."""
+    t = seq.response.shape[1]
+    # logits_to_keep=T+1 keeps columns P-1 .. P+T-1; the last one predicts past the end: drop it
+    logits = model(
+        input_ids=seq.input_ids,
+        attention_mask=seq.attention_mask,
+        position_ids=seq.position_ids,
+        use_cache=False,
+        logits_to_keep=t + 1,
+    ).logits[:, :-1]  # (B, T, V)
+    logp, ent = logprobs_and_entropy(logits, seq.response, temperature)
+    return (logp, ent) if with_entropy else (logp, None)
+
+
+def critic_values(critic, seq: Sequences) -> torch.Tensor:
+    """V(s_t) for each response position, (B, T) float32."""
+    t = seq.response.shape[1]
+    hidden = backbone(critic)(
+        input_ids=seq.input_ids,
+        attention_mask=seq.attention_mask,
+        position_ids=seq.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    h = hidden[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]  # (B, T, H) states s_t
+    return scalar_head(critic)(h).squeeze(-1).float()
+
+
+def reward_scores(rm, seq: Sequences) -> torch.Tensor:
+    """R_final: the RM's score read at the last real token of prompt + response. (B,)"""
+    hidden = backbone(rm)(
+        input_ids=seq.input_ids,
+        attention_mask=seq.attention_mask,
+        position_ids=seq.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    last = last_index(seq.attention_mask)  # (B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return scalar_head(rm)(h).squeeze(-1).float()

@@ -1,0 +1,34 @@
+"""Reward sources: a trained reward model, or a Python function users write themselves."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """'package.module:function' -> the function. It gets decoded prompts and responses and
+    returns one float per response."""
+    if ":" not in spec:
+        raise ValueError(f"reward_fn {spec!r}: expected 'module:function'")
+    mod, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward_fn {spec!r}: cannot import ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"reward_fn {spec!r} is not callable")
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    scores = torch.as_tensor(fn(prompts, responses), dtype=torch.float32)
+    if scores.shape != (len(responses),):
+        raise ValueError(
+            f"reward function returned shape {tuple(scores.shape)}, expected ({len(responses)},)"
+        )
+    return scores

@@ -1,0 +1,441 @@
+"""Stage 3 of the seed: PPO with four models (actor, critic, reference, reward model).
+
+Each iteration reads like the seed:
+    1. rollout     the actor samples responses; we record log pi, log pi_ref, V(s_t), R_final
+    2. rewards     r_t = -beta KL_t, plus R_final at the last token
+    3. advantages  td / mc / gae, and the returns (value targets)
+    4. update      clipped surrogate + value loss (+ entropy bonus), N epochs of minibatches
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.algos import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMeanStd,
+    clip_abs,
+    compute_advantages,
+    entropy_bonus,
+    explained_variance,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
+from rlhfkit.config import LoraConfig, PPOConfig, to_dict
+from rlhfkit.data.build import PromptItem, load_prompts
+from rlhfkit.data.tokenize import pad_left
+from rlhfkit.models import (
+    export_model,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    read_reward_stats,
+    write_trainable,
+)
+from rlhfkit.rollout.experience import Experience, concat
+from rlhfkit.rollout.forward import critic_values, join, policy_logprobs, reward_scores
+from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, load_reward_fn
+from rlhfkit.rollout.sampling import generate
+from rlhfkit.stages.common import (
+    export_final,
+    find_resume,
+    load_trainable_policy,
+    load_trainable_scalar,
+    setup_run,
+)
+from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state, write_atomic_dir
+from rlhfkit.train.logger import MetricLogger
+from rlhfkit.train.optim import clip_and_step, make_optimizer
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    actor: Any  # pi_theta, trained
+    critic: Any  # V_phi, trained
+    ref: Any | None  # pi_SFT, frozen; None = the LoRA actor with adapters disabled
+    rm: Any | None  # frozen; None when a Python reward function scores instead
+    reward_fn: RewardFn | None
+
+
+class PromptStream:
+    """Prompts in a seeded order, epoch after epoch; its position is part of a checkpoint."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.index = n, seed, 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        return torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        ).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, s: dict[str, int]) -> None:
+        self.epoch, self.index = s["epoch"], s["index"]
+        self._order = self._perm()
+
+
+class ScoreNormalizer:
+    """R_final -> (R - mean) / std with the RM's stored reference statistics or running ones, then clip."""
+
+    def __init__(self, mode: str, rm_stats: dict[str, float] | None, clip: float):
+        self.mode = "running" if (mode == "rm_stats" and rm_stats is None) else mode
+        self.rm_stats, self.clip, self.running = rm_stats, clip, RunningMeanStd()
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            x = raw
+        elif self.mode == "rm_stats":
+            x = (raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
+        else:
+            self.running.update(raw)
+            x = self.running.normalize(raw)
+        return clip_abs(x, self.clip or None)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -> Models:
+    tok = load_tokenizer(cfg.model)
+    sft = cfg.model.name_or_path
+    actor = load_trainable_policy(cfg.model, tok, ckpt / "actor" if ckpt else None)
+    frozen_cfg = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
+    # with LoRA, pi_ref is the actor with its adapters disabled: no second copy of the weights
+    ref = None if cfg.model.lora.enabled else load_policy(frozen_cfg, tok, trainable=False)
+    critic_src = cfg.reward_model if cfg.critic_init == "rm" else sft
+    critic = load_trainable_scalar(
+        cfg.model,
+        tok,
+        ckpt / "critic" if ckpt else None,
+        critic_src,
+        fresh_head=cfg.critic_init == "sft",
+    )
+    rm = None
+    if cfg.reward_model:
+        rm = load_scalar_model(frozen_cfg, tok, cfg.reward_model, fresh_head=False, trainable=False)
+    elif reward_fn is None:
+        reward_fn = load_reward_fn(cfg.reward_fn)
+    for m in (actor, critic):
+        m.train()  # dropout is off already; train() only matters for gradient checkpointing
+    return Models(tok, actor, critic, ref, rm, reward_fn)
+
+
+# --------------------------------------------------------------------------- 1. rollout
+
+
+@torch.no_grad()
+def rollout_chunk(
+    models: Models,
+    prompts: list[PromptItem],
+    cfg: PPOConfig,
+    normalize: ScoreNormalizer,
+    timer: dict[str, float],
+) -> Experience:
+    tok, rc = models.tokenizer, cfg.rollout
+    prompt_ids, prompt_mask = pad_left([p.prompt_ids for p in prompts], tok.pad_token_id)  # (B, P)
+    t0 = time.perf_counter()
+    gen = generate(
+        models.actor,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=rc.max_new_tokens,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=rc.temperature,
+        top_k=rc.top_k,
+        top_p=rc.top_p,
+        stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
+    )
+    t1 = time.perf_counter()
+    seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
+    logprobs, entropy = policy_logprobs(
+        models.actor, seq, rc.temperature, with_entropy=True
+    )  # (B, T)
+    if models.ref is None:
+        with models.actor.disable_adapter():
+            ref_logprobs, _ = policy_logprobs(models.actor, seq, rc.temperature)
+    else:
+        ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
+    values = critic_values(models.critic, seq)  # (B, T)
+    if models.rm is not None:
+        raw = reward_scores(models.rm, seq)  # (B,)
+    else:
+        texts = [
+            tok.decode(r[: int(n)], skip_special_tokens=True)
+            for r, n in zip(gen.tokens, gen.lengths, strict=True)
+        ]
+        ptexts = [tok.decode(p.prompt_ids, skip_special_tokens=True) for p in prompts]
+        raw = call_reward_fn(models.reward_fn, ptexts, texts)
+    scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
+    timer["generate"] += t1 - t0
+    timer["score"] += time.perf_counter() - t1
+    timer["entropy_sum"] += float(masked_mean(entropy, gen.mask)) * len(prompts)
+    return Experience(
+        prompt_ids,
+        prompt_mask,
+        gen.tokens,
+        gen.mask,
+        logprobs,
+        ref_logprobs,
+        values,
+        scores,
+        raw,
+        gen.stopped,
+    )
+
+
+def collect(
+    models: Models,
+    prompts: list[PromptItem],
+    stream: PromptStream,
+    cfg: PPOConfig,
+    normalize: ScoreNormalizer,
+    timer: dict[str, float],
+) -> Experience:
+    """Fill the experience buffer with ``episodes_per_iteration`` episodes, ``chunk_size`` at a time."""
+    models.actor.eval()
+    chunks, left = [], cfg.rollout.episodes_per_iteration
+    while left > 0:
+        k = min(cfg.rollout.chunk_size, left)
+        chunks.append(
+            rollout_chunk(models, [prompts[i] for i in stream.take(k)], cfg, normalize, timer)
+        )
+        left -= k
+    models.actor.train()
+    return concat(chunks, models.tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------- 2-3. rewards, advantages
+
+
+def rewards_and_advantages(exp: Experience, kl_coef: float, cfg: PPOConfig) -> dict[str, float]:
+    pc, m = cfg.ppo, exp.response_mask
+    kl = kl_penalty(exp.logprobs, exp.ref_logprobs, pc.kl_estimator)  # (B, T)
+    exp.rewards, rstats = shape_rewards(kl, exp.scores, m, kl_coef)
+    adv, exp.returns = compute_advantages(
+        pc.estimator, exp.rewards, exp.values, m, pc.gamma, pc.lam
+    )
+    exp.advantages = masked_whiten(adv, m) if pc.whiten_advantages else adv
+    return {
+        "kl/seq_mean": float(rstats["kl_sum"].mean()),
+        "reward/non_score": float(rstats["non_score_reward"].mean()),
+        "reward/total": float(exp.rewards.sum(1).mean()),
+        "adv/mean": float(masked_mean(adv, m)),
+        "adv/std": float(masked_var(adv, m).sqrt()),
+        "value/explained_var": float(explained_variance(exp.values, exp.returns, m)),
+        "value/mean": float(masked_mean(exp.values, m)),
+    }
+
+
+# --------------------------------------------------------------------------- 4. update
+
+
+def ppo_update(
+    models: Models, optims: dict[str, Any], exp: Experience, cfg: PPOConfig, update_actor: bool
+) -> dict[str, float]:
+    pc = cfg.ppo
+    acc: dict[str, list[float]] = {}
+    n_micro = pc.minibatch_size // pc.micro_batch_size
+    for _ in range(pc.epochs):
+        perm = torch.randperm(len(exp))
+        for start in range(0, len(exp), pc.minibatch_size):
+            mb_idx = perm[start : start + pc.minibatch_size]
+            for j in range(0, len(mb_idx), pc.micro_batch_size):
+                mb = exp.select(mb_idx[j : j + pc.micro_batch_size])
+                seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+                m = mb.response_mask
+                stats: dict[str, torch.Tensor] = {}
+                if update_actor:
+                    logp, ent = policy_logprobs(
+                        models.actor, seq, cfg.rollout.temperature, with_entropy=pc.ent_coef > 0
+                    )
+                    pg, pstats = policy_loss(
+                        logp, mb.logprobs, mb.advantages, m, pc.clip_eps, pc.aggregation
+                    )
+                    loss = pg
+                    if pc.ent_coef > 0:
+                        ent_term = entropy_bonus(ent, m, pc.aggregation)
+                        loss = loss - pc.ent_coef * ent_term
+                        stats["loss/entropy"] = ent_term.detach()
+                    (loss / n_micro).backward()
+                    stats.update(
+                        {
+                            "loss/policy": pg.detach(),
+                            "policy/clip_frac": pstats["clip_frac"],
+                            "policy/approx_kl": pstats["approx_kl"],
+                            "policy/ratio_mean": pstats["ratio_mean"],
+                        }
+                    )
+                v = critic_values(models.critic, seq)
+                vf, vstats = value_loss(
+                    v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation
+                )
+                (pc.vf_coef * vf / n_micro).backward()
+                stats.update(
+                    {"loss/value": vf.detach(), "value/clip_frac": vstats["value_clip_frac"]}
+                )
+                for k, val in stats.items():
+                    acc.setdefault(k, []).append(float(val))
+            if update_actor:
+                norm = clip_and_step(
+                    models.actor.parameters(), optims["actor"], None, cfg.actor.max_grad_norm
+                )
+                acc.setdefault("grad_norm/actor", []).append(float(norm))
+            norm = clip_and_step(
+                models.critic.parameters(), optims["critic"], None, cfg.critic.max_grad_norm
+            )
+            acc.setdefault("grad_norm/critic", []).append(float(norm))
+    for name in ("actor", "critic"):
+        optims[f"{name}_sched"].step()  # LR warm-up counts iterations
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
+    out = {}
+    for name, model, oc in (
+        ("actor", models.actor, cfg.actor),
+        ("critic", models.critic, cfg.critic),
+    ):
+        opt = make_optimizer(model.parameters(), oc.lr, oc.weight_decay, (0.9, 0.999))
+        warm = oc.warmup_iterations
+        out[name] = opt
+        out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda it, w=warm: min(1.0, (it + 1) / w) if w else 1.0
+        )
+    return out
+
+
+def _sample_text(models: Models, exp: Experience, n: int = 3) -> str:
+    tok, lines = models.tokenizer, []
+    for i in range(min(n, len(exp))):
+        p = tok.decode(exp.prompt_ids[i][exp.prompt_mask[i].bool()], skip_special_tokens=True)
+        r = tok.decode(exp.response[i][exp.response_mask[i]], skip_special_tokens=True)
+        lines.append(f"PROMPT: {p}\nRESPONSE: {r}\nSCORE: {float(exp.raw_scores[i]):.3f}")
+    return "\n\n".join(lines)
+
+
+def run_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
+    out = setup_run(cfg.run)
+    ckpt, state = find_resume(cfg.run)
+    models = load_models(cfg, ckpt, reward_fn)
+    prompts, report = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    print(report.line(), file=sys.stderr)
+    stream = PromptStream(len(prompts), cfg.run.seed)
+    pc = cfg.ppo
+    kl_ctl = (
+        AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+        if pc.adaptive_kl
+        else FixedKLController(pc.kl_coef)
+    )
+    normalize = ScoreNormalizer(
+        pc.reward_norm,
+        read_reward_stats(cfg.reward_model) if cfg.reward_model else None,
+        pc.reward_clip,
+    )
+    optims = _optimizers(models, cfg)
+    start = 0
+    if state is not None:
+        for k in ("actor", "critic", "actor_sched", "critic_sched"):
+            optims[k].load_state_dict(state[k])
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        normalize.running.load_state_dict(state["running_scores"])
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+
+    def checkpoint(iteration: int) -> None:
+        st = {k: optims[k].state_dict() for k in ("actor", "critic", "actor_sched", "critic_sched")}
+        st.update(
+            kl_ctl=kl_ctl.state_dict(),
+            running_scores=normalize.running.state_dict(),
+            stream=stream.state_dict(),
+            rng=rng_state(),
+            iteration=iteration,
+        )
+
+        def write(d: Path) -> None:
+            write_trainable(models.actor, models.tokenizer, d / "actor")
+            write_trainable(models.critic, models.tokenizer, d / "critic")
+
+        save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
+
+    for it in range(start, cfg.run.iterations):
+        timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+        t_start = time.perf_counter()
+        # 1. rollout: sample, and record log pi, log pi_ref, V(s_t) and R_final per episode
+        exp = collect(models, prompts, stream, cfg, normalize, timer)
+        # 2-3. rewards r_t = -beta KL_t (+ R_final at the end), advantages and returns
+        beta = kl_ctl.value
+        metrics = rewards_and_advantages(exp, beta, cfg)
+        # 4. update: actor (after the critic warm-up) and critic
+        t_up = time.perf_counter()
+        metrics.update(
+            ppo_update(models, optims, exp, cfg, update_actor=it >= pc.critic_warmup_iterations)
+        )
+        t_end = time.perf_counter()
+        kl_ctl.update(metrics["kl/seq_mean"], len(exp))
+        n_tokens = int(exp.response_mask.sum())
+        metrics.update(
+            {
+                "score/mean": float(exp.raw_scores.mean()),
+                "score/std": float(exp.raw_scores.std()),
+                "score/normalized_mean": float(exp.scores.mean()),
+                "policy/entropy": timer["entropy_sum"] / len(exp),
+                "response/length": n_tokens / len(exp),
+                "response/eos_rate": float(exp.stopped.float().mean()),
+                "kl/beta": beta,
+                "lr/actor": optims["actor"].param_groups[0]["lr"],
+                "lr/critic": optims["critic"].param_groups[0]["lr"],
+                "time/generate": timer["generate"],
+                "time/score": timer["score"],
+                "time/update": t_end - t_up,
+                "time/iteration": t_end - t_start,
+                "perf/tokens_per_s": n_tokens / (t_end - t_start),
+            }
+        )
+        logger.log(it + 1, metrics, echo=True)
+        if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
+            logger.text(it + 1, "samples", _sample_text(models, exp))
+        if (
+            cfg.run.save_every
+            and (it + 1) % cfg.run.save_every == 0
+            and it + 1 < cfg.run.iterations
+        ):
+            checkpoint(it + 1)
+    checkpoint(cfg.run.iterations)
+    logger.close()
+    write_atomic_dir(
+        out / "final-critic", lambda d: export_model(models.critic, models.tokenizer, d)
+    )
+    return export_final(models.actor, models.tokenizer, out, cfg)

@@ -1,0 +1,209 @@
+"""PPO stage on tiny local models: alignment invariants, masking, estimator wiring, learning, resume."""
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from conftest import COLORS, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.algos import compute_advantages, kl_penalty, masked_whiten, policy_loss, shape_rewards
+from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.data.build import load_prompts
+from rlhfkit.rollout.forward import critic_values, join, policy_logprobs
+from rlhfkit.stages.ppo import (
+    PromptStream,
+    ScoreNormalizer,
+    collect,
+    load_models,
+    rewards_and_advantages,
+    run_ppo,
+)
+from rlhfkit.train.logger import read_metrics
+
+
+def count_good(prompts, responses):
+    """Toy reward without an RM: +1 per occurrence of the word 'good'."""
+    return [float(r.split().count("good")) for r in responses]
+
+
+def ppo_cfg(tmp_path, lm, *extra):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
+    return load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.name_or_path={lm}",
+            "reward_fn=tests:unused",
+            f"data.train_file={prompts}",
+            f"run.output_dir={tmp_path / 'ppo'}",
+            "rollout.episodes_per_iteration=32",
+            "rollout.chunk_size=16",
+            "rollout.max_new_tokens=8",
+            "ppo.minibatch_size=16",
+            "ppo.micro_batch_size=8",
+            "actor.lr=1e-3",
+            "critic.lr=1e-3",
+            "ppo.reward_norm=none",
+            "log.tensorboard=false",
+            "run.sample_every=0",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture()
+def buffer(tmp_path, tiny_lm):
+    cfg = ppo_cfg(tmp_path, tiny_lm)
+    torch.manual_seed(0)
+    models = load_models(cfg, None, count_good)
+    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+    exp = collect(
+        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0), timer
+    )
+    rewards_and_advantages(exp, 0.05, cfg)
+    return cfg, models, exp
+
+
+def test_ratio_is_one_before_the_first_update(buffer):
+    cfg, models, exp = buffer
+    assert exp.response_mask.sum(1).min() >= 1 and (~exp.stopped).any() or exp.stopped.any()
+    mb = exp.select(torch.tensor([3, 0, 17, 9, 30]))  # another batch layout than the rollout's
+    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+    logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)
+    m = mb.response_mask
+    torch.testing.assert_close(logp[m], mb.logprobs[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        critic_values(models.critic, seq)[m], mb.values[m], rtol=0, atol=1e-5
+    )
+    # the reference is the same SFT weights, so KL starts at 0 too
+    torch.testing.assert_close(
+        exp.logprobs[exp.response_mask], exp.ref_logprobs[exp.response_mask], rtol=0, atol=1e-5
+    )
+    _, stats = policy_loss(logp, mb.logprobs, mb.advantages, m, 0.2)
+    assert stats["clip_frac"].item() == 0 and abs(stats["ratio_mean"].item() - 1) < 1e-5
+
+
+def _actor_grad(models, exp, cfg):
+    models.actor.zero_grad(set_to_none=True)
+    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
+    logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)
+    loss, _ = policy_loss(logp, exp.logprobs, exp.advantages, exp.response_mask, 0.2)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in models.actor.parameters()]
+
+
+def test_no_loss_flows_from_positions_after_eos(buffer):
+    cfg, models, exp = buffer
+    m = exp.response_mask
+    assert (~m).any(), "the batch needs at least one response that ended early"
+    loss, grads = _actor_grad(models, exp, cfg)
+    dirty = dataclasses.replace(exp)
+    junk = torch.full_like(exp.advantages, 1e4)
+    dirty.advantages = torch.where(m, exp.advantages, junk)
+    dirty.logprobs = torch.where(m, exp.logprobs, -junk)
+    dirty.response = torch.where(
+        m, exp.response, torch.full_like(exp.response, 5)
+    )  # other tokens after EOS
+    loss2, grads2 = _actor_grad(models, dirty, cfg)
+    assert loss.item() == pytest.approx(loss2.item(), abs=1e-6)
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["td", "mc", "gae"])
+def test_advantage_choice_in_config_reaches_the_estimator(buffer, estimator):
+    cfg, _, exp = buffer
+    cfg = load_config(
+        PPOConfig,
+        None,
+        [
+            f"{k}={v}"
+            for k, v in [
+                ("model.name_or_path", "x"),
+                ("reward_fn", "a:b"),
+                ("ppo.estimator", estimator),
+                ("ppo.gamma", 0.9),
+                ("ppo.lam", 0.5),
+                ("ppo.kl_estimator", "k3"),
+            ]
+        ],
+    )
+    rewards_and_advantages(exp, 0.1, cfg)
+    kl = kl_penalty(exp.logprobs, exp.ref_logprobs, "k3")
+    rewards, _ = shape_rewards(kl, exp.scores, exp.response_mask, 0.1)
+    adv, ret = compute_advantages(estimator, rewards, exp.values, exp.response_mask, 0.9, 0.5)
+    torch.testing.assert_close(
+        exp.advantages, masked_whiten(adv, exp.response_mask), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(exp.returns, ret, rtol=0, atol=0)
+    others = [e for e in ["td", "mc", "gae"] if e != estimator]
+    for o in others:  # and the estimators really differ on this batch
+        assert not torch.allclose(
+            compute_advantages(o, rewards, exp.values, exp.response_mask, 0.9, 0.5)[0], adv
+        )
+
+
+@pytest.mark.slow
+def test_ppo_raises_toy_reward_with_bounded_kl_and_saves_plain_hf(tmp_path, tiny_lm):
+    cfg = ppo_cfg(tmp_path, tiny_lm, "run.iterations=30", "ppo.kl_coef=0.1", "run.seed=1")
+    final = run_ppo(cfg, reward_fn=count_good)
+    rows = [m for m in read_metrics(cfg.run.output_dir) if "score/mean" in m]
+    assert len(rows) == 30
+    first = sum(r["score/mean"] for r in rows[:3]) / 3
+    last = sum(r["score/mean"] for r in rows[-3:]) / 3
+    assert last > first + 2.0, (first, last)
+    assert max(r["kl/seq_mean"] for r in rows) < 30.0  # 8 tokens, beta = 0.1: KL stays bounded
+    for key in [
+        "score/std",
+        "reward/non_score",
+        "reward/total",
+        "policy/entropy",
+        "response/eos_rate",
+        "loss/policy",
+        "loss/value",
+        "policy/clip_frac",
+        "value/clip_frac",
+        "policy/approx_kl",
+        "value/explained_var",
+        "adv/mean",
+        "adv/std",
+        "grad_norm/actor",
+        "grad_norm/critic",
+        "lr/actor",
+        "kl/beta",
+        "perf/tokens_per_s",
+        "time/generate",
+        "time/score",
+        "time/update",
+    ]:
+        assert key in rows[-1], key
+    model = AutoModelForCausalLM.from_pretrained(final)
+    ids = torch.tensor([[1, 5, 6]])
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_resume_continues_where_the_run_left_off(tmp_path, tiny_lm):
+    extra = ["run.iterations=4", "rollout.episodes_per_iteration=16", "ppo.epochs=2"]
+    a = run_ppo(ppo_cfg(tmp_path / "a", tiny_lm, *extra), reward_fn=count_good)
+    b_cfg = ppo_cfg(tmp_path / "b", tiny_lm, *extra, "run.save_every=2")
+    run_ppo(b_cfg, reward_fn=count_good)
+    out = tmp_path / "b" / "ppo"
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    shutil.rmtree(out / "final")
+    (out / "metrics.jsonl").write_text(
+        "".join(l + "\n" for l in (out / "metrics.jsonl").read_text().splitlines()[:2])
+    )
+    b = run_ppo(b_cfg, reward_fn=count_good)
+    ma = read_metrics(tmp_path / "a" / "ppo")
+    mb = read_metrics(out)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["score/mean"] == rb["score/mean"]
+        assert ra["loss/policy"] == pytest.approx(rb["loss/policy"], abs=1e-6)
+    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
