@@ -5,11 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhfkit.config import ConfigError, RMConfig, SFTConfig, help_text, load_config
+from rlhfkit.config import (
+    ConfigError,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    help_text,
+    load_config,
+)
 
 STAGES = {
     "sft": (SFTConfig, "supervised fine-tuning on {prompt, completion} / {messages} data"),
     "rm": (RMConfig, "reward model on {prompt, chosen, rejected} pairs or ranked lists"),
+    "ppo": (PPOConfig, "PPO from an SFT checkpoint and a reward model (or a Python reward)"),
+    "pipeline": (
+        PipelineConfig,
+        "SFT -> RM -> PPO -> evaluation from one config, resumable by stage",
+    ),
 }
 
 
@@ -22,6 +35,22 @@ def _run(stage: str, cfg) -> None:
         from rlhfkit.stages.rm import run_rm
 
         print(run_rm(cfg))
+    elif stage == "ppo":
+        from rlhfkit.stages.ppo import run_ppo
+
+        print(run_ppo(cfg))
+    elif stage == "pipeline":
+        import json
+
+        from rlhfkit.stages.pipeline import run_pipeline
+
+        result = run_pipeline(cfg)
+        print(
+            json.dumps(
+                {k: {m: v for m, v in r.items() if m != "samples"} for k, r in result.items()},
+                indent=2,
+            )
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "overrides", nargs="*", help="key.sub=value overrides applied after the file"
         )
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on a tiny model, with a report",
+        description="Pre-train a tiny model, then SFT -> RM -> PPO -> report (offline, CPU).",
+    )
+    demo.add_argument("--output-dir", default="runs/demo", help="where everything is written")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    demo.add_argument("--quick", action="store_true", help="the smaller version CI runs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from rlhfkit.demo.run import run_demo
+
+        for seed in args.seeds:
+            out = args.output_dir if len(args.seeds) == 1 else f"{args.output_dir}/seed-{seed}"
+            run_demo(out, seed=seed, quick=args.quick)
+        return 0
     cls = STAGES[args.command][0]
     if args.help_config:
         print(help_text(cls))
@@ -62,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         _run(args.command, cfg)
     except DataError as e:
         print(f"rlhfkit {args.command}: data error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -426,8 +426,9 @@ class PPOConfig:
     log: LogConfig = sub(LogConfig)
 
     def validate(self, prefix: str = "") -> None:
-        if bool(self.reward_model) == bool(self.reward_fn):
-            raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set exactly one of them")
+        # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
+        if self.reward_model and self.reward_fn:
+            raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set only one of them")
         if self.critic_init == "rm" and not self.reward_model:
             raise ConfigError(f"{prefix}critic_init: 'rm' needs {prefix}reward_model")
         if self.ppo.minibatch_size % self.ppo.micro_batch_size:
@@ -438,3 +439,27 @@ class PPOConfig:
             raise ConfigError(
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts_file: str = knob("", "held-out prompts {prompt}; empty = the PPO prompts")
+    max_prompts: int = knob(64, "prompts evaluated", lo=1)
+    gold_fn: str = knob(
+        "", "optional independent judge 'module:function(prompts, responses) -> scores'"
+    )
+    samples_in_report: int = knob(8, "sample responses shown before/after", lo=0)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    base_model: str = knob(
+        "", "pretrained model (hub id or dir); sft.model.name_or_path overrides it"
+    )
+    output_dir: str = knob("runs/pipeline", "stages write to output_dir/{sft,rm,ppo,eval}")
+    sft: SFTConfig = sub(SFTConfig, "stage 1; model and output_dir are filled in by the pipeline")
+    rm: RMConfig = sub(RMConfig, "stage 2; starts from the SFT output")
+    ppo: PPOConfig = sub(
+        PPOConfig, "stage 3; actor/critic/reference from SFT, reward model from RM"
+    )
+    eval: EvalConfig = sub(EvalConfig, "stage 4: SFT vs PPO policy on held-out prompts")

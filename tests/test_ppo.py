@@ -69,7 +69,7 @@ def buffer(tmp_path, tiny_lm):
 
 def test_ratio_is_one_before_the_first_update(buffer):
     cfg, models, exp = buffer
-    assert exp.response_mask.sum(1).min() >= 1 and (~exp.stopped).any() or exp.stopped.any()
+    assert exp.response_mask.sum(1).min() >= 1  # every response has at least its first token
     mb = exp.select(torch.tensor([3, 0, 17, 9, 30]))  # another batch layout than the rollout's
     seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
     logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)
@@ -193,9 +193,6 @@ def test_resume_continues_where_the_run_left_off(tmp_path, tiny_lm):
     out = tmp_path / "b" / "ppo"
     shutil.rmtree(out / "checkpoints" / "step-000004")
     shutil.rmtree(out / "final")
-    (out / "metrics.jsonl").write_text(
-        "".join(l + "\n" for l in (out / "metrics.jsonl").read_text().splitlines()[:2])
-    )
     b = run_ppo(b_cfg, reward_fn=count_good)
     ma = read_metrics(tmp_path / "a" / "ppo")
     mb = read_metrics(out)

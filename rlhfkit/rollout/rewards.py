@@ -32,3 +32,18 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str]) -> to
             f"reward function returned shape {tuple(scores.shape)}, expected ({len(responses)},)"
         )
     return scores
+
+
+def decode_texts(
+    tokenizer, prompt_ids, prompt_mask, response, response_mask
+) -> tuple[list[str], list[str]]:
+    """Decoded prompts and responses (special tokens and padding dropped), one string per row."""
+    prompts = [
+        tokenizer.decode(p[m.bool()], skip_special_tokens=True)
+        for p, m in zip(prompt_ids, prompt_mask, strict=True)
+    ]
+    responses = [
+        tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+        for r, m in zip(response, response_mask, strict=True)
+    ]
+    return prompts, responses

@@ -34,7 +34,7 @@ from rlhfkit.algos import (
     shape_rewards,
     value_loss,
 )
-from rlhfkit.config import LoraConfig, PPOConfig, to_dict
+from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import (
@@ -47,7 +47,7 @@ from rlhfkit.models import (
 )
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import critic_values, join, policy_logprobs, reward_scores
-from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, load_reward_fn
+from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, decode_texts, load_reward_fn
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.stages.common import (
     export_final,
@@ -187,12 +187,9 @@ def rollout_chunk(
     if models.rm is not None:
         raw = reward_scores(models.rm, seq)  # (B,)
     else:
-        texts = [
-            tok.decode(r[: int(n)], skip_special_tokens=True)
-            for r, n in zip(gen.tokens, gen.lengths, strict=True)
-        ]
-        ptexts = [tok.decode(p.prompt_ids, skip_special_tokens=True) for p in prompts]
-        raw = call_reward_fn(models.reward_fn, ptexts, texts)
+        raw = call_reward_fn(
+            models.reward_fn, *decode_texts(tok, prompt_ids, prompt_mask, gen.tokens, gen.mask)
+        )
     scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
     timer["generate"] += t1 - t0
     timer["score"] += time.perf_counter() - t1
@@ -336,15 +333,28 @@ def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
 
 
 def _sample_text(models: Models, exp: Experience, n: int = 3) -> str:
-    tok, lines = models.tokenizer, []
-    for i in range(min(n, len(exp))):
-        p = tok.decode(exp.prompt_ids[i][exp.prompt_mask[i].bool()], skip_special_tokens=True)
-        r = tok.decode(exp.response[i][exp.response_mask[i]], skip_special_tokens=True)
-        lines.append(f"PROMPT: {p}\nRESPONSE: {r}\nSCORE: {float(exp.raw_scores[i]):.3f}")
-    return "\n\n".join(lines)
+    prompts, responses = decode_texts(
+        models.tokenizer,
+        exp.prompt_ids[:n],
+        exp.prompt_mask[:n],
+        exp.response[:n],
+        exp.response_mask[:n],
+    )
+    return "\n\n".join(
+        f"PROMPT: {p}\nRESPONSE: {r}\nSCORE: {float(s):.3f}"
+        for p, r, s in zip(prompts, responses, exp.raw_scores, strict=False)
+    )
 
 
-def run_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
+def run_ppo(
+    cfg: PPOConfig, reward_fn: RewardFn | None = None, monitor: RewardFn | None = None
+) -> Path:
+    """Train; returns output_dir/final (the actor). ``monitor(prompts, responses)`` is an optional
+    independent judge (e.g. the demo's gold scorer) whose mean is logged as ``score/gold`` per iteration."""
+    if not (cfg.reward_model or cfg.reward_fn or reward_fn):
+        raise ConfigError(
+            "reward_model / reward_fn: set one of them (an RM directory or a Python reward)"
+        )
     out = setup_run(cfg.run)
     ckpt, state = find_resume(cfg.run)
     models = load_models(cfg, ckpt, reward_fn)
@@ -372,7 +382,7 @@ def run_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
         stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         start = state["iteration"]
-    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+    logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
 
     def checkpoint(iteration: int) -> None:
         st = {k: optims[k].state_dict() for k in ("actor", "critic", "actor_sched", "critic_sched")}
@@ -424,6 +434,11 @@ def run_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> Path:
                 "perf/tokens_per_s": n_tokens / (t_end - t_start),
             }
         )
+        if monitor is not None:
+            texts = decode_texts(
+                models.tokenizer, exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask
+            )
+            metrics["score/gold"] = float(call_reward_fn(monitor, *texts).mean())
         logger.log(it + 1, metrics, echo=True)
         if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
             logger.text(it + 1, "samples", _sample_text(models, exp))

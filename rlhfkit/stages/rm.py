@@ -108,7 +108,9 @@ def run_rm(cfg: RMConfig) -> Path:
         cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True
     )
     # 3. train on the ranking loss
-    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+    logger = MetricLogger(
+        out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
+    )
     pad = tokenizer.pad_token_id
     fit(
         model,

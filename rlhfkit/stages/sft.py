@@ -58,7 +58,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     ckpt, state = find_resume(cfg.train)
     model = load_trainable_policy(cfg.model, tokenizer, ckpt)
     # 3. train on next-token loss
-    logger = MetricLogger(out, cfg.log, to_dict(cfg))
+    logger = MetricLogger(
+        out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
+    )
     pad = tokenizer.pad_token_id
     fit(
         model,

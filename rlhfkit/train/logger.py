@@ -12,10 +12,17 @@ from rlhfkit.config import LogConfig
 
 class MetricLogger:
     def __init__(
-        self, output_dir: str | Path, cfg: LogConfig, run_config: dict[str, Any] | None = None
+        self,
+        output_dir: str | Path,
+        cfg: LogConfig,
+        run_config: dict[str, Any] | None = None,
+        resume_step: int = 0,
     ):
+        """resume_step: the step of the checkpoint a run resumes from. Lines logged after it by the
+        interrupted run are dropped, so that the resumed log equals an uninterrupted one."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.dir / "metrics.jsonl", resume_step)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         if cfg.tensorboard:
@@ -55,6 +62,30 @@ class MetricLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    tmp.replace(path)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:

@@ -7,6 +7,7 @@ Micro-batches come from a per-epoch permutation seeded by (seed, epoch), so the 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ def fit(
         save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
 
     model.train()
+    show_progress = show_progress and sys.stderr.isatty()  # a log file gets the metric lines instead
     bar = tqdm(total=steps, initial=pos.step, disable=not show_progress, desc="train", leave=False)
     acc: list[dict[str, torch.Tensor]] = []
     micro_in_step = 0

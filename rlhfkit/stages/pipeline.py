@@ -1,0 +1,92 @@
+"""SFT -> RM -> PPO -> evaluation from one config; each stage's output feeds the next.
+
+A stage whose ``final/`` directory exists is finished (it is written atomically, last) and is
+not rerun, so an interrupted pipeline resumes stage by stage; within a stage, the stage's own
+checkpoints resume it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from rlhfkit.config import PipelineConfig
+from rlhfkit.rollout.rewards import RewardFn, load_reward_fn
+from rlhfkit.stages.evaluate import evaluate_policies
+from rlhfkit.stages.ppo import run_ppo
+from rlhfkit.stages.rm import run_rm
+from rlhfkit.stages.sft import run_sft
+
+
+def _with(cfg, **changes):
+    """dataclasses.replace for nested keys: _with(cfg, train__output_dir='x')."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for k, v in changes.items():
+        if "__" in k:
+            head, rest = k.split("__", 1)
+            nested.setdefault(head, {})[rest] = v
+        else:
+            flat[k] = v
+    for head, sub in nested.items():
+        flat[head] = _with(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+def stage_configs(cfg: PipelineConfig):
+    """The three stage configs with their inputs and outputs wired together (derived, not written back)."""
+    out = Path(cfg.output_dir)
+    sft_final, rm_final = out / "sft" / "final", out / "rm" / "final"
+    sft = _with(
+        cfg.sft,
+        model__name_or_path=cfg.sft.model.name_or_path or cfg.base_model,
+        train__output_dir=str(out / "sft"),
+    )
+    rm = _with(cfg.rm, model__name_or_path=str(sft_final), train__output_dir=str(out / "rm"))
+    ppo = _with(
+        cfg.ppo,
+        model__name_or_path=str(sft_final),
+        run__output_dir=str(out / "ppo"),
+        reward_model="" if cfg.ppo.reward_fn else str(rm_final),
+    )
+    return sft, rm, ppo
+
+
+def _done(final: Path, name: str) -> bool:
+    if final.is_dir():
+        print(f"[pipeline] {name}: {final} exists, stage already finished", file=sys.stderr)
+        return True
+    print(f"[pipeline] {name}: running", file=sys.stderr)
+    return False
+
+
+def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
+    out = Path(cfg.output_dir)
+    sft, rm, ppo = stage_configs(cfg)
+    if not _done(out / "sft" / "final", "sft"):
+        run_sft(sft)
+    if not cfg.ppo.reward_fn and not _done(out / "rm" / "final", "rm"):
+        run_rm(rm)
+    if gold_fn is None and cfg.eval.gold_fn:
+        gold_fn = load_reward_fn(cfg.eval.gold_fn)
+    if not _done(out / "ppo" / "final", "ppo"):
+        run_ppo(ppo, monitor=gold_fn)
+    eval_json = out / "eval" / "eval.json"
+    if eval_json.exists():
+        print(f"[pipeline] eval: {eval_json} exists, stage already finished", file=sys.stderr)
+        return json.loads(eval_json.read_text())
+    print("[pipeline] eval: running", file=sys.stderr)
+    return evaluate_policies(
+        str(out / "sft" / "final"),
+        str(out / "ppo" / "final"),
+        ppo.reward_model or None,
+        cfg.eval.prompts_file or ppo.data.train_file,
+        ppo.data,
+        ppo.rollout,
+        cfg.eval,
+        gold_fn,
+        ppo.run.seed + 12345,
+        out / "eval",
+    )
