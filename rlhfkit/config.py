@@ -62,6 +62,7 @@ class ModelConfig:
     name_or_path: str = knob("", "HF hub id or local directory of the pretrained causal LM")
     tokenizer: str = knob("", "tokenizer id/path; empty = same as name_or_path")
     gguf_file: str = knob("", "load this GGUF file inside name_or_path (dequantized)")
+    device: str = knob("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: Literal["fp32", "bf16"] = knob(
         "fp32", "weights/compute dtype; fp32 is the exact default"
     )
@@ -159,6 +160,8 @@ class RMConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -463,3 +466,20 @@ class PipelineConfig:
         PPOConfig, "stage 3; actor/critic/reference from SFT, reward model from RM"
     )
     eval: EvalConfig = sub(EvalConfig, "stage 4: SFT vs PPO policy on held-out prompts")
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key of every command (a test keeps the file in sync with the code)."""
+    parts = [
+        "# Config reference\n",
+        "Generated from the config dataclasses (`rlhfkit <command> --help-config`",
+        "prints the same). Set keys in YAML, or override them: `key.sub=value`.\n",
+    ]
+    for name, cls in (
+        ("sft", SFTConfig),
+        ("rm", RMConfig),
+        ("ppo", PPOConfig),
+        ("pipeline", PipelineConfig),
+    ):
+        parts += [f"## `rlhfkit {name}`\n", "```", help_text(cls), "```\n"]
+    return "\n".join(parts)

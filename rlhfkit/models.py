@@ -91,7 +91,18 @@ def _load_kwargs(cfg: ModelConfig, path: str) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _apply_options(model, cfg: ModelConfig, trainable: bool):
+    model.to(resolve_device(cfg.device))
     disable_dropout(model)
     if cfg.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

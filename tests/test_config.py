@@ -61,3 +61,21 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(SFTConfig, f)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(RMConfig, tmp_path / "missing.yaml")
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+
+    from rlhfkit.config import reference_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown(), (
+        "regenerate docs/config.md (see reference_markdown)"
+    )
+
+
+def test_section_defaults_survive_partial_override():
+    from rlhfkit.config import PPOConfig
+
+    cfg = load_config(PPOConfig, None, ["critic.weight_decay=0.1"])
+    assert cfg.critic.lr == PPOConfig().critic.lr == 1e-5 and cfg.critic.weight_decay == 0.1

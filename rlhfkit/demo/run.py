@@ -21,7 +21,7 @@ import torch
 from rlhfkit.config import ModelConfig, PipelineConfig, SFTConfig, load_config
 from rlhfkit.data.tokenize import encode_prompt, pad_left
 from rlhfkit.demo import task
-from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.models import device_of, load_policy, load_tokenizer
 from rlhfkit.rollout.rewards import decode_texts
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.stages.pipeline import run_pipeline, stage_configs
@@ -88,8 +88,9 @@ def pretrain_base(out: Path, corpus: Path, seed: int) -> Path:
 
 
 @torch.no_grad()
-def make_preferences(sft_dir: Path, n_prompts: int, path: Path, seed: int, k: int = 4,
-                     temperature: float = 0.25) -> Path:
+def make_preferences(
+    sft_dir: Path, n_prompts: int, path: Path, seed: int, k: int = 4, temperature: float = 0.25
+) -> Path:
     """k samples of the SFT policy per prompt, ranked by a noisy gold-judge rater (Plackett-Luce;
     Bradley-Terry for k = 2). k = 2 writes {prompt, chosen, rejected}; k > 2 writes ranked lists."""
     if path.exists():
@@ -105,9 +106,18 @@ def make_preferences(sft_dir: Path, n_prompts: int, path: Path, seed: int, k: in
     per_chunk = max(1, 128 // k)
     for i in range(0, n_prompts, per_chunk):
         texts = [task.prompt(s) for s in subjects[i : i + per_chunk] for _ in range(k)]
-        ids, mask = pad_left([encode_prompt(tok, t) for t in texts], tok.pad_token_id)
-        gen = generate(policy, ids, mask, max_new_tokens=32, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                       generator=g)
+        ids, mask = pad_left(
+            [encode_prompt(tok, t) for t in texts], tok.pad_token_id, device_of(policy)
+        )
+        gen = generate(
+            policy,
+            ids,
+            mask,
+            max_new_tokens=32,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            generator=g,
+        )
         _, responses = decode_texts(tok, ids, mask, gen.tokens, gen.mask)
         gold = judge(texts, responses)
         for j in range(0, len(texts), k):
@@ -117,11 +127,16 @@ def make_preferences(sft_dir: Path, n_prompts: int, path: Path, seed: int, k: in
                 continue
             order = task.noisy_ranking(gold[j : j + k], temperature, rng)
             if k == 2:
-                rows.append({"prompt": texts[j], "chosen": group[order[0]], "rejected": group[order[1]]})
+                rows.append(
+                    {"prompt": texts[j], "chosen": group[order[0]], "rejected": group[order[1]]}
+                )
             else:
                 rows.append({"prompt": texts[j], "responses": group, "ranking": order})
-    print(f"[demo] {len(rows)} ranked groups of {k} from SFT samples ({skipped} with identical or empty "
-          "responses skipped)", file=sys.stderr)
+    print(
+        f"[demo] {len(rows)} ranked groups of {k} from SFT samples ({skipped} with identical or empty "
+        "responses skipped)",
+        file=sys.stderr,
+    )
     return _jsonl(path, rows)
 
 

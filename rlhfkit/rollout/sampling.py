@@ -48,7 +48,12 @@ def sample_from_logits(
     """One token per row from softmax(logits), by inverse CDF. (B, V) -> (B,)"""
     probs = torch.softmax(logits.float(), dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    # a seeded generator may live on the CPU while the model runs on a GPU
+    gen_device = generator.device if generator is not None else probs.device
+    u = (
+        torch.rand(probs.shape[0], 1, generator=generator, device=gen_device).to(probs.device)
+        * cdf[:, -1:]
+    )
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 

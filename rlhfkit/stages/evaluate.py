@@ -18,7 +18,7 @@ from rlhfkit.algos import masked_sum
 from rlhfkit.config import DataConfig, EvalConfig, ModelConfig, RolloutConfig
 from rlhfkit.data.build import load_prompts
 from rlhfkit.data.tokenize import pad_left
-from rlhfkit.models import load_policy, load_scalar_model, load_tokenizer
+from rlhfkit.models import device_of, load_policy, load_scalar_model, load_tokenizer
 from rlhfkit.rollout.forward import join, policy_logprobs, reward_scores
 from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, decode_texts
 from rlhfkit.rollout.sampling import generate
@@ -39,7 +39,7 @@ def sample_and_score(
     g = torch.Generator().manual_seed(seed)
     rm_scores, gold, kls, lengths, texts = [], [], [], [], []
     for i in range(0, len(prompt_ids), chunk):
-        ids, mask = pad_left(prompt_ids[i : i + chunk], tok.pad_token_id)
+        ids, mask = pad_left(prompt_ids[i : i + chunk], tok.pad_token_id, device_of(policy))
         gen = generate(
             policy,
             ids,

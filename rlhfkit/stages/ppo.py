@@ -38,6 +38,7 @@ from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import (
+    device_of,
     export_model,
     load_policy,
     load_scalar_model,
@@ -159,7 +160,9 @@ def rollout_chunk(
     timer: dict[str, float],
 ) -> Experience:
     tok, rc = models.tokenizer, cfg.rollout
-    prompt_ids, prompt_mask = pad_left([p.prompt_ids for p in prompts], tok.pad_token_id)  # (B, P)
+    prompt_ids, prompt_mask = pad_left(
+        [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(models.actor)
+    )  # (B, P)
     t0 = time.perf_counter()
     gen = generate(
         models.actor,
@@ -187,9 +190,8 @@ def rollout_chunk(
     if models.rm is not None:
         raw = reward_scores(models.rm, seq)  # (B,)
     else:
-        raw = call_reward_fn(
-            models.reward_fn, *decode_texts(tok, prompt_ids, prompt_mask, gen.tokens, gen.mask)
-        )
+        texts = decode_texts(tok, prompt_ids, prompt_mask, gen.tokens, gen.mask)
+        raw = call_reward_fn(models.reward_fn, *texts).to(prompt_ids.device)
     scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
     timer["generate"] += t1 - t0
     timer["score"] += time.perf_counter() - t1

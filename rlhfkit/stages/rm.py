@@ -15,10 +15,16 @@ from rlhfkit.algos import pairwise_loss, ranking_loss
 from rlhfkit.config import RMConfig, to_dict
 from rlhfkit.data.build import RankItem, load_preferences, train_eval
 from rlhfkit.data.tokenize import pad_right
-from rlhfkit.models import load_tokenizer, save_reward_stats, sequence_scores, write_trainable
+from rlhfkit.models import (
+    device_of,
+    load_tokenizer,
+    save_reward_stats,
+    sequence_scores,
+    write_trainable,
+)
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_scalar, setup_run
 from rlhfkit.train.logger import MetricLogger
-from rlhfkit.train.loop import fit
+from rlhfkit.train.loop import fit, to_device
 
 
 def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,7 +67,7 @@ def evaluate_rm(model, items: list[RankItem], pad_id: int, batch_size: int) -> d
     model.eval()
     right, pairs, margins, all_r = 0.0, 0, [], []
     for i in range(0, len(items), batch_size):
-        batch = collate_ranked(items[i : i + batch_size], pad_id)
+        batch = to_device(collate_ranked(items[i : i + batch_size], pad_id), device_of(model))
         r = score_batch(model, batch)
         for row, valid in zip(r, batch["valid"], strict=True):
             s = row[valid]
@@ -88,7 +94,7 @@ def reward_reference_stats(
     model.eval()
     seqs = [s for it in items for s in it.sequences]
     scores = [
-        sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id))
+        sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id, device_of(model)))
         for i in range(0, len(seqs), batch_size)
     ]
     allr = torch.cat(scores)

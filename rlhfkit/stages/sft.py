@@ -11,10 +11,10 @@ import torch
 from rlhfkit.config import SFTConfig, to_dict
 from rlhfkit.data.build import SFTItem, load_sft, train_eval
 from rlhfkit.data.tokenize import IGNORE_INDEX, pad_right
-from rlhfkit.models import load_tokenizer, write_trainable
+from rlhfkit.models import device_of, load_tokenizer, write_trainable
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
 from rlhfkit.train.logger import MetricLogger
-from rlhfkit.train.loop import fit
+from rlhfkit.train.loop import fit, to_device
 
 
 def collate_sft(items: list[SFTItem], pad_id: int) -> dict[str, torch.Tensor]:
@@ -39,7 +39,7 @@ def evaluate_sft(model, items: list[SFTItem], pad_id: int, batch_size: int) -> d
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(items), batch_size):
-        batch = collate_sft(items[i : i + batch_size], pad_id)
+        batch = to_device(collate_sft(items[i : i + batch_size], pad_id), device_of(model))
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch, use_cache=False).loss) * n
         tokens += n

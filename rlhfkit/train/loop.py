@@ -36,6 +36,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def micro_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     order = epoch_order(n, seed, epoch)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -78,6 +82,7 @@ def fit(
         pos = Position(**resume_state["position"])
         set_rng_state(resume_state["rng"])
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
 
     def checkpoint() -> None:
         state = {
@@ -89,14 +94,16 @@ def fit(
         save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
 
     model.train()
-    show_progress = show_progress and sys.stderr.isatty()  # a log file gets the metric lines instead
+    show_progress = (
+        show_progress and sys.stderr.isatty()
+    )  # a log file gets the metric lines instead
     bar = tqdm(total=steps, initial=pos.step, disable=not show_progress, desc="train", leave=False)
     acc: list[dict[str, torch.Tensor]] = []
     micro_in_step = 0
     while pos.step < steps and pos.epoch < cfg.epochs:
         batches = micro_batches(len(items), cfg.batch_size, cfg.seed, pos.epoch)
         while pos.micro < len(batches) and pos.step < steps:
-            batch = collate([items[i] for i in batches[pos.micro]])
+            batch = to_device(collate([items[i] for i in batches[pos.micro]]), device)
             loss, stats = loss_fn(model, batch)
             (loss / cfg.grad_accum_steps).backward()
             acc.append({"loss": loss.detach(), **stats})

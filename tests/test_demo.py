@@ -1,0 +1,139 @@
+"""The offline demo end to end (the small CI version), the pipeline's stage-by-stage resume,
+and the demo's rater model."""
+
+import json
+import math
+import random
+
+import pytest
+
+from rlhfkit.config import PipelineConfig, load_config
+from rlhfkit.demo import task
+
+
+def test_noisy_ranking_is_bradley_terry_for_pairs():
+    rng = random.Random(0)
+    n, temp, diff = 40000, 0.25, 0.2
+    wins = sum(task.noisy_ranking([diff, 0.0], temp, rng)[0] == 0 for _ in range(n))
+    expected = 1 / (1 + math.exp(-diff / temp))
+    assert abs(wins / n - expected) < 0.01  # 4.3 standard errors
+    order = task.noisy_ranking([0.9, -0.9, 0.0, 0.5], 1e-3, rng)  # almost no noise: sorted by gold
+    assert order == [0, 3, 2, 1]
+
+
+def test_gold_judge_orders_sentiment():
+    judge = task.gold_judge()
+    good, bad = judge(
+        [], ["the movie was great . i loved the acting .", "the movie was awful . i hated it ."]
+    )
+    assert good > 0.5 and bad < -0.5
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    from rlhfkit.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, run_demo(str(out), seed=0, quick=True)
+
+
+@pytest.mark.slow
+def test_quick_demo_raises_gold_score_and_writes_report(quick_demo):
+    out, summary = quick_demo
+    assert summary["ppo_gold_score"] > summary["sft_gold_score"] + 0.3, summary
+    assert summary["ppo_rm_score"] > summary["sft_rm_score"]
+    assert summary["rm_heldout_accuracy"] > 0.6  # labels are noisy: the Bayes rate is about 0.8
+    assert abs(summary["sft_kl_to_ref"]) < 1e-4 and summary["ppo_kl_to_ref"] > 0
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6 and "http" not in page  # self-contained
+    for png in ["score_gold.png", "kl_seq_mean.png", "loss_value.png"]:
+        assert (out / "report" / png).stat().st_size > 1000
+    assert (
+        json.loads((out / "report" / "summary.json").read_text())["gold_gain"]
+        == summary["gold_gain"]
+    )
+
+
+@pytest.mark.slow
+def test_pipeline_does_not_rerun_finished_stages(quick_demo, capfd):
+    from rlhfkit.stages.pipeline import run_pipeline
+
+    out, _ = quick_demo
+    finals = {
+        s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns
+        for s in ("sft", "rm", "ppo")
+    }
+    cfg = load_config(PipelineConfig, None, [f"output_dir={out}"])
+    result = run_pipeline(cfg)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("[pipeline]")]
+    assert len(lines) == 4 and all(ln.endswith("already finished") for ln in lines), lines
+    assert {
+        s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in finals
+    } == finals
+    assert result == json.loads((out / "eval" / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_cli_sft_rm_ppo_chain_with_example_configs(quick_demo, tmp_path):
+    """`rlhfkit sft`, `rm` and `ppo` with configs/tiny/*.yaml, each stage feeding the next."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhfkit.train.logger import read_metrics
+
+    demo, _ = quick_demo
+    data, o = demo / "data", tmp_path
+    steps = [
+        [
+            "sft",
+            "configs/tiny/sft.yaml",
+            f"model.name_or_path={demo / 'base' / 'final'}",
+            f"data.train_file={data / 'sft.jsonl'}",
+            f"train.output_dir={o / 'sft'}",
+            "train.max_steps=10",
+        ],
+        [
+            "rm",
+            "configs/tiny/rm.yaml",
+            f"model.name_or_path={o / 'sft' / 'final'}",
+            f"data.train_file={data / 'rankings.jsonl'}",
+            f"train.output_dir={o / 'rm'}",
+            "train.max_steps=10",
+        ],
+        [
+            "ppo",
+            "configs/tiny/ppo.yaml",
+            f"model.name_or_path={o / 'sft' / 'final'}",
+            f"reward_model={o / 'rm' / 'final'}",
+            f"data.train_file={data / 'prompts.jsonl'}",
+            f"run.output_dir={o / 'ppo'}",
+            "run.iterations=2",
+        ],
+    ]
+    for cmd, config, *overrides in steps:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlhfkit",
+                cmd,
+                "--config",
+                config,
+                *overrides,
+                "log.progress=false",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        AutoModelForSequenceClassification.from_pretrained(o / "rm" / "final").config.num_labels
+        == 1
+    )
+    assert AutoModelForCausalLM.from_pretrained(o / "ppo" / "final") is not None
+    rows = read_metrics(o / "ppo")
+    assert [r["step"] for r in rows] == [1, 2] and all(
+        "score/mean" in r and "kl/seq_mean" in r for r in rows
+    )
