@@ -350,6 +350,9 @@ class RolloutConfig:
     top_k: int = knob(0, "sample from the k most likely tokens (0 = off)", lo=0)
     top_p: float = knob(1.0, "nucleus sampling mass (1 = off)", lo=0, hi=1, lo_open=True)
     stop_strings: list[str] = knob([], "extra strings that end a response (besides EOS)")
+    ignore_eos: bool = knob(
+        False, "never stop at EOS: every response is max_new_tokens (benchmarks)"
+    )
     missing_eos_penalty: float = knob(
         0.0, "subtracted from the score of responses cut at max_new_tokens", lo=0
     )

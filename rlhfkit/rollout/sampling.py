@@ -72,7 +72,7 @@ def generate(
     prompt_mask: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | None,
     pad_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -80,7 +80,8 @@ def generate(
     stop_sequences: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
 ) -> Generation:
-    """Sample responses to left-padded prompts (B, P). Stops early once every row has ended."""
+    """Sample responses to left-padded prompts (B, P). Stops early once every row has ended.
+    eos_id=None: rows end only at stop sequences or max_new_tokens."""
     b = prompt_ids.shape[0]
     device = prompt_ids.device
     stops = [torch.tensor(s, device=device) for s in (stop_sequences or []) if s]
@@ -103,7 +104,11 @@ def generate(
         tok = sample_from_logits(filter_logits(logits / temperature, top_k, top_p), generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
-        hit = (tok == eos_id) | _ends_with(tokens[:, : t + 1], stops)
+        hit = (
+            _ends_with(tokens[:, : t + 1], stops)
+            if eos_id is None
+            else (tok == eos_id) | _ends_with(tokens[:, : t + 1], stops)
+        )
         new_stop = hit & ~done
         lengths = torch.where(new_stop, torch.full_like(lengths, t + 1), lengths)
         stopped |= new_stop

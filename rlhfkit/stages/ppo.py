@@ -169,7 +169,7 @@ def rollout_chunk(
         prompt_ids,
         prompt_mask,
         max_new_tokens=rc.max_new_tokens,
-        eos_id=tok.eos_token_id,
+        eos_id=None if rc.ignore_eos else tok.eos_token_id,
         pad_id=tok.pad_token_id,
         temperature=rc.temperature,
         top_k=rc.top_k,
