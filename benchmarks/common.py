@@ -1,0 +1,71 @@
+"""Shared benchmark fixtures: random-init Llama models and a synthetic tokenizer (no hub), built
+once into benchmarks/.cache/. Both our runner and the TRL runner load the same directories."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(__file__).parent / ".cache"
+SIZES = {  # name: (hidden, layers, heads, vocab)
+    "tiny": (256, 4, 4, 8192),  # ~6M parameters with tied embeddings
+    "small": (512, 8, 8, 8192),  # ~42M
+}
+
+
+def build(size: str) -> dict[str, Path]:
+    """policy (causal LM) and reward-model directories for ``size``; built on first use."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.toy import build_tiny_lm
+
+    hidden, layers, heads, vocab = SIZES[size]
+    root = CACHE / size
+    lm = root / "policy"
+    if not (lm / "config.json").exists():
+        words = [f"w{i}" for i in range(vocab - 4)]  # 4 special tokens
+        build_tiny_lm(lm, words, hidden=hidden, layers=layers, heads=heads, max_positions=256, seed=0)
+    rm = root / "reward"
+    if not (rm / "config.json").exists():
+        torch.manual_seed(1)
+        model = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
+        model.save_pretrained(rm)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(lm).save_pretrained(rm)
+    return {"policy": lm, "reward": rm}
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n, length), generator=g).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
+    """The machine's achievable matmul rate: the best of ``reps`` n x n x n products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def layer_params(model) -> int:
+    """Parameters that a token's forward multiplies through (embedding lookups excluded)."""
+    emb = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not emb)
+
+
+def threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
