@@ -28,7 +28,9 @@ def build(size: str) -> dict[str, Path]:
     lm = root / "policy"
     if not (lm / "config.json").exists():
         words = [f"w{i}" for i in range(vocab - 4)]  # 4 special tokens
-        build_tiny_lm(lm, words, hidden=hidden, layers=layers, heads=heads, max_positions=256, seed=0)
+        build_tiny_lm(
+            lm, words, hidden=hidden, layers=layers, heads=heads, max_positions=256, seed=0
+        )
     rm = root / "reward"
     if not (rm / "config.json").exists():
         torch.manual_seed(1)

@@ -58,15 +58,30 @@ def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]
     dirs = common.build(size)
     hidden, _, _, vocab = common.SIZES[size]
     tmp = Path(tempfile.mkdtemp())
-    words = [" ".join(f"w{t}" for t in p) for p in common.prompts(64, PROMPT - 1, vocab - 4)]  # + BOS = 32
+    words = [
+        " ".join(f"w{t}" for t in p) for p in common.prompts(64, PROMPT - 1, vocab - 4)
+    ]  # + BOS = 32
     (tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
     mb = BATCH // minibatches
-    cfg = load_config(PPOConfig, None, [
-        f"model.name_or_path={dirs['policy']}", f"reward_model={dirs['reward']}", f"data.train_file={tmp / 'p.jsonl'}",
-        f"data.max_prompt_length={PROMPT}", f"rollout.episodes_per_iteration={BATCH}", f"rollout.chunk_size={BATCH}",
-        f"rollout.max_new_tokens={RESPONSE}", "rollout.ignore_eos=true", f"ppo.epochs={epochs}",
-        f"ppo.minibatch_size={mb}", f"ppo.micro_batch_size={mb}", "ppo.reward_norm=none",
-        f"run.output_dir={tmp / 'run'}"])
+    cfg = load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.name_or_path={dirs['policy']}",
+            f"reward_model={dirs['reward']}",
+            f"data.train_file={tmp / 'p.jsonl'}",
+            f"data.max_prompt_length={PROMPT}",
+            f"rollout.episodes_per_iteration={BATCH}",
+            f"rollout.chunk_size={BATCH}",
+            f"rollout.max_new_tokens={RESPONSE}",
+            "rollout.ignore_eos=true",
+            f"ppo.epochs={epochs}",
+            f"ppo.minibatch_size={mb}",
+            f"ppo.micro_batch_size={mb}",
+            "ppo.reward_norm=none",
+            f"run.output_dir={tmp / 'run'}",
+        ],
+    )
     models = load_models(cfg, None, None)
     items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     stream = PromptStream(len(items), 0)
@@ -83,24 +98,51 @@ def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]
         ppo_update(models, optims, exp, cfg, update_actor=True)
         t2 = time.perf_counter()
         n_tok = int(exp.response_mask.sum())
-        rows.append({"impl": "rlhfkit", "total": t2 - t0, "generate": timer["generate"], "score": timer["score"],
-                     "update": t2 - t1, "gen_tokens": n_tok, "flops": fl})
+        rows.append(
+            {
+                "impl": "rlhfkit",
+                "total": t2 - t0,
+                "generate": timer["generate"],
+                "score": timer["score"],
+                "update": t2 - t1,
+                "gen_tokens": n_tok,
+                "flops": fl,
+            }
+        )
     return rows
 
 
 def summarize(rows: list[dict], peak: float, epochs: int) -> dict:
-    med = {k: statistics.median(r[k] for r in rows) for k in ("total", "generate", "score", "update")}
+    med = {
+        k: statistics.median(r[k] for r in rows) for k in ("total", "generate", "score", "update")
+    }
     fl = rows[0]["flops"]
     trained = BATCH * (PROMPT + RESPONSE) * epochs
-    return {**{f"{k}_s": round(v, 3) for k, v in med.items()},
-            "gen_tok_per_s": round(rows[0]["gen_tokens"] / med["generate"], 1),
-            "train_tok_per_s": round(trained / med["update"], 1),
-            **{f"{k}_peak_frac": round(fl[k] / med[k] / 1e9 / peak, 3) for k in ("generate", "score", "update")}}
+    return {
+        **{f"{k}_s": round(v, 3) for k, v in med.items()},
+        "gen_tok_per_s": round(rows[0]["gen_tokens"] / med["generate"], 1),
+        "train_tok_per_s": round(trained / med["update"], 1),
+        **{
+            f"{k}_peak_frac": round(fl[k] / med[k] / 1e9 / peak, 3)
+            for k in ("generate", "score", "update")
+        },
+    }
 
 
 def _subprocess(python: str, impl: str, args) -> list[dict]:
-    cmd = [python, str(HERE / ("trl_ppo.py" if impl == "trl" else "ppo_iteration.py")), "--size", args.size,
-           "--iters", str(args.iters), "--epochs", str(args.epochs), "--minibatches", str(args.minibatches), "--json"]
+    cmd = [
+        python,
+        str(HERE / ("trl_ppo.py" if impl == "trl" else "ppo_iteration.py")),
+        "--size",
+        args.size,
+        "--iters",
+        str(args.iters),
+        "--epochs",
+        str(args.epochs),
+        "--minibatches",
+        str(args.minibatches),
+        "--json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
@@ -108,9 +150,13 @@ def _subprocess(python: str, impl: str, args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", choices=list(common.SIZES), default="tiny")
-    ap.add_argument("--iters", type=int, default=4, help="timed iterations per process (after 1 warm-up)")
+    ap.add_argument(
+        "--iters", type=int, default=4, help="timed iterations per process (after 1 warm-up)"
+    )
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
@@ -126,9 +172,13 @@ def main() -> None:
 
     peak32 = common.matmul_peak_gflops(torch.float32)
     peak16 = common.matmul_peak_gflops(torch.bfloat16)
-    print(f"machine: {common.threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
-    print(f"settings: size={args.size} {common.SIZES[args.size]} batch={BATCH} prompt={PROMPT} response={RESPONSE} "
-          f"epochs={args.epochs} minibatches={args.minibatches} fp32, no EOS stop")
+    print(
+        f"machine: {common.threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s"
+    )
+    print(
+        f"settings: size={args.size} {common.SIZES[args.size]} batch={BATCH} prompt={PROMPT} response={RESPONSE} "
+        f"epochs={args.epochs} minibatches={args.minibatches} fp32, no EOS stop"
+    )
     impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
     results: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds if args.compare_trl else 1):
@@ -139,8 +189,11 @@ def main() -> None:
             results[impl] += _subprocess(python, impl, args)
     for impl, rows in results.items():
         s = summarize(rows, peak32, args.epochs)
-        print(f"{impl:8s} " + " ".join(f"{k}={v}" for k, v in s.items())
-              + f" peak_rss_mb={max(r['peak_rss_mb'] for r in rows):.0f} (n={len(rows)})")
+        print(
+            f"{impl:8s} "
+            + " ".join(f"{k}={v}" for k, v in s.items())
+            + f" peak_rss_mb={max(r['peak_rss_mb'] for r in rows):.0f} (n={len(rows)})"
+        )
     if args.compare_trl:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         theirs = statistics.median(r["total"] for r in results["trl"])
@@ -154,7 +207,9 @@ def ensure_trl_venv() -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["torch==2.13.0", "trl==1.12.0"], check=True)
-    subprocess.run(pip + ["-e", str(HERE.parent), "--no-deps"], check=True)  # for rlhfkit.toy in common.py
+    subprocess.run(
+        pip + ["-e", str(HERE.parent), "--no-deps"], check=True
+    )  # for rlhfkit.toy in common.py
 
 
 if __name__ == "__main__":

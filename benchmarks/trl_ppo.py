@@ -78,29 +78,63 @@ def main() -> None:
             now = time.perf_counter()
             total = now - marks[-1]
             marks.append(now)
-            rows.append({"impl": "trl", "total": total, "generate": timing["generate"], "score": timing["score"],
-                         "update": total - timing["generate"] - timing["score"], "gen_tokens": BATCH * RESPONSE})
+            rows.append(
+                {
+                    "impl": "trl",
+                    "total": total,
+                    "generate": timing["generate"],
+                    "score": timing["score"],
+                    "update": total - timing["generate"] - timing["score"],
+                    "gen_tokens": BATCH * RESPONSE,
+                }
+            )
             timing.update(generate=0.0, score=0.0)
 
     mb = BATCH // args.minibatches
     cfg = PPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=mb, gradient_accumulation_steps=1,
-        num_mini_batches=args.minibatches, num_ppo_epochs=args.epochs, total_episodes=BATCH * (args.iters + 1),
-        response_length=RESPONSE, stop_token=None, local_rollout_forward_batch_size=BATCH, num_sample_generations=0,
-        report_to=[], save_strategy="no", use_cpu=True, seed=0, temperature=1.0, kl_coef=0.05, logging_steps=1000,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=mb,
+        gradient_accumulation_steps=1,
+        num_mini_batches=args.minibatches,
+        num_ppo_epochs=args.epochs,
+        total_episodes=BATCH * (args.iters + 1),
+        response_length=RESPONSE,
+        stop_token=None,
+        local_rollout_forward_batch_size=BATCH,
+        num_sample_generations=0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        temperature=1.0,
+        kl_coef=0.05,
+        logging_steps=1000,
         disable_tqdm=True,
     )
     policy = AutoModelForCausalLM.from_pretrained(dirs["policy"])
     trainer = PPOTrainer(
-        args=cfg, processing_class=tok, model=policy, ref_model=AutoModelForCausalLM.from_pretrained(dirs["policy"]),
-        reward_model=AutoModelForSequenceClassification.from_pretrained(dirs["reward"], num_labels=1),
-        value_model=AutoModelForSequenceClassification.from_pretrained(dirs["policy"], num_labels=1),
-        train_dataset=dataset, callbacks=[StepTimer()],
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=AutoModelForCausalLM.from_pretrained(dirs["policy"]),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(
+            dirs["reward"], num_labels=1
+        ),
+        value_model=AutoModelForSequenceClassification.from_pretrained(
+            dirs["policy"], num_labels=1
+        ),
+        train_dataset=dataset,
+        callbacks=[StepTimer()],
     )
     trainer.train()
     from ppo_iteration import flops
 
-    fl = flops(common.layer_params(policy), policy.config.hidden_size, policy.config.vocab_size, args.epochs)
+    fl = flops(
+        common.layer_params(policy),
+        policy.config.hidden_size,
+        policy.config.vocab_size,
+        args.epochs,
+    )
     for r in rows[1:]:  # the first iteration is the warm-up
         print("BENCH " + json.dumps({**r, "flops": fl, "peak_rss_mb": common.peak_rss_mb()}))
 

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
     from rlhfkit.data.readers import DataError
+    from rlhfkit.train.guard import StopRequested, TrainingDiverged
 
     try:
         _run(args.command, cfg)
@@ -122,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingDiverged as e:
+        print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -67,6 +67,9 @@ class ModelConfig:
         "fp32", "weights/compute dtype; fp32 is the exact default"
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    allow_pickle: bool = knob(
+        False, "allow loading .bin (pickle) weights; off: safetensors only (security)"
+    )
     trust_remote_code: bool = knob(
         False, "allow model repos to run their own Python code (off: security)"
     )
@@ -119,6 +122,7 @@ class TrainConfig:
     keep_last: int = knob(2, "checkpoints to keep", lo=1)
     resume: bool = knob(True, "continue from the newest checkpoint in output_dir if there is one")
     num_threads: int = knob(0, "torch CPU threads (0 = torch's default)", lo=0)
+    max_bad_steps: int = knob(3, "abort after this many non-finite (skipped) steps in a row", lo=1)
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,10 @@ class RunConfig:
     keep_last: int = knob(2, "checkpoints to keep", lo=1)
     resume: bool = knob(True, "continue from the newest checkpoint in output_dir if there is one")
     num_threads: int = knob(0, "torch CPU threads (0 = torch's default)", lo=0)
+    max_bad_steps: int = knob(
+        3, "abort after this many non-finite (skipped) updates in a row", lo=1
+    )
+    warn_kl: float = knob(50.0, "warn when the mean per-sequence KL exceeds this", lo=0)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,9 @@ def _load_kwargs(cfg: ModelConfig, path: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.dtype],
         "trust_remote_code": cfg.trust_remote_code,
-        "use_safetensors": None if cfg.gguf_file else True,  # no pickle unless the user opts in
+        "use_safetensors": None
+        if (cfg.gguf_file or cfg.allow_pickle)
+        else True,  # no pickle unless opted in
     }
     if cfg.gguf_file:
         from transformers import GgufConfig

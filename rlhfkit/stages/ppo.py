@@ -58,6 +58,7 @@ from rlhfkit.stages.common import (
     setup_run,
 )
 from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state, write_atomic_dir
+from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.optim import clip_and_step, make_optimizer
 
@@ -257,7 +258,12 @@ def rewards_and_advantages(exp: Experience, kl_coef: float, cfg: PPOConfig) -> d
 
 
 def ppo_update(
-    models: Models, optims: dict[str, Any], exp: Experience, cfg: PPOConfig, update_actor: bool
+    models: Models,
+    optims: dict[str, Any],
+    exp: Experience,
+    cfg: PPOConfig,
+    update_actor: bool,
+    guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
     pc = cfg.ppo
     acc: dict[str, list[float]] = {}
@@ -304,16 +310,94 @@ def ppo_update(
                     acc.setdefault(k, []).append(float(val))
             if update_actor:
                 norm = clip_and_step(
-                    models.actor.parameters(), optims["actor"], None, cfg.actor.max_grad_norm
+                    models.actor.parameters(),
+                    optims["actor"],
+                    None,
+                    cfg.actor.max_grad_norm,
+                    guard,
+                    where="actor gradient",
                 )
                 acc.setdefault("grad_norm/actor", []).append(float(norm))
             norm = clip_and_step(
-                models.critic.parameters(), optims["critic"], None, cfg.critic.max_grad_norm
+                models.critic.parameters(),
+                optims["critic"],
+                None,
+                cfg.critic.max_grad_norm,
+                guard,
+                where="critic gradient",
             )
             acc.setdefault("grad_norm/critic", []).append(float(norm))
     for name in ("actor", "critic"):
         optims[f"{name}_sched"].step()  # LR warm-up counts iterations
     return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- one iteration
+
+
+def ppo_iteration(
+    models: Models,
+    optims: dict[str, Any],
+    prompts: list[PromptItem],
+    stream: PromptStream,
+    cfg: PPOConfig,
+    normalize: ScoreNormalizer,
+    kl_ctl,
+    guard: NonFiniteGuard,
+    it: int,
+) -> tuple[Experience, dict[str, float]]:
+    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+    t_start = time.perf_counter()
+    # 1. rollout: sample, and record log pi, log pi_ref, V(s_t) and R_final per episode
+    exp = collect(models, prompts, stream, cfg, normalize, timer)
+    # 2-3. rewards r_t = -beta KL_t (+ R_final at the end), advantages and returns
+    beta = kl_ctl.value
+    metrics = rewards_and_advantages(exp, beta, cfg)
+    # 4. update: actor (after the critic warm-up) and critic; skipped if a reward is not finite
+    t_up = time.perf_counter()
+    if guard.check(finite(exp.rewards, exp.values), f"reward/value at iteration {it + 1}"):
+        update_actor = it >= cfg.ppo.critic_warmup_iterations
+        metrics.update(ppo_update(models, optims, exp, cfg, update_actor, guard))
+        kl_ctl.update(metrics["kl/seq_mean"], len(exp))
+    t_end = time.perf_counter()
+    n_tokens = int(exp.response_mask.sum())
+    metrics.update(
+        {
+            "score/mean": float(exp.raw_scores.mean()),
+            "score/std": float(exp.raw_scores.std()),
+            "score/normalized_mean": float(exp.scores.mean()),
+            "policy/entropy": timer["entropy_sum"] / len(exp),
+            "response/length": n_tokens / len(exp),
+            "response/eos_rate": float(exp.stopped.float().mean()),
+            "kl/beta": beta,
+            "lr/actor": optims["actor"].param_groups[0]["lr"],
+            "lr/critic": optims["critic"].param_groups[0]["lr"],
+            "nonfinite/skipped": guard.skipped,
+            "time/generate": timer["generate"],
+            "time/score": timer["score"],
+            "time/update": t_end - t_up,
+            "time/iteration": t_end - t_start,
+            "perf/tokens_per_s": n_tokens / (t_end - t_start),
+        }
+    )
+    return exp, metrics
+
+
+def warn_if_exploding(metrics: dict[str, float], cfg: PPOConfig, iteration: int) -> None:
+    """KL far above the usual range, or responses that all run to the length limit, usually mean
+    the policy is exploiting the reward; say so before the run is wasted."""
+    if metrics["kl/seq_mean"] > cfg.run.warn_kl:
+        print(
+            f"warning: iteration {iteration}: KL to the reference is {metrics['kl/seq_mean']:.1f} nats per "
+            f"response (> run.warn_kl = {cfg.run.warn_kl}); consider a larger ppo.kl_coef",
+            file=sys.stderr,
+        )
+    if not cfg.rollout.ignore_eos and metrics["response/eos_rate"] < 0.05:
+        print(
+            f"warning: iteration {iteration}: {1 - metrics['response/eos_rate']:.0%} of responses hit "
+            f"max_new_tokens without EOS",
+            file=sys.stderr,
+        )
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -402,54 +486,34 @@ def run_ppo(
 
         save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
 
-    for it in range(start, cfg.run.iterations):
-        timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
-        t_start = time.perf_counter()
-        # 1. rollout: sample, and record log pi, log pi_ref, V(s_t) and R_final per episode
-        exp = collect(models, prompts, stream, cfg, normalize, timer)
-        # 2-3. rewards r_t = -beta KL_t (+ R_final at the end), advantages and returns
-        beta = kl_ctl.value
-        metrics = rewards_and_advantages(exp, beta, cfg)
-        # 4. update: actor (after the critic warm-up) and critic
-        t_up = time.perf_counter()
-        metrics.update(
-            ppo_update(models, optims, exp, cfg, update_actor=it >= pc.critic_warmup_iterations)
-        )
-        t_end = time.perf_counter()
-        kl_ctl.update(metrics["kl/seq_mean"], len(exp))
-        n_tokens = int(exp.response_mask.sum())
-        metrics.update(
-            {
-                "score/mean": float(exp.raw_scores.mean()),
-                "score/std": float(exp.raw_scores.std()),
-                "score/normalized_mean": float(exp.scores.mean()),
-                "policy/entropy": timer["entropy_sum"] / len(exp),
-                "response/length": n_tokens / len(exp),
-                "response/eos_rate": float(exp.stopped.float().mean()),
-                "kl/beta": beta,
-                "lr/actor": optims["actor"].param_groups[0]["lr"],
-                "lr/critic": optims["critic"].param_groups[0]["lr"],
-                "time/generate": timer["generate"],
-                "time/score": timer["score"],
-                "time/update": t_end - t_up,
-                "time/iteration": t_end - t_start,
-                "perf/tokens_per_s": n_tokens / (t_end - t_start),
-            }
-        )
-        if monitor is not None:
-            texts = decode_texts(
-                models.tokenizer, exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask
+    guard = NonFiniteGuard(cfg.run.max_bad_steps)
+    with StopOnSignal() as stop:
+        for it in range(start, cfg.run.iterations):
+            exp, metrics = ppo_iteration(
+                models, optims, prompts, stream, cfg, normalize, kl_ctl, guard, it
             )
-            metrics["score/gold"] = float(call_reward_fn(monitor, *texts).mean())
-        logger.log(it + 1, metrics, echo=True)
-        if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
-            logger.text(it + 1, "samples", _sample_text(models, exp))
-        if (
-            cfg.run.save_every
-            and (it + 1) % cfg.run.save_every == 0
-            and it + 1 < cfg.run.iterations
-        ):
-            checkpoint(it + 1)
+            if monitor is not None:
+                texts = decode_texts(
+                    models.tokenizer,
+                    exp.prompt_ids,
+                    exp.prompt_mask,
+                    exp.response,
+                    exp.response_mask,
+                )
+                metrics["score/gold"] = float(call_reward_fn(monitor, *texts).mean())
+            warn_if_exploding(metrics, cfg, it + 1)
+            logger.log(it + 1, metrics, echo=True)
+            if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
+                logger.text(it + 1, "samples", _sample_text(models, exp))
+            if stop.signum is not None:
+                checkpoint(it + 1)
+                raise StopRequested(stop.signum)
+            if (
+                cfg.run.save_every
+                and (it + 1) % cfg.run.save_every == 0
+                and it + 1 < cfg.run.iterations
+            ):
+                checkpoint(it + 1)
     checkpoint(cfg.run.iterations)
     logger.close()
     write_atomic_dir(

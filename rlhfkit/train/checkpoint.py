@@ -86,7 +86,11 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer_state.pt")
         save_run_config(tmp, run_config)
 
-    path = write_atomic_dir(Path(output_dir) / "checkpoints" / f"step-{step:06d}", write)
+    root = Path(output_dir) / "checkpoints"
+    if root.is_dir():  # leftovers of a run killed while writing
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = write_atomic_dir(root / f"step-{step:06d}", write)
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from rlhfkit.config import TrainConfig
 from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.optim import clip_and_step, optimizer_from_config
 
@@ -98,43 +99,57 @@ def fit(
         show_progress and sys.stderr.isatty()
     )  # a log file gets the metric lines instead
     bar = tqdm(total=steps, initial=pos.step, disable=not show_progress, desc="train", leave=False)
+    guard = NonFiniteGuard(cfg.max_bad_steps)
     acc: list[dict[str, torch.Tensor]] = []
-    micro_in_step = 0
-    while pos.step < steps and pos.epoch < cfg.epochs:
-        batches = micro_batches(len(items), cfg.batch_size, cfg.seed, pos.epoch)
-        while pos.micro < len(batches) and pos.step < steps:
-            batch = to_device(collate([items[i] for i in batches[pos.micro]]), device)
-            loss, stats = loss_fn(model, batch)
-            (loss / cfg.grad_accum_steps).backward()
-            acc.append({"loss": loss.detach(), **stats})
-            pos.micro += 1
-            micro_in_step += 1
-            end_of_epoch = pos.micro == len(batches)
-            if micro_in_step < cfg.grad_accum_steps and not end_of_epoch:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            norm = clip_and_step(params, optimizer, scheduler, cfg.max_grad_norm)
-            pos.step += 1
-            micro_in_step = 0
-            bar.update(1)
-            if pos.step % cfg.log_every == 0 or pos.step == steps:
-                logger.log(
-                    pos.step,
-                    {
-                        **{f"train/{k}": v for k, v in _mean_stats(acc).items()},
-                        "train/grad_norm": float(norm),
-                        "train/lr": lr,
-                    },
-                    echo=not show_progress,
+    micro_in_step, loss_ok = 0, True
+    with StopOnSignal() as stop:
+        while pos.step < steps and pos.epoch < cfg.epochs:
+            batches = micro_batches(len(items), cfg.batch_size, cfg.seed, pos.epoch)
+            while pos.micro < len(batches) and pos.step < steps:
+                batch = to_device(collate([items[i] for i in batches[pos.micro]]), device)
+                loss, stats = loss_fn(model, batch)
+                loss_ok &= finite(loss)
+                (loss / cfg.grad_accum_steps).backward()
+                acc.append({"loss": loss.detach(), **stats})
+                pos.micro += 1
+                micro_in_step += 1
+                if micro_in_step < cfg.grad_accum_steps and pos.micro < len(batches):
+                    continue
+                # one optimizer step (skipped, and counted, if the loss or the gradient is not finite)
+                lr = scheduler.get_last_lr()[0]
+                norm = clip_and_step(
+                    params,
+                    optimizer,
+                    scheduler,
+                    cfg.max_grad_norm,
+                    guard,
+                    loss_ok,
+                    f"loss/gradient at step {pos.step + 1}",
                 )
-                acc = []
-            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
-                logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})
-                model.train()
-            if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < steps:
-                checkpoint()
-        if pos.micro >= len(batches):
-            pos.epoch, pos.micro = pos.epoch + 1, 0
+                pos.step += 1
+                micro_in_step, loss_ok = 0, True
+                bar.update(1)
+                if pos.step % cfg.log_every == 0 or pos.step == steps:
+                    metrics = {f"train/{k}": v for k, v in _mean_stats(acc).items()}
+                    metrics.update(
+                        {
+                            "train/grad_norm": float(norm),
+                            "train/lr": lr,
+                            "train/skipped_steps": guard.skipped,
+                        }
+                    )
+                    logger.log(pos.step, metrics, echo=not show_progress)
+                    acc = []
+                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
+                    logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})
+                    model.train()
+                if stop.signum is not None:
+                    checkpoint()
+                    raise StopRequested(stop.signum)
+                if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < steps:
+                    checkpoint()
+            if pos.micro >= len(batches):
+                pos.epoch, pos.micro = pos.epoch + 1, 0
     bar.close()
     final = evaluate()
     logger.log(pos.step, {f"eval/{k}": v for k, v in final.items()})

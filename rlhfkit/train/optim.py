@@ -45,14 +45,27 @@ def optimizer_from_config(model, cfg: TrainConfig, total_steps: int):
     return opt, make_scheduler(opt, cfg.warmup_steps, total_steps, cfg.schedule)
 
 
-def clip_and_step(params, optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
-    """Clip the global grad norm (0 = no clipping, norm still measured), step, zero grads."""
+def clip_and_step(
+    params,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    guard=None,
+    loss_ok: bool = True,
+    where: str = "gradient",
+) -> torch.Tensor:
+    """Clip the global grad norm (0 = no clipping, norm still measured), step, zero grads.
+
+    With a ``NonFiniteGuard``, a non-finite loss or grad norm skips the step (weights, optimizer
+    and LR schedule untouched) and counts towards the guard's abort limit.
+    """
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(
         params, max_grad_norm if max_grad_norm > 0 else float("inf")
     )
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if guard is None or guard.check(loss_ok and bool(torch.isfinite(norm)), where):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
