@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_range(f: dataclasses.Field, value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
@@ -273,7 +276,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = (
+                raw  # not a YAML scalar: keep the text; the type check names the key if it is wrong
+            )
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"override {item!r}: empty key")
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -31,6 +31,9 @@ def test_precedence(tmp_path):
         (["model.lora.enabled=maybe"], "model.lora.enabled: expected true/false"),
         (["data.eval_fraction=0.95"], "data.eval_fraction: 0.95 must be <= 0.9"),
         (["train"], "is not of the form key.sub=value"),
+        (["train.lr=.nan"], "train.lr: nan is not a finite number"),
+        (["train.max_grad_norm=.inf"], "train.max_grad_norm: inf is not a finite number"),
+        ([".lr=1"], "empty key"),
         (["train=3"], "train: expected a mapping"),
     ],
 )

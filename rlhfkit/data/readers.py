@@ -68,10 +68,15 @@ def _json(path: Path) -> Iterator[Record]:
 
 
 def _csv(path: Path) -> Iterator[Record]:
-    reader = csv.DictReader(io.StringIO(_read_text(path)))
-    for row in reader:
-        # line_num is the physical line the row ended on (header is line 1)
-        yield Record(dict(row), f"{path}:{reader.line_num}")
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
+        for row in reader:
+            # line_num is the physical line the row ended on (header is line 1)
+            if None in row:
+                raise DataError(f"{path}:{reader.line_num}: more values than header columns")
+            yield Record(dict(row), f"{path}:{reader.line_num}")
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
 def _parquet(path: Path) -> Iterator[Record]:
