@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
     from rlhfkit.data.readers import DataError
+    from rlhfkit.train.dist import init_from_env
     from rlhfkit.train.guard import StopRequested, TrainingDiverged
 
+    init_from_env()  # data-parallel under torchrun; nothing otherwise
     try:
         _run(args.command, cfg)
     except DataError as e:

@@ -180,18 +180,35 @@ def backbone(model):
     return base.base_model
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+class PerTokenScalar(nn.Module):
+    """The scalar head applied at every position: V(s_t) for a critic, r for a reward model.
+
+    (B, L) ids -> (B, L) float32. A module of its own so that DDP can wrap the forward that training
+    calls (HF's sequence-classification forward only returns the pooled last-token score)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        hidden = backbone(self.model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return scalar_head(self.model)(hidden).squeeze(-1).float()
+
+
+def sequence_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each right-padded sequence, read at its last non-pad token. (B, L) -> (B,) float32.
 
-    Same value as HF's ``AutoModelForSequenceClassification(...).logits`` when pad != eos, but the
-    head runs on one position per row only.
+    ``scorer``: a ``PerTokenScalar`` (possibly DDP-wrapped). Same value as HF's
+    ``AutoModelForSequenceClassification(...).logits`` when pad != eos.
     """
-    hidden = backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
+    per_token = scorer(input_ids, attention_mask)  # (B, L)
     last = attention_mask.sum(dim=1) - 1  # (B,) right padding: last real token
-    h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return scalar_head(model)(h_last).squeeze(-1).float()
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), last]
 
 
 def save_reward_stats(directory: str | Path, mean: float, std: float, n: int) -> None:

@@ -122,3 +122,18 @@ def test_ranking_loss_k2_equals_pairwise():
     torch.testing.assert_close(
         ranking_loss(torch.stack([c, r], 1))[0], pairwise_loss(c, r)[0], rtol=0, atol=1e-14
     )
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_split_batch_with_whole_batch_denominator_sums_to_the_whole(aggregation):
+    """Gradient accumulation / data parallelism: pieces divided by the whole batch's count add up."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g, dtype=D)
+    mask = torch.arange(5)[None] < torch.tensor([5, 1, 3, 0, 4, 2])[:, None]
+    whole = aggregate(x, mask, aggregation)
+    count = mask.sum() if aggregation == "token" else mask.any(1).sum()
+    parts = aggregate(x[:2], mask[:2], aggregation, count) + aggregate(
+        x[2:], mask[2:], aggregation, count
+    )
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-12)
+    assert aggregate(x, mask, aggregation, count).item() == pytest.approx(whole.item(), abs=1e-15)

@@ -76,7 +76,7 @@ def test_ratio_is_one_before_the_first_update(buffer):
     m = mb.response_mask
     torch.testing.assert_close(logp[m], mb.logprobs[m], rtol=0, atol=1e-5)
     torch.testing.assert_close(
-        critic_values(models.critic, seq)[m], mb.values[m], rtol=0, atol=1e-5
+        critic_values(models.critic_fwd, seq)[m], mb.values[m], rtol=0, atol=1e-5
     )
     # the reference is the same SFT weights, so KL starts at 0 too
     torch.testing.assert_close(

@@ -113,7 +113,7 @@ def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
     assert stats["n"] == 2 * 120 and stats["std"] > 0
     # plain transformers gives the same scores as our last-token reader
     from rlhfkit.config import ModelConfig
-    from rlhfkit.models import load_scalar_model, sequence_scores
+    from rlhfkit.models import PerTokenScalar, load_scalar_model, sequence_scores
 
     tok = AutoTokenizer.from_pretrained(final)
     plain = AutoModelForSequenceClassification.from_pretrained(final)
@@ -124,7 +124,7 @@ def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
     assert batch["attention_mask"][1, -1] == 0  # right-padded
     torch.testing.assert_close(
         plain(**batch).logits.squeeze(-1),
-        sequence_scores(ours, batch["input_ids"], batch["attention_mask"]),
+        sequence_scores(PerTokenScalar(ours), batch["input_ids"], batch["attention_mask"]),
     )
 
 

@@ -11,21 +11,37 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.algos.stats import masked_mean
+from rlhfkit.algos.stats import masked_mean, masked_sum
 
 Aggregation = Literal["token", "sequence"]
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation = "token"
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: Aggregation = "token",
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce a (B, T) per-token quantity to a scalar over the masked positions."""
+    """Reduce a (B, T) per-token quantity to a scalar over the masked positions.
+
+    denominator: what the sum is divided by: by default the number of masked tokens ("token") or
+    of non-empty sequences ("sequence") in this batch. Gradient accumulation and data parallelism
+    pass the count of the whole minibatch instead, so that summing the pieces gives the loss of
+    the whole minibatch exactly.
+    """
+    m = mask.bool()
     if aggregation == "token":
-        return masked_mean(per_token, mask)
-    if aggregation == "sequence":
-        per_seq = masked_mean(per_token, mask, dim=1)  # (B,)
-        return masked_mean(per_seq, mask.bool().any(dim=1))  # empty rows do not count
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
+        total = masked_sum(per_token, m)
+        count = m.sum()
+    elif aggregation == "sequence":
+        per_seq = masked_mean(per_token, m, dim=1)  # (B,)
+        total = per_seq.sum()  # empty rows contribute 0
+        count = m.any(dim=1).sum()  # and do not count
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
+    if denominator is None:
+        denominator = count.clamp(min=1)
+    return total / denominator
 
 
 def policy_loss(
@@ -35,6 +51,7 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float,
     aggregation: Aggregation = "token",
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, negated for minimisation (Schulman et al. 2017, eq. 7):
 
@@ -51,7 +68,7 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
     per_token = -torch.min(unclipped, clipped)
-    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation)
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation, denominator)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped < unclipped).to(logprobs.dtype), mask),
@@ -68,6 +85,7 @@ def value_loss(
     mask: torch.Tensor,
     clip_eps: float | None = None,
     aggregation: Aggregation = "token",
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The seed's critic loss E[(V_phi(s_t) - V_target)^2], optionally clipped around the old values.
 
@@ -84,13 +102,16 @@ def value_loss(
         err_clip = (v_clip - returns) ** 2
         per_token = torch.max(err, err_clip)
         clip_frac = masked_mean((err_clip > err).to(values.dtype), mask).detach()
-    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation)
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation, denominator)
     return loss, {"value_clip_frac": clip_frac}
 
 
 def entropy_bonus(
-    entropy: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation = "token"
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: Aggregation = "token",
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S = E[-sum_a pi(a|s_t) log pi(a|s_t)], aggregated like the other losses. Add ``-ent_coef * S``."""
     zero = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
-    return aggregate(torch.where(mask.bool(), entropy, zero), mask, aggregation)
+    return aggregate(torch.where(mask.bool(), entropy, zero), mask, aggregation, denominator)

@@ -33,15 +33,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, keep_mean: bool = False, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    keep_mean: bool = False,
+    eps: float = 1e-8,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scale the masked entries to unit variance; centre them too unless ``keep_mean``.
 
     Keeping the mean is what PPO implementations do for rewards (only the scale changes) and
     what they do not do for advantages (centred). Padded positions come back as 0.
+    mean/var: statistics to use instead of this batch's (e.g. all-reduced over ranks).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
     out = (x - mean) * torch.rsqrt(var + eps)
     if keep_mean:
         out = out + mean

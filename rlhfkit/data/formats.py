@@ -52,6 +52,8 @@ def _fail(rec: Record, field: str, msg: str) -> DataError:
 
 
 def _messages(value: Any, rec: Record, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise _fail(rec, field, f"expected a list of messages, got {type(value).__name__}")
     if not value:
         raise _fail(rec, field, "empty message list")
     for i, m in enumerate(value):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.algos import last_index, logprobs_and_entropy
-from rlhfkit.models import backbone, scalar_head
 
 
 @dataclass
@@ -48,26 +47,14 @@ def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
 
 
 def critic_values(critic, seq: Sequences) -> torch.Tensor:
-    """V(s_t) for each response position, (B, T) float32."""
+    """V(s_t) for each response position, (B, T) float32. ``critic``: a ``PerTokenScalar`` (or DDP of one)."""
     t = seq.response.shape[1]
-    hidden = backbone(critic)(
-        input_ids=seq.input_ids,
-        attention_mask=seq.attention_mask,
-        position_ids=seq.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    h = hidden[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]  # (B, T, H) states s_t
-    return scalar_head(critic)(h).squeeze(-1).float()
+    v = critic(seq.input_ids, seq.attention_mask, seq.position_ids)  # (B, P+T)
+    return v[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]  # states s_t
 
 
 def reward_scores(rm, seq: Sequences) -> torch.Tensor:
-    """R_final: the RM's score read at the last real token of prompt + response. (B,)"""
-    hidden = backbone(rm)(
-        input_ids=seq.input_ids,
-        attention_mask=seq.attention_mask,
-        position_ids=seq.position_ids,
-        use_cache=False,
-    ).last_hidden_state
-    last = last_index(seq.attention_mask)  # (B,)
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return scalar_head(rm)(h).squeeze(-1).float()
+    """R_final: the RM's score read at the last real token of prompt + response. (B,)
+    ``rm``: a ``PerTokenScalar``."""
+    r = rm(seq.input_ids, seq.attention_mask, seq.position_ids)  # (B, P+T)
+    return r[torch.arange(r.shape[0], device=r.device), last_index(seq.attention_mask)]

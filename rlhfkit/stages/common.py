@@ -11,6 +11,7 @@ import torch
 
 from rlhfkit.config import ModelConfig, TrainConfig, to_dict
 from rlhfkit.models import export_model, load_policy, load_scalar_model, restore_adapter
+from rlhfkit.train import dist
 from rlhfkit.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -67,4 +68,7 @@ def export_final(model, tokenizer, out: Path, cfg, extra=None) -> Path:
         if extra is not None:
             extra(d)
 
-    return write_atomic_dir(out / "final", write)
+    if dist.is_main():
+        write_atomic_dir(out / "final", write)
+    dist.barrier()
+    return out / "final"

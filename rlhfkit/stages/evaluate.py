@@ -18,7 +18,7 @@ from rlhfkit.algos import masked_sum
 from rlhfkit.config import DataConfig, EvalConfig, ModelConfig, RolloutConfig
 from rlhfkit.data.build import load_prompts
 from rlhfkit.data.tokenize import pad_left
-from rlhfkit.models import device_of, load_policy, load_scalar_model, load_tokenizer
+from rlhfkit.models import PerTokenScalar, device_of, load_policy, load_scalar_model, load_tokenizer
 from rlhfkit.rollout.forward import join, policy_logprobs, reward_scores
 from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, decode_texts
 from rlhfkit.rollout.sampling import generate
@@ -101,7 +101,11 @@ def evaluate_policies(
     prompts, _ = load_prompts(prompts_file, tok, data)
     prompt_ids = [p.prompt_ids for p in prompts[: cfg.max_prompts]]
     ref = load_policy(mc, tok, trainable=False)
-    rm = load_scalar_model(mc, tok, rm_dir, fresh_head=False, trainable=False) if rm_dir else None
+    rm = (
+        PerTokenScalar(load_scalar_model(mc, tok, rm_dir, fresh_head=False, trainable=False))
+        if rm_dir
+        else None
+    )
     result = {}
     for name, path in (("sft", sft_dir), ("ppo", ppo_dir)):
         policy = ref if name == "sft" else load_policy(mc, tok, path=path, trainable=False)

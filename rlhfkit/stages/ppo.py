@@ -10,6 +10,8 @@ Each iteration reads like the seed:
 from __future__ import annotations
 
 import dataclasses
+import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import (
+    PerTokenScalar,
     device_of,
     export_model,
     load_policy,
@@ -57,6 +60,7 @@ from rlhfkit.stages.common import (
     load_trainable_scalar,
     setup_run,
 )
+from rlhfkit.train import dist
 from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state, write_atomic_dir
 from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
 from rlhfkit.train.logger import MetricLogger
@@ -67,10 +71,15 @@ from rlhfkit.train.optim import clip_and_step, make_optimizer
 class Models:
     tokenizer: Any
     actor: Any  # pi_theta, trained
-    critic: Any  # V_phi, trained
+    critic: Any  # V_phi, trained: the sequence-classification model (what is saved)
     ref: Any | None  # pi_SFT, frozen; None = the LoRA actor with adapters disabled
-    rm: Any | None  # frozen; None when a Python reward function scores instead
+    rm: Any | None  # frozen PerTokenScalar; None when a Python reward function scores instead
     reward_fn: RewardFn | None
+    critic_fwd: Any = None  # PerTokenScalar(critic): V(s) at every position
+
+    def __post_init__(self) -> None:
+        if self.critic_fwd is None:
+            self.critic_fwd = PerTokenScalar(self.critic)
 
 
 class PromptStream:
@@ -116,7 +125,12 @@ class ScoreNormalizer:
         elif self.mode == "rm_stats":
             x = (raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
         else:
-            self.running.update(raw)
+            # moments over all ranks, so every rank keeps the same running statistics
+            r = raw.detach().double()
+            n = dist.all_reduce_sum(torch.tensor(float(r.numel()), dtype=torch.float64))
+            mean = dist.all_reduce_sum(r.sum()) / n
+            var = dist.all_reduce_sum(((r - mean) ** 2).sum()) / n
+            self.running.update_from_moments(float(mean), float(var), float(n))
             x = self.running.normalize(raw)
         return clip_abs(x, self.clip or None)
 
@@ -141,7 +155,9 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     )
     rm = None
     if cfg.reward_model:
-        rm = load_scalar_model(frozen_cfg, tok, cfg.reward_model, fresh_head=False, trainable=False)
+        rm = PerTokenScalar(
+            load_scalar_model(frozen_cfg, tok, cfg.reward_model, fresh_head=False, trainable=False)
+        )
     elif reward_fn is None:
         reward_fn = load_reward_fn(cfg.reward_fn)
     for m in (actor, critic):
@@ -187,7 +203,7 @@ def rollout_chunk(
             ref_logprobs, _ = policy_logprobs(models.actor, seq, rc.temperature)
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
-    values = critic_values(models.critic, seq)  # (B, T)
+    values = critic_values(models.critic_fwd, seq)  # (B, T)
     if models.rm is not None:
         raw = reward_scores(models.rm, seq)  # (B,)
     else:
@@ -219,14 +235,15 @@ def collect(
     normalize: ScoreNormalizer,
     timer: dict[str, float],
 ) -> Experience:
-    """Fill the experience buffer with ``episodes_per_iteration`` episodes, ``chunk_size`` at a time."""
+    """Fill the experience buffer with ``episodes_per_iteration`` episodes, ``chunk_size`` at a time.
+    Data-parallel: every rank reads the same prompt stream and generates its own slice of it."""
     models.actor.eval()
-    chunks, left = [], cfg.rollout.episodes_per_iteration
+    n, r = dist.world(), dist.rank()
+    chunks, left = [], cfg.rollout.episodes_per_iteration // n
     while left > 0:
         k = min(cfg.rollout.chunk_size, left)
-        chunks.append(
-            rollout_chunk(models, [prompts[i] for i in stream.take(k)], cfg, normalize, timer)
-        )
+        mine = stream.take(k * n)[r * k : (r + 1) * k]
+        chunks.append(rollout_chunk(models, [prompts[i] for i in mine], cfg, normalize, timer))
         left -= k
     models.actor.train()
     return concat(chunks, models.tokenizer.pad_token_id)
@@ -242,19 +259,34 @@ def rewards_and_advantages(exp: Experience, kl_coef: float, cfg: PPOConfig) -> d
     adv, exp.returns = compute_advantages(
         pc.estimator, exp.rewards, exp.values, m, pc.gamma, pc.lam
     )
-    exp.advantages = masked_whiten(adv, m) if pc.whiten_advantages else adv
-    return {
-        "kl/seq_mean": float(rstats["kl_sum"].mean()),
-        "reward/non_score": float(rstats["non_score_reward"].mean()),
-        "reward/total": float(exp.rewards.sum(1).mean()),
-        "adv/mean": float(masked_mean(adv, m)),
-        "adv/std": float(masked_var(adv, m).sqrt()),
-        "value/explained_var": float(explained_variance(exp.values, exp.returns, m)),
-        "value/mean": float(masked_mean(exp.values, m)),
-    }
+    if pc.whiten_advantages:  # statistics over the whole buffer, all ranks together
+        mean, var = dist.global_masked_moments(adv, m)
+        exp.advantages = masked_whiten(adv, m, mean=mean, var=var)
+    else:
+        exp.advantages = adv
+    return dist.mean_over_ranks(
+        {
+            "kl/seq_mean": float(rstats["kl_sum"].mean()),
+            "reward/non_score": float(rstats["non_score_reward"].mean()),
+            "reward/total": float(exp.rewards.sum(1).mean()),
+            "adv/mean": float(masked_mean(adv, m)),
+            "adv/std": float(masked_var(adv, m).sqrt()),
+            "value/explained_var": float(explained_variance(exp.values, exp.returns, m)),
+            "value/mean": float(masked_mean(exp.values, m)),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- 4. update
+
+
+def _minibatch_denominator(exp: Experience, aggregation: str) -> torch.Tensor:
+    """Tokens (or non-empty sequences) in the whole minibatch over all ranks, divided by the number
+    of ranks: each micro-batch's loss sum over this, summed and averaged by DDP, is exactly the
+    minibatch loss (algos.aggregate's ``denominator``)."""
+    m = exp.response_mask
+    count = m.sum() if aggregation == "token" else m.any(dim=1).sum()
+    return (dist.all_reduce_sum(count.double()) / dist.world()).clamp(min=1).float()
 
 
 def ppo_update(
@@ -265,49 +297,29 @@ def ppo_update(
     update_actor: bool,
     guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
+    """N epochs of shuffled minibatches over this rank's buffer. ``optims`` holds the training
+    modules too (``actor_train`` / ``critic_train``: DDP-wrapped when data-parallel)."""
     pc = cfg.ppo
     acc: dict[str, list[float]] = {}
-    n_micro = pc.minibatch_size // pc.micro_batch_size
+    per_rank_mb = pc.minibatch_size // dist.world()
+    per_rank_micro = max(pc.micro_batch_size // dist.world(), 1)
     for _ in range(pc.epochs):
         perm = torch.randperm(len(exp))
-        for start in range(0, len(exp), pc.minibatch_size):
-            mb_idx = perm[start : start + pc.minibatch_size]
-            for j in range(0, len(mb_idx), pc.micro_batch_size):
-                mb = exp.select(mb_idx[j : j + pc.micro_batch_size])
-                seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
-                m = mb.response_mask
-                stats: dict[str, torch.Tensor] = {}
-                if update_actor:
-                    logp, ent = policy_logprobs(
-                        models.actor, seq, cfg.rollout.temperature, with_entropy=pc.ent_coef > 0
-                    )
-                    pg, pstats = policy_loss(
-                        logp, mb.logprobs, mb.advantages, m, pc.clip_eps, pc.aggregation
-                    )
-                    loss = pg
-                    if pc.ent_coef > 0:
-                        ent_term = entropy_bonus(ent, m, pc.aggregation)
-                        loss = loss - pc.ent_coef * ent_term
-                        stats["loss/entropy"] = ent_term.detach()
-                    (loss / n_micro).backward()
-                    stats.update(
-                        {
-                            "loss/policy": pg.detach(),
-                            "policy/clip_frac": pstats["clip_frac"],
-                            "policy/approx_kl": pstats["approx_kl"],
-                            "policy/ratio_mean": pstats["ratio_mean"],
-                        }
-                    )
-                v = critic_values(models.critic, seq)
-                vf, vstats = value_loss(
-                    v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation
+        for start in range(0, len(exp), per_rank_mb):
+            mb_idx = perm[start : start + per_rank_mb]
+            denom = _minibatch_denominator(exp.select(mb_idx), pc.aggregation)
+            sums: dict[str, float] = {}
+            for j in range(0, len(mb_idx), per_rank_micro):
+                mb = exp.select(mb_idx[j : j + per_rank_micro])
+                for k, v in _micro_step(optims, mb, cfg, update_actor, denom).items():
+                    sums[k] = sums.get(k, 0.0) + v
+            for (
+                k,
+                v,
+            ) in sums.items():  # losses are partial sums: their total is the minibatch's loss
+                acc.setdefault(k, []).append(
+                    v if k.startswith("loss/") else v / math.ceil(len(mb_idx) / per_rank_micro)
                 )
-                (pc.vf_coef * vf / n_micro).backward()
-                stats.update(
-                    {"loss/value": vf.detach(), "value/clip_frac": vstats["value_clip_frac"]}
-                )
-                for k, val in stats.items():
-                    acc.setdefault(k, []).append(float(val))
             if update_actor:
                 norm = clip_and_step(
                     models.actor.parameters(),
@@ -329,7 +341,45 @@ def ppo_update(
             acc.setdefault("grad_norm/critic", []).append(float(norm))
     for name in ("actor", "critic"):
         optims[f"{name}_sched"].step()  # LR warm-up counts iterations
-    return {k: sum(v) / len(v) for k, v in acc.items()}
+    return dist.mean_over_ranks({k: sum(v) / len(v) for k, v in acc.items()})
+
+
+def _micro_step(
+    optims, mb: Experience, cfg: PPOConfig, update_actor: bool, denom: torch.Tensor
+) -> dict[str, float]:
+    """Forward + backward of one micro-batch: clipped surrogate (+ entropy bonus) and value loss."""
+    pc = cfg.ppo
+    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+    m = mb.response_mask
+    stats: dict[str, float] = {}
+    if update_actor:
+        logp, ent = policy_logprobs(
+            optims["actor_train"], seq, cfg.rollout.temperature, with_entropy=pc.ent_coef > 0
+        )
+        pg, pstats = policy_loss(
+            logp, mb.logprobs, mb.advantages, m, pc.clip_eps, pc.aggregation, denom
+        )
+        loss = pg
+        if pc.ent_coef > 0:
+            ent_term = entropy_bonus(ent, m, pc.aggregation, denom)
+            loss = loss - pc.ent_coef * ent_term
+            stats["loss/entropy"] = float(ent_term)
+        loss.backward()
+        stats.update(
+            {
+                "loss/policy": float(pg),
+                "policy/clip_frac": float(pstats["clip_frac"]),
+                "policy/approx_kl": float(pstats["approx_kl"]),
+                "policy/ratio_mean": float(pstats["ratio_mean"]),
+            }
+        )
+    v = critic_values(optims["critic_train"], seq)
+    vf, vstats = value_loss(
+        v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
+    )
+    (pc.vf_coef * vf).backward()
+    stats.update({"loss/value": float(vf), "value/clip_frac": float(vstats["value_clip_frac"])})
+    return stats
 
 
 # --------------------------------------------------------------------------- one iteration
@@ -358,7 +408,9 @@ def ppo_iteration(
     if guard.check(finite(exp.rewards, exp.values), f"reward/value at iteration {it + 1}"):
         update_actor = it >= cfg.ppo.critic_warmup_iterations
         metrics.update(ppo_update(models, optims, exp, cfg, update_actor, guard))
-        kl_ctl.update(metrics["kl/seq_mean"], len(exp))
+        kl_ctl.update(
+            metrics["kl/seq_mean"], len(exp) * dist.world()
+        )  # global mean KL and episodes
     t_end = time.perf_counter()
     n_tokens = int(exp.response_mask.sum())
     metrics.update(
@@ -404,6 +456,7 @@ def warn_if_exploding(metrics: dict[str, float], cfg: PPOConfig, iteration: int)
 
 
 def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
+    """Optimizers, LR schedules and training modules of the actor and the critic."""
     out = {}
     for name, model, oc in (
         ("actor", models.actor, cfg.actor),
@@ -412,6 +465,8 @@ def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
         opt = make_optimizer(model.parameters(), oc.lr, oc.weight_decay, (0.9, 0.999))
         warm = oc.warmup_iterations
         out[name] = opt
+        # the module the update calls: the model itself, or DDP over it when data-parallel
+        out[f"{name}_train"] = dist.wrap(models.actor if name == "actor" else models.critic_fwd)
         out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda it, w=warm: min(1.0, (it + 1) / w) if w else 1.0
         )
@@ -441,9 +496,15 @@ def run_ppo(
         raise ConfigError(
             "reward_model / reward_fn: set one of them (an RM directory or a Python reward)"
         )
+    n = dist.world()
+    if cfg.rollout.episodes_per_iteration % n or cfg.ppo.minibatch_size % n:
+        raise ConfigError(
+            f"rollout.episodes_per_iteration and ppo.minibatch_size must divide by the {n} ranks"
+        )
     out = setup_run(cfg.run)
     ckpt, state = find_resume(cfg.run)
     models = load_models(cfg, ckpt, reward_fn)
+    torch.manual_seed(cfg.run.seed + 1000 * dist.rank())  # ranks sample different responses
     prompts, report = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     print(report.line(), file=sys.stderr)
     stream = PromptStream(len(prompts), cfg.run.seed)
@@ -466,7 +527,7 @@ def run_ppo(
         kl_ctl.load_state_dict(state["kl_ctl"])
         normalize.running.load_state_dict(state["running_scores"])
         stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][dist.rank()])
         start = state["iteration"]
     logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
 
@@ -476,7 +537,7 @@ def run_ppo(
             kl_ctl=kl_ctl.state_dict(),
             running_scores=normalize.running.state_dict(),
             stream=stream.state_dict(),
-            rng=rng_state(),
+            rng=dist.gather_objects(rng_state()),  # one per rank
             iteration=iteration,
         )
 
@@ -484,7 +545,9 @@ def run_ppo(
             write_trainable(models.actor, models.tokenizer, d / "actor")
             write_trainable(models.critic, models.tokenizer, d / "critic")
 
-        save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
+        if dist.is_main():  # the weights are the same on every rank: write them once
+            save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
+        dist.barrier()
 
     guard = NonFiniteGuard(cfg.run.max_bad_steps)
     with StopOnSignal() as stop:
@@ -505,9 +568,9 @@ def run_ppo(
             logger.log(it + 1, metrics, echo=True)
             if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
                 logger.text(it + 1, "samples", _sample_text(models, exp))
-            if stop.signum is not None:
+            if dist.all_reduce_sum(torch.tensor(float(stop.signum is not None))) > 0:
                 checkpoint(it + 1)
-                raise StopRequested(stop.signum)
+                raise StopRequested(stop.signum or signal.SIGTERM)
             if (
                 cfg.run.save_every
                 and (it + 1) % cfg.run.save_every == 0
@@ -516,7 +579,8 @@ def run_ppo(
                 checkpoint(it + 1)
     checkpoint(cfg.run.iterations)
     logger.close()
-    write_atomic_dir(
-        out / "final-critic", lambda d: export_model(models.critic, models.tokenizer, d)
-    )
+    if dist.is_main():
+        write_atomic_dir(
+            out / "final-critic", lambda d: export_model(models.critic, models.tokenizer, d)
+        )
     return export_final(models.actor, models.tokenizer, out, cfg)

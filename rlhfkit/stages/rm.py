@@ -16,6 +16,7 @@ from rlhfkit.config import RMConfig, to_dict
 from rlhfkit.data.build import RankItem, load_preferences, train_eval
 from rlhfkit.data.tokenize import pad_right
 from rlhfkit.models import (
+    PerTokenScalar,
     device_of,
     load_tokenizer,
     save_reward_stats,
@@ -46,13 +47,14 @@ def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
-def score_batch(model, batch) -> torch.Tensor:
+def score_batch(scorer, batch) -> torch.Tensor:
     b, k = batch["valid"].shape
-    return sequence_scores(model, batch["input_ids"], batch["attention_mask"]).view(b, k)  # (B, K)
+    return sequence_scores(scorer, batch["input_ids"], batch["attention_mask"]).view(b, k)  # (B, K)
 
 
-def rm_loss(model, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r = score_batch(model, batch)  # (B, K), best first
+def rm_loss(scorer, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """scorer: the RM's ``PerTokenScalar`` (DDP-wrapped when data-parallel)."""
+    r = score_batch(scorer, batch)  # (B, K), best first
     if r.shape[1] == 2 and bool(batch["valid"].all()):
         margin = batch["margin"] if (use_margin and batch["has_margin"]) else None
         return pairwise_loss(r[:, 0], r[:, 1], margin)
@@ -60,15 +62,15 @@ def rm_loss(model, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, tor
 
 
 @torch.no_grad()
-def evaluate_rm(model, items: list[RankItem], pad_id: int, batch_size: int) -> dict[str, float]:
+def evaluate_rm(scorer, items: list[RankItem], pad_id: int, batch_size: int) -> dict[str, float]:
     """Pairwise accuracy over all ranked pairs, mean best-minus-worst margin, reward mean/std."""
     if not items:
         return {}
-    model.eval()
+    scorer.eval()
     right, pairs, margins, all_r = 0.0, 0, [], []
     for i in range(0, len(items), batch_size):
-        batch = to_device(collate_ranked(items[i : i + batch_size], pad_id), device_of(model))
-        r = score_batch(model, batch)
+        batch = to_device(collate_ranked(items[i : i + batch_size], pad_id), device_of(scorer))
+        r = score_batch(scorer, batch)
         for row, valid in zip(r, batch["valid"], strict=True):
             s = row[valid]
             d = s[:, None] - s[None, :]
@@ -88,13 +90,13 @@ def evaluate_rm(model, items: list[RankItem], pad_id: int, batch_size: int) -> d
 
 @torch.no_grad()
 def reward_reference_stats(
-    model, items: list[RankItem], pad_id: int, batch_size: int
+    scorer, items: list[RankItem], pad_id: int, batch_size: int
 ) -> tuple[float, float, int]:
     """Mean/std of the RM's scores over the responses of ``items`` (PPO normalises scores with these)."""
-    model.eval()
+    scorer.eval()
     seqs = [s for it in items for s in it.sequences]
     scores = [
-        sequence_scores(model, *pad_right(seqs[i : i + batch_size], pad_id, device_of(model)))
+        sequence_scores(scorer, *pad_right(seqs[i : i + batch_size], pad_id, device_of(scorer)))
         for i in range(0, len(seqs), batch_size)
     ]
     allr = torch.cat(scores)
@@ -118,6 +120,7 @@ def run_rm(cfg: RMConfig) -> Path:
         out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
     )
     pad = tokenizer.pad_token_id
+    scorer = PerTokenScalar(model)
     fit(
         model,
         train,
@@ -125,16 +128,17 @@ def run_rm(cfg: RMConfig) -> Path:
         lambda m, b: rm_loss(m, b, cfg.use_margin),
         cfg.train,
         logger,
-        evaluate=lambda: evaluate_rm(model, evals, pad, cfg.train.batch_size),
+        evaluate=lambda: evaluate_rm(scorer, evals, pad, cfg.train.batch_size),
         write_model=lambda d: write_trainable(model, tokenizer, d),
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,
+        forward_module=scorer,
     )
     logger.close()
     # 4. reward statistics on a reference set, stored beside the weights for PPO's normalisation
     mean, std, n = reward_reference_stats(
-        model, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size
+        scorer, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size
     )
     return export_final(
         model, tokenizer, out, cfg, extra=lambda d: save_reward_stats(d, mean, std, n)

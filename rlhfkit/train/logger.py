@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import LogConfig
+from rlhfkit.train.dist import is_main
 
 
 class MetricLogger:
@@ -21,6 +22,9 @@ class MetricLogger:
         """resume_step: the step of the checkpoint a run resumes from. Lines logged after it by the
         interrupted run are dropped, so that the resumed log equals an uninterrupted one."""
         self.dir = Path(output_dir)
+        self.enabled = is_main()  # data-parallel runs log once, from rank 0
+        if not self.enabled:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.dir / "metrics.jsonl", resume_step)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
@@ -38,6 +42,8 @@ class MetricLogger:
             )
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        if not self.enabled:
+            return
         clean = {k: float(v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
@@ -51,12 +57,16 @@ class MetricLogger:
             print(f"[step {step}] {parts}", file=sys.stderr, flush=True)
 
     def text(self, step: int, tag: str, text: str) -> None:
+        if not self.enabled:
+            return
         if self._tb is not None:
             self._tb.add_text(tag, text, step)
         with open(self.dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"--- step {step} {tag}\n{text}\n")
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -7,6 +7,7 @@ Micro-batches come from a per-epoch permutation seeded by (seed, epoch), so the 
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from rlhfkit.config import TrainConfig
+from rlhfkit.train import dist
 from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
 from rlhfkit.train.logger import MetricLogger
@@ -72,27 +74,39 @@ def fit(
     run_config: dict[str, Any],
     resume_state: dict[str, Any] | None = None,
     show_progress: bool = True,
+    forward_module: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` on ``items``; returns the final eval metrics."""
-    steps = total_steps(len(items), cfg)
+    """Train ``model`` on ``items``; returns the final eval metrics.
+
+    ``loss_fn(module, batch)`` gets ``forward_module`` (default: the model), DDP-wrapped when the
+    run is data-parallel. Each optimizer step then consumes ``batch_size`` examples per rank of a
+    global micro-batch of ``batch_size * world`` (the last incomplete one is dropped)."""
+    n_ranks, my_rank = dist.world(), dist.rank()
+    steps = total_steps(
+        len(items) if n_ranks == 1 else len(items) // (cfg.batch_size * n_ranks) * cfg.batch_size,
+        cfg,
+    )
     optimizer, scheduler = optimizer_from_config(model, cfg, steps)
     pos = Position()
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         pos = Position(**resume_state["position"])
-        set_rng_state(resume_state["rng"])
+        set_rng_state(resume_state["rng"][my_rank])
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
+    train_module = dist.wrap(forward_module if forward_module is not None else model)
 
     def checkpoint() -> None:
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "position": vars(pos).copy(),
-            "rng": rng_state(),
+            "rng": dist.gather_objects(rng_state()),  # one per rank
         }
-        save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
+        if dist.is_main():
+            save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
+        dist.barrier()
 
     model.train()
     show_progress = (
@@ -100,14 +114,21 @@ def fit(
     )  # a log file gets the metric lines instead
     bar = tqdm(total=steps, initial=pos.step, disable=not show_progress, desc="train", leave=False)
     guard = NonFiniteGuard(cfg.max_bad_steps)
+    show_progress = show_progress and dist.is_main()
     acc: list[dict[str, torch.Tensor]] = []
     micro_in_step, loss_ok = 0, True
     with StopOnSignal() as stop:
         while pos.step < steps and pos.epoch < cfg.epochs:
-            batches = micro_batches(len(items), cfg.batch_size, cfg.seed, pos.epoch)
+            batches = micro_batches(len(items), cfg.batch_size * n_ranks, cfg.seed, pos.epoch)
+            if n_ranks > 1:  # every rank takes its slice of each global micro-batch
+                batches = [
+                    b[my_rank * cfg.batch_size : (my_rank + 1) * cfg.batch_size]
+                    for b in batches
+                    if len(b) == cfg.batch_size * n_ranks
+                ]
             while pos.micro < len(batches) and pos.step < steps:
                 batch = to_device(collate([items[i] for i in batches[pos.micro]]), device)
-                loss, stats = loss_fn(model, batch)
+                loss, stats = loss_fn(train_module, batch)
                 loss_ok &= finite(loss)
                 (loss / cfg.grad_accum_steps).backward()
                 acc.append({"loss": loss.detach(), **stats})
@@ -117,6 +138,9 @@ def fit(
                     continue
                 # one optimizer step (skipped, and counted, if the loss or the gradient is not finite)
                 lr = scheduler.get_last_lr()[0]
+                loss_ok = bool(
+                    dist.all_reduce_sum(torch.tensor(float(not loss_ok))) == 0
+                )  # skip together
                 norm = clip_and_step(
                     params,
                     optimizer,
@@ -130,7 +154,9 @@ def fit(
                 micro_in_step, loss_ok = 0, True
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == steps:
-                    metrics = {f"train/{k}": v for k, v in _mean_stats(acc).items()}
+                    metrics = dist.mean_over_ranks(
+                        {f"train/{k}": v for k, v in _mean_stats(acc).items()}
+                    )
                     metrics.update(
                         {
                             "train/grad_norm": float(norm),
@@ -143,9 +169,11 @@ def fit(
                 if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
                     logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})
                     model.train()
-                if stop.signum is not None:
+                if (
+                    dist.all_reduce_sum(torch.tensor(float(stop.signum is not None))) > 0
+                ):  # stop together
                     checkpoint()
-                    raise StopRequested(stop.signum)
+                    raise StopRequested(stop.signum or signal.SIGTERM)
                 if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < steps:
                     checkpoint()
             if pos.micro >= len(batches):
