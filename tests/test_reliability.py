@@ -23,13 +23,19 @@ from rlhfkit.train.loop import fit
 QUIET = ["log.progress=false", "log.tensorboard=false"]
 
 
-def _cli(args, **kw):
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(Path(__file__).parent),
+}  # so that reward_fn can name a test module
+
+
+def _cli(args):
     return subprocess.Popen(
         [sys.executable, "-m", "rlhfkit", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kw,
+        env=ENV,
     )
 
 
@@ -68,14 +74,20 @@ def _same_metrics(a: Path, b: Path, skip=("time/", "perf/")):
 def _kill_and_resume(tmp_path, stage_args, out_name, min_ckpt, cls=AutoModelForCausalLM):
     full = tmp_path / "full"
     run = subprocess.run(
-        [sys.executable, "-m", "rlhfkit", *stage_args(full)], capture_output=True, text=True
+        [sys.executable, "-m", "rlhfkit", *stage_args(full)],
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     killed = tmp_path / "killed"
     code = _interrupt_after(stage_args(killed), killed / "checkpoints", min_ckpt)
     assert code == -signal.SIGKILL and not (killed / "final").exists()
     resumed = subprocess.run(
-        [sys.executable, "-m", "rlhfkit", *stage_args(killed)], capture_output=True, text=True
+        [sys.executable, "-m", "rlhfkit", *stage_args(killed)],
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
@@ -157,8 +169,6 @@ def test_ppo_kill_9_and_resume_equals_uninterrupted(tmp_path, tiny_lm):
             *QUIET,
         ]
 
-    env_path = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
     _kill_and_resume(tmp_path, args, "ppo", min_ckpt=3)
 
 

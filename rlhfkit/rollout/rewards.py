@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from rlhfkit.config import ConfigError
+
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
@@ -14,14 +16,14 @@ def load_reward_fn(spec: str) -> RewardFn:
     """'package.module:function' -> the function. It gets decoded prompts and responses and
     returns one float per response."""
     if ":" not in spec:
-        raise ValueError(f"reward_fn {spec!r}: expected 'module:function'")
+        raise ConfigError(f"reward_fn: {spec!r} is not of the form 'module:function'")
     mod, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward_fn {spec!r}: cannot import ({e})") from None
+        raise ConfigError(f"reward_fn: cannot import {spec!r} ({e})") from None
     if not callable(fn):
-        raise ValueError(f"reward_fn {spec!r} is not callable")
+        raise ConfigError(f"reward_fn: {spec!r} is not callable")
     return fn
 
 

@@ -363,11 +363,11 @@ def _micro_step(
         if pc.ent_coef > 0:
             ent_term = entropy_bonus(ent, m, pc.aggregation, denom)
             loss = loss - pc.ent_coef * ent_term
-            stats["loss/entropy"] = float(ent_term)
+            stats["loss/entropy"] = float(ent_term.detach())
         loss.backward()
         stats.update(
             {
-                "loss/policy": float(pg),
+                "loss/policy": float(pg.detach()),
                 "policy/clip_frac": float(pstats["clip_frac"]),
                 "policy/approx_kl": float(pstats["approx_kl"]),
                 "policy/ratio_mean": float(pstats["ratio_mean"]),
@@ -378,7 +378,9 @@ def _micro_step(
         v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
     )
     (pc.vf_coef * vf).backward()
-    stats.update({"loss/value": float(vf), "value/clip_frac": float(vstats["value_clip_frac"])})
+    stats.update(
+        {"loss/value": float(vf.detach()), "value/clip_frac": float(vstats["value_clip_frac"])}
+    )
     return stats
 
 

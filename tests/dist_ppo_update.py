@@ -1,0 +1,73 @@
+"""Worker for the 1-vs-2-process equivalence test (run under torchrun): one PPO update on a fixed
+rollout. Every rank builds the same 16-episode buffer, keeps its own slice, and trains on it; rank 0
+saves the updated weights and the logged losses to OUT."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from rlhfkit.config import PPOConfig, load_config  # noqa: E402
+from rlhfkit.data.build import load_prompts  # noqa: E402
+from rlhfkit.rollout.experience import concat  # noqa: E402
+from rlhfkit.stages.ppo import (  # noqa: E402
+    ScoreNormalizer,
+    _optimizers,
+    load_models,
+    ppo_update,
+    rewards_and_advantages,
+    rollout_chunk,
+)
+from rlhfkit.train import dist  # noqa: E402
+
+
+def main(lm: str, prompts: str, out: str) -> None:
+    dist.init_from_env()
+    torch.set_num_threads(1)
+    cfg = load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.name_or_path={lm}",
+            "reward_fn=x:y",
+            f"data.train_file={prompts}",
+            "rollout.max_new_tokens=8",
+            "rollout.episodes_per_iteration=16",
+            "ppo.minibatch_size=16",
+            "ppo.micro_batch_size=4",
+            "ppo.epochs=1",
+            "actor.lr=1e-2",
+            "critic.lr=1e-2",
+            "ppo.reward_norm=none",
+            "ppo.ent_coef=0.01",
+        ],
+    )
+    torch.manual_seed(0)
+    models = load_models(
+        cfg, None, lambda p, r: [float(x.count("good")) + 0.1 * len(x.split()) for x in r]
+    )
+    items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+    torch.manual_seed(1)  # the same rollout on every rank
+    full = concat(
+        [rollout_chunk(models, items[:16], cfg, ScoreNormalizer("none", None, 0), timer)],
+        models.tokenizer.pad_token_id,
+    )
+    n, r = dist.world(), dist.rank()
+    exp = full.select(torch.arange(r * 16 // n, (r + 1) * 16 // n))
+    metrics = rewards_and_advantages(exp, 0.05, cfg)
+    metrics.update(ppo_update(models, _optimizers(models, cfg), exp, cfg, update_actor=True))
+    if dist.is_main():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"actor": models.actor.state_dict(), "critic": models.critic.state_dict()},
+            Path(out) / "w.pt",
+        )
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
