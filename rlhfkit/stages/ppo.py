@@ -415,7 +415,7 @@ def ppo_iteration(
         )  # global mean KL and episodes
     t_end = time.perf_counter()
     n_tokens = int(exp.response_mask.sum())
-    metrics.update(
+    rollout_stats = dist.mean_over_ranks(  # per-rank values averaged (std: mean of per-rank stds)
         {
             "score/mean": float(exp.raw_scores.mean()),
             "score/std": float(exp.raw_scores.std()),
@@ -434,6 +434,7 @@ def ppo_iteration(
             "perf/tokens_per_s": n_tokens / (t_end - t_start),
         }
     )
+    metrics.update(rollout_stats)
     return exp, metrics
 
 
