@@ -442,6 +442,11 @@ class PPOConfig:
     critic_init: Literal["sft", "rm"] = knob(
         "sft", "critic trunk from SFT (fresh value head) or from the RM"
     )
+    shared_trunk: bool = knob(
+        False,
+        "critic = a value head on the actor's own transformer (one trunk, one forward, one "
+        "optimizer with the critic's lr on the head); off = a separate critic model",
+    )
     data: DataConfig = sub(DataConfig, "prompts: {prompt}")
     rollout: RolloutConfig = sub(RolloutConfig)
     ppo: PPOAlgoConfig = sub(PPOAlgoConfig)
@@ -454,6 +459,11 @@ class PPOConfig:
         # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
         if self.reward_model and self.reward_fn:
             raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set only one of them")
+        if self.shared_trunk and self.critic_init != "sft":
+            raise ConfigError(
+                f"{prefix}critic_init: a shared trunk is the actor's own (SFT) transformer; "
+                f"'{self.critic_init}' needs {prefix}shared_trunk: false"
+            )
         if self.critic_init == "rm" and not self.reward_model:
             raise ConfigError(f"{prefix}critic_init: 'rm' needs {prefix}reward_model")
         if self.ppo.minibatch_size % self.ppo.micro_batch_size:

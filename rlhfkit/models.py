@@ -200,6 +200,79 @@ class PerTokenScalar(nn.Module):
         return scalar_head(self.model)(hidden).squeeze(-1).float()
 
 
+class ActorCritic(nn.Module):
+    """The shared-trunk option: one transformer whose last hidden state feeds both the LM head
+    (pi_theta) and a scalar value head (V_phi), so one forward gives logprobs and values.
+
+    Saves a trunk's memory and a forward pass per step; the price is that the policy and value
+    losses pull on the same weights (Schulman et al. 2017 share a trunk; InstructGPT does not).
+    """
+
+    def __init__(self, policy, value_head: nn.Linear | None = None):
+        super().__init__()
+        conf = policy.config
+        for k in ("final_logit_softcapping", "logit_scale"):
+            if getattr(conf, k, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"shared_trunk: {conf.model_type} applies {k} after its LM head; "
+                    "the shared trunk supports models whose logits are lm_head(hidden)"
+                )
+        self.policy = policy
+        if value_head is None:
+            lm_head = policy.get_output_embeddings()
+            value_head = nn.Linear(lm_head.in_features, 1, bias=False)
+            value_head.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+            init_scalar_head(value_head)
+        self.value_head = value_head
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        """-> logits (B, logits_to_keep, V) of the last columns, values (B, L) float32."""
+        hidden = backbone(self.policy)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        logits = self.policy.get_output_embeddings()(hidden[:, -logits_to_keep:])
+        return logits, self.value_head(hidden).squeeze(-1).float()
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_value_head(head: nn.Linear, directory: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": head.weight.detach().contiguous()}, str(Path(directory, VALUE_HEAD_FILE)))
+
+
+def load_value_head(head: nn.Linear, directory: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(directory, VALUE_HEAD_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the shared-trunk checkpoint has no value head")
+    with torch.no_grad():
+        head.weight.copy_(load_file(str(path))["weight"])
+
+
+def export_shared_critic(ac: ActorCritic, tokenizer, directory: str | Path) -> None:
+    """V_phi of a shared trunk as a plain sequence-classification directory (trunk + ``score`` =
+    the value head), so it loads with transformers like a separately trained critic."""
+    from transformers import AutoModelForSequenceClassification
+
+    export_model(ac.policy, tokenizer, directory)  # the trunk (LoRA merged)
+    critic = AutoModelForSequenceClassification.from_pretrained(
+        directory, num_labels=1, dtype=ac.value_head.weight.dtype
+    )
+    with torch.no_grad():
+        critic.score.weight.copy_(ac.value_head.weight)
+    critic.save_pretrained(directory, safe_serialization=True)
+
+
 def sequence_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each right-padded sequence, read at its last non-pad token. (B, L) -> (B,) float32.
 

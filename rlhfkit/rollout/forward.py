@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.algos import last_index, logprobs_and_entropy
+from rlhfkit.algos import last_index, logprobs_and_entropy, token_logprobs
 
 
 @dataclass
@@ -31,6 +31,12 @@ def join(prompt_ids, prompt_mask, response, response_mask) -> Sequences:
     return Sequences(ids, attn, pos, prompt_ids.shape[1], response, response_mask.bool())
 
 
+def _logprobs(logits, tokens, temperature: float, with_entropy: bool):
+    if with_entropy:
+        return logprobs_and_entropy(logits, tokens, temperature)
+    return token_logprobs(logits, tokens, temperature), None  # skips the entropy's work
+
+
 def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: bool = False):
     """log pi(a_t|s_t) (B, T) and, if asked, the entropy (B, T). Logits only for response positions."""
     t = seq.response.shape[1]
@@ -42,15 +48,27 @@ def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
         use_cache=False,
         logits_to_keep=t + 1,
     ).logits[:, :-1]  # (B, T, V)
-    logp, ent = logprobs_and_entropy(logits, seq.response, temperature)
-    return (logp, ent) if with_entropy else (logp, None)
+    return _logprobs(logits, seq.response, temperature, with_entropy)
+
+
+def _state_columns(per_position: torch.Tensor, seq: Sequences) -> torch.Tensor:
+    """(B, P+T) -> (B, T): the columns of the states s_t, P-1 .. P+T-2."""
+    t = seq.response.shape[1]
+    return per_position[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]
 
 
 def critic_values(critic, seq: Sequences) -> torch.Tensor:
     """V(s_t) for each response position, (B, T) float32. ``critic``: a ``PerTokenScalar`` (or DDP of one)."""
+    return _state_columns(critic(seq.input_ids, seq.attention_mask, seq.position_ids), seq)
+
+
+def actor_critic_outputs(ac, seq: Sequences, temperature: float, with_entropy: bool = False):
+    """Shared trunk: log pi(a_t|s_t), entropy (or None) and V(s_t), each (B, T), from one forward.
+    ``ac``: a ``models.ActorCritic`` (or DDP of one)."""
     t = seq.response.shape[1]
-    v = critic(seq.input_ids, seq.attention_mask, seq.position_ids)  # (B, P+T)
-    return v[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]  # states s_t
+    logits, v = ac(seq.input_ids, seq.attention_mask, seq.position_ids, logits_to_keep=t + 1)
+    logp, ent = _logprobs(logits[:, :-1], seq.response, temperature, with_entropy)
+    return logp, ent, _state_columns(v, seq)
 
 
 def reward_scores(rm, seq: Sequences) -> torch.Tensor:

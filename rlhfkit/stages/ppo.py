@@ -40,17 +40,27 @@ from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import (
+    ActorCritic,
     PerTokenScalar,
     device_of,
     export_model,
+    export_shared_critic,
     load_policy,
     load_scalar_model,
     load_tokenizer,
+    load_value_head,
     read_reward_stats,
+    save_value_head,
     write_trainable,
 )
 from rlhfkit.rollout.experience import Experience, concat
-from rlhfkit.rollout.forward import critic_values, join, policy_logprobs, reward_scores
+from rlhfkit.rollout.forward import (
+    actor_critic_outputs,
+    critic_values,
+    join,
+    policy_logprobs,
+    reward_scores,
+)
 from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, decode_texts, load_reward_fn
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.stages.common import (
@@ -71,14 +81,15 @@ from rlhfkit.train.optim import clip_and_step, make_optimizer
 class Models:
     tokenizer: Any
     actor: Any  # pi_theta, trained
-    critic: Any  # V_phi, trained: the sequence-classification model (what is saved)
+    critic: Any | None  # V_phi, trained: a sequence-classification model; None with a shared trunk
     ref: Any | None  # pi_SFT, frozen; None = the LoRA actor with adapters disabled
     rm: Any | None  # frozen PerTokenScalar; None when a Python reward function scores instead
     reward_fn: RewardFn | None
+    shared: ActorCritic | None = None  # shared trunk: the actor plus a value head
     critic_fwd: Any = None  # PerTokenScalar(critic): V(s) at every position
 
     def __post_init__(self) -> None:
-        if self.critic_fwd is None:
+        if self.critic_fwd is None and self.critic is not None:
             self.critic_fwd = PerTokenScalar(self.critic)
 
 
@@ -145,14 +156,19 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     frozen_cfg = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
     # with LoRA, pi_ref is the actor with its adapters disabled: no second copy of the weights
     ref = None if cfg.model.lora.enabled else load_policy(frozen_cfg, tok, trainable=False)
-    critic_src = cfg.reward_model if cfg.critic_init == "rm" else sft
-    critic = load_trainable_scalar(
-        cfg.model,
-        tok,
-        ckpt / "critic" if ckpt else None,
-        critic_src,
-        fresh_head=cfg.critic_init == "sft",
-    )
+    critic, shared = None, None
+    if cfg.shared_trunk:  # V_phi = a fresh value head on the actor's own transformer
+        shared = ActorCritic(actor)
+        if ckpt is not None:
+            load_value_head(shared.value_head, ckpt / "actor")
+    else:
+        critic = load_trainable_scalar(
+            cfg.model,
+            tok,
+            ckpt / "critic" if ckpt else None,
+            cfg.reward_model if cfg.critic_init == "rm" else sft,
+            fresh_head=cfg.critic_init == "sft",
+        )
     rm = None
     if cfg.reward_model:
         rm = PerTokenScalar(
@@ -161,8 +177,9 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     elif reward_fn is None:
         reward_fn = load_reward_fn(cfg.reward_fn)
     for m in (actor, critic):
-        m.train()  # dropout is off already; train() only matters for gradient checkpointing
-    return Models(tok, actor, critic, ref, rm, reward_fn)
+        if m is not None:
+            m.train()  # dropout is off already; train() only matters for gradient checkpointing
+    return Models(tok, actor, critic, ref, rm, reward_fn, shared)
 
 
 # --------------------------------------------------------------------------- 1. rollout
@@ -195,15 +212,18 @@ def rollout_chunk(
     )
     t1 = time.perf_counter()
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
-    logprobs, entropy = policy_logprobs(
-        models.actor, seq, rc.temperature, with_entropy=True
-    )  # (B, T)
+    if models.shared is not None:  # one trunk: log pi and V(s_t) from the same forward
+        logprobs, entropy, values = actor_critic_outputs(
+            models.shared, seq, rc.temperature, with_entropy=True
+        )  # (B, T) each
+    else:
+        logprobs, entropy = policy_logprobs(models.actor, seq, rc.temperature, with_entropy=True)
+        values = critic_values(models.critic_fwd, seq)  # (B, T)
     if models.ref is None:
         with models.actor.disable_adapter():
             ref_logprobs, _ = policy_logprobs(models.actor, seq, rc.temperature)
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
-    values = critic_values(models.critic_fwd, seq)  # (B, T)
     if models.rm is not None:
         raw = reward_scores(models.rm, seq)  # (B,)
     else:
@@ -313,58 +333,83 @@ def ppo_update(
                 mb = exp.select(mb_idx[j : j + per_rank_micro])
                 for k, v in _micro_step(optims, mb, cfg, update_actor, denom).items():
                     sums[k] = sums.get(k, 0.0) + v
-            for (
-                k,
-                v,
-            ) in sums.items():  # losses are partial sums: their total is the minibatch's loss
-                acc.setdefault(k, []).append(
-                    v if k.startswith("loss/") else v / math.ceil(len(mb_idx) / per_rank_micro)
-                )
-            if update_actor:
-                norm = clip_and_step(
-                    models.actor.parameters(),
-                    optims["actor"],
-                    None,
-                    cfg.actor.max_grad_norm,
-                    guard,
-                    where="actor gradient",
-                )
-                acc.setdefault("grad_norm/actor", []).append(float(norm))
-            norm = clip_and_step(
-                models.critic.parameters(),
-                optims["critic"],
-                None,
-                cfg.critic.max_grad_norm,
-                guard,
-                where="critic gradient",
-            )
-            acc.setdefault("grad_norm/critic", []).append(float(norm))
+            n_micro = math.ceil(len(mb_idx) / per_rank_micro)
+            for k, v in sums.items():  # losses are partial sums: their total is the minibatch's
+                acc.setdefault(k, []).append(v if k.startswith("loss/") else v / n_micro)
+            for k, v in _optimizer_steps(models, optims, cfg, update_actor, guard).items():
+                acc.setdefault(k, []).append(v)
     for name in ("actor", "critic"):
-        optims[f"{name}_sched"].step()  # LR warm-up counts iterations
+        if f"{name}_sched" in optims:
+            optims[f"{name}_sched"].step()  # LR warm-up counts iterations
     return dist.mean_over_ranks({k: sum(v) / len(v) for k, v in acc.items()})
+
+
+def _optimizer_steps(models, optims, cfg: PPOConfig, update_actor: bool, guard) -> dict[str, float]:
+    """Clip and step after a minibatch's gradients are accumulated; returns the grad norms."""
+    if models.shared is not None:  # one optimizer over trunk + value head
+        if not update_actor:  # critic warm-up trains the value head only: drop the trunk's grads
+            for p in models.shared.trunk_parameters():
+                p.grad = None
+        norm = clip_and_step(
+            models.shared.parameters(),
+            optims["actor"],
+            None,
+            cfg.actor.max_grad_norm,
+            guard,
+            where="actor-critic gradient",
+        )
+        return {"grad_norm/actor": float(norm)}
+    out = {}
+    if update_actor:
+        norm = clip_and_step(
+            models.actor.parameters(),
+            optims["actor"],
+            None,
+            cfg.actor.max_grad_norm,
+            guard,
+            where="actor gradient",
+        )
+        out["grad_norm/actor"] = float(norm)
+    norm = clip_and_step(
+        models.critic.parameters(),
+        optims["critic"],
+        None,
+        cfg.critic.max_grad_norm,
+        guard,
+        where="critic gradient",
+    )
+    out["grad_norm/critic"] = float(norm)
+    return out
 
 
 def _micro_step(
     optims, mb: Experience, cfg: PPOConfig, update_actor: bool, denom: torch.Tensor
 ) -> dict[str, float]:
     """Forward + backward of one micro-batch: clipped surrogate (+ entropy bonus) and value loss."""
-    pc = cfg.ppo
+    pc, temp = cfg.ppo, cfg.rollout.temperature
     seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
     m = mb.response_mask
-    stats: dict[str, float] = {}
+    with_entropy = update_actor and pc.ent_coef > 0
+    if "critic_train" not in optims:  # shared trunk: one forward gives log pi and V
+        logp, ent, v = actor_critic_outputs(optims["actor_train"], seq, temp, with_entropy)
+    else:
+        v = critic_values(optims["critic_train"], seq)
+        if update_actor:
+            logp, ent = policy_logprobs(optims["actor_train"], seq, temp, with_entropy)
+    vf, vstats = value_loss(
+        v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
+    )
+    loss = pc.vf_coef * vf
+    stats = {"loss/value": float(vf.detach()), "value/clip_frac": float(vstats["value_clip_frac"])}
     if update_actor:
-        logp, ent = policy_logprobs(
-            optims["actor_train"], seq, cfg.rollout.temperature, with_entropy=pc.ent_coef > 0
-        )
         pg, pstats = policy_loss(
             logp, mb.logprobs, mb.advantages, m, pc.clip_eps, pc.aggregation, denom
         )
-        loss = pg
-        if pc.ent_coef > 0:
+        loss = loss + pg
+        if with_entropy:
             ent_term = entropy_bonus(ent, m, pc.aggregation, denom)
             loss = loss - pc.ent_coef * ent_term
             stats["loss/entropy"] = float(ent_term.detach())
-        loss.backward()
         stats.update(
             {
                 "loss/policy": float(pg.detach()),
@@ -373,14 +418,7 @@ def _micro_step(
                 "policy/ratio_mean": float(pstats["ratio_mean"]),
             }
         )
-    v = critic_values(optims["critic_train"], seq)
-    vf, vstats = value_loss(
-        v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
-    )
-    (pc.vf_coef * vf).backward()
-    stats.update(
-        {"loss/value": float(vf.detach()), "value/clip_frac": float(vstats["value_clip_frac"])}
-    )
+    loss.backward()  # actor and critic losses together (separate models: disjoint gradients)
     return stats
 
 
@@ -425,7 +463,7 @@ def ppo_iteration(
             "response/eos_rate": float(exp.stopped.float().mean()),
             "kl/beta": beta,
             "lr/actor": optims["actor"].param_groups[0]["lr"],
-            "lr/critic": optims["critic"].param_groups[0]["lr"],
+            "lr/critic": (optims.get("critic") or optims["actor"]).param_groups[-1]["lr"],
             "nonfinite/skipped": guard.skipped,
             "time/generate": timer["generate"],
             "time/score": timer["score"],
@@ -458,21 +496,33 @@ def warn_if_exploding(metrics: dict[str, float], cfg: PPOConfig, iteration: int)
 # --------------------------------------------------------------------------- the recipe
 
 
+def _warmup(iterations: int):
+    return lambda it: min(1.0, (it + 1) / iterations) if iterations else 1.0
+
+
 def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
     """Optimizers, LR schedules and training modules of the actor and the critic."""
+    if models.shared is not None:  # one optimizer: the actor's lr on the trunk, the critic's on V
+        ac, a, c = models.shared, cfg.actor, cfg.critic
+        groups = [
+            {"params": ac.trunk_parameters(), "lr": a.lr, "weight_decay": a.weight_decay},
+            {"params": ac.value_head.parameters(), "lr": c.lr, "weight_decay": c.weight_decay},
+        ]
+        opt = make_optimizer(groups, a.lr, a.weight_decay, (0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [_warmup(a.warmup_iterations), _warmup(c.warmup_iterations)]
+        )
+        return {"actor": opt, "actor_sched": sched, "actor_train": dist.wrap(ac)}
     out = {}
     for name, model, oc in (
         ("actor", models.actor, cfg.actor),
         ("critic", models.critic, cfg.critic),
     ):
         opt = make_optimizer(model.parameters(), oc.lr, oc.weight_decay, (0.9, 0.999))
-        warm = oc.warmup_iterations
         out[name] = opt
         # the module the update calls: the model itself, or DDP over it when data-parallel
         out[f"{name}_train"] = dist.wrap(models.actor if name == "actor" else models.critic_fwd)
-        out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda it, w=warm: min(1.0, (it + 1) / w) if w else 1.0
-        )
+        out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(oc.warmup_iterations))
     return out
 
 
@@ -523,9 +573,10 @@ def run_ppo(
         pc.reward_clip,
     )
     optims = _optimizers(models, cfg)
+    stateful = [k for k in ("actor", "critic", "actor_sched", "critic_sched") if k in optims]
     start = 0
     if state is not None:
-        for k in ("actor", "critic", "actor_sched", "critic_sched"):
+        for k in stateful:
             optims[k].load_state_dict(state[k])
         kl_ctl.load_state_dict(state["kl_ctl"])
         normalize.running.load_state_dict(state["running_scores"])
@@ -535,7 +586,7 @@ def run_ppo(
     logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
 
     def checkpoint(iteration: int) -> None:
-        st = {k: optims[k].state_dict() for k in ("actor", "critic", "actor_sched", "critic_sched")}
+        st = {k: optims[k].state_dict() for k in stateful}
         st.update(
             kl_ctl=kl_ctl.state_dict(),
             running_scores=normalize.running.state_dict(),
@@ -546,7 +597,10 @@ def run_ppo(
 
         def write(d: Path) -> None:
             write_trainable(models.actor, models.tokenizer, d / "actor")
-            write_trainable(models.critic, models.tokenizer, d / "critic")
+            if models.shared is not None:  # the value head sits beside the actor it shares
+                save_value_head(models.shared.value_head, d / "actor")
+            else:
+                write_trainable(models.critic, models.tokenizer, d / "critic")
 
         if dist.is_main():  # the weights are the same on every rank: write them once
             save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
@@ -584,6 +638,11 @@ def run_ppo(
     logger.close()
     if dist.is_main():
         write_atomic_dir(
-            out / "final-critic", lambda d: export_model(models.critic, models.tokenizer, d)
+            out / "final-critic",
+            lambda d: (
+                export_shared_critic(models.shared, models.tokenizer, d)
+                if models.shared is not None
+                else export_model(models.critic, models.tokenizer, d)
+            ),
         )
     return export_final(models.actor, models.tokenizer, out, cfg)

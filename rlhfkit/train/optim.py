@@ -12,7 +12,12 @@ from rlhfkit.config import TrainConfig
 def make_optimizer(
     params, lr: float, weight_decay: float, betas: tuple[float, float]
 ) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
+    """AdamW over ``params``: tensors, or param-group dicts (each may set its own lr/weight_decay)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     # fused AdamW is ~5x faster than the default foreach path on CPU (measured, issue 6)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
