@@ -124,6 +124,11 @@ class TrainConfig:
     resume: bool = knob(True, "continue from the newest checkpoint in output_dir if there is one")
     num_threads: int = knob(0, "torch CPU threads (0 = torch's default)", lo=0)
     max_bad_steps: int = knob(3, "abort after this many non-finite (skipped) steps in a row", lo=1)
+    parallel: Literal["ddp", "fsdp"] = knob(
+        "ddp",
+        "under torchrun: DDP (every rank holds all weights) or FSDP2 fully_shard (weights, "
+        "gradients and optimizer state split across ranks per transformer block)",
+    )
 
 
 @dataclass(frozen=True)
@@ -137,12 +142,23 @@ class LogConfig:
 # --------------------------------------------------------------------------- stage configs
 
 
+def check_parallel(model: ModelConfig, parallel: str, key: str) -> None:
+    if parallel == "fsdp" and model.lora.enabled:
+        raise ConfigError(
+            f"{key}: 'fsdp' with model.lora.enabled is not supported; LoRA adapters are small, "
+            "use 'ddp' (docs/distributed.md)"
+        )
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     model: ModelConfig = sub(ModelConfig, "the pretrained model to fine-tune")
     data: DataConfig = sub(DataConfig, "instruction data: {prompt, completion} or {messages}")
     train: TrainConfig = sub(TrainConfig)
     log: LogConfig = sub(LogConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,9 @@ class RMConfig:
         "responses of this many train examples scored after training to store the reward mean/std (0 = all)",
         lo=0,
     )
+
+    def validate(self, prefix: str = "") -> None:
+        check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
 
 
 # --------------------------------------------------------------------------- loading
@@ -430,6 +449,11 @@ class RunConfig:
         3, "abort after this many non-finite (skipped) updates in a row", lo=1
     )
     warn_kl: float = knob(50.0, "warn when the mean per-sequence KL exceeds this", lo=0)
+    parallel: Literal["ddp", "fsdp"] = knob(
+        "ddp",
+        "under torchrun: DDP (every rank holds all weights) or FSDP2 fully_shard (weights, "
+        "gradients and optimizer state split across ranks per transformer block; the frozen reference and RM are sharded too)",
+    )
 
 
 @dataclass(frozen=True)
@@ -456,6 +480,7 @@ class PPOConfig:
     log: LogConfig = sub(LogConfig)
 
     def validate(self, prefix: str = "") -> None:
+        check_parallel(self.model, self.run.parallel, f"{prefix}run.parallel")
         # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
         if self.reward_model and self.reward_fn:
             raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set only one of them")

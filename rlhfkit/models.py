@@ -197,7 +197,9 @@ class PerTokenScalar(nn.Module):
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state
-        return scalar_head(self.model)(hidden).squeeze(-1).float()
+        # sum over the size-1 head output drops that dim exactly and returns a new tensor, not a
+        # view (FSDP2 warns about views returned from a sharded module's forward)
+        return scalar_head(self.model)(hidden).sum(-1).float()
 
 
 class ActorCritic(nn.Module):
@@ -237,16 +239,16 @@ class ActorCritic(nn.Module):
             use_cache=False,
         ).last_hidden_state  # (B, L, H)
         logits = self.policy.get_output_embeddings()(hidden[:, -logits_to_keep:])
-        return logits, self.value_head(hidden).squeeze(-1).float()
+        return logits, self.value_head(hidden).sum(-1).float()  # (B, L): see PerTokenScalar
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def save_value_head(head: nn.Linear, directory: str | Path) -> None:
+def save_value_head(weight: torch.Tensor, directory: str | Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({"weight": head.weight.detach().contiguous()}, str(Path(directory, VALUE_HEAD_FILE)))
+    save_file({"weight": weight.detach().contiguous()}, str(Path(directory, VALUE_HEAD_FILE)))
 
 
 def load_value_head(head: nn.Linear, directory: str | Path) -> None:
@@ -259,17 +261,31 @@ def load_value_head(head: nn.Linear, directory: str | Path) -> None:
         head.weight.copy_(load_file(str(path))["weight"])
 
 
-def export_shared_critic(ac: ActorCritic, tokenizer, directory: str | Path) -> None:
+def shared_state(ac: ActorCritic, full: dict | None) -> tuple[dict | None, torch.Tensor | None]:
+    """Split ``ActorCritic`` weights (``full``: consolidated, or None = the module's own) into the
+    policy's state dict (None = its own) and the value head's weight."""
+    if full is None:
+        return None, ac.value_head.weight
+    if not full:  # a sharded module's full state lives on rank 0 only
+        return {}, None
+    policy = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+    return policy, full["value_head.weight"]
+
+
+def export_shared_critic(
+    ac: ActorCritic, tokenizer, directory: str | Path, full: dict | None = None
+) -> None:
     """V_phi of a shared trunk as a plain sequence-classification directory (trunk + ``score`` =
     the value head), so it loads with transformers like a separately trained critic."""
     from transformers import AutoModelForSequenceClassification
 
-    export_model(ac.policy, tokenizer, directory)  # the trunk (LoRA merged)
+    policy_sd, head = shared_state(ac, full)
+    export_model(ac.policy, tokenizer, directory, policy_sd)  # the trunk (LoRA merged)
     critic = AutoModelForSequenceClassification.from_pretrained(
-        directory, num_labels=1, dtype=ac.value_head.weight.dtype
+        directory, num_labels=1, dtype=head.dtype
     )
     with torch.no_grad():
-        critic.score.weight.copy_(ac.value_head.weight)
+        critic.score.weight.copy_(head)
     critic.save_pretrained(directory, safe_serialization=True)
 
 
@@ -295,14 +311,15 @@ def read_reward_stats(directory: str | Path) -> dict[str, float] | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def export_model(model, tokenizer, directory: str | Path) -> None:
+def export_model(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> None:
     """Write a plain HF directory (safetensors + config + tokenizer). LoRA adapters are merged into
-    a copy first so that the directory loads without peft."""
+    a copy first so that the directory loads without peft. ``state_dict``: the consolidated
+    weights of a sharded (FSDP) model, from ``dist.full_state_dict``."""
     if hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
 
 
@@ -310,10 +327,10 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def write_trainable(model, tokenizer, directory: Path) -> None:
+def write_trainable(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Checkpoint a trained model: a plain HF dir under model/, and the LoRA adapter (for exact
     resume of adapter training) under adapter/."""
-    export_model(model, tokenizer, directory / "model")
+    export_model(model, tokenizer, directory / "model", state_dict)
     if is_peft(model):
         model.save_pretrained(directory / "adapter", safe_serialization=True)
 

@@ -1,6 +1,8 @@
 """Worker for the 1-vs-2-process equivalence test (run under torchrun): one PPO update on a fixed
 rollout. Every rank builds the same 16-episode buffer, keeps its own slice, and trains on it; rank 0
-saves the updated weights and the logged losses to OUT."""
+saves the updated (consolidated) weights and the logged losses to OUT.
+
+usage: dist_ppo_update.py LM PROMPTS OUT [key=value overrides, e.g. run.parallel=fsdp]"""
 
 import json
 import sys
@@ -24,7 +26,7 @@ from rlhfkit.stages.ppo import (  # noqa: E402
 from rlhfkit.train import dist  # noqa: E402
 
 
-def main(lm: str, prompts: str, out: str) -> None:
+def main(lm: str, prompts: str, out: str, *overrides: str) -> None:
     dist.init_from_env()
     torch.set_num_threads(1)
     cfg = load_config(
@@ -43,6 +45,7 @@ def main(lm: str, prompts: str, out: str) -> None:
             "critic.lr=1e-2",
             "ppo.reward_norm=none",
             "ppo.ent_coef=0.01",
+            *overrides,
         ],
     )
     torch.manual_seed(0)
@@ -59,15 +62,18 @@ def main(lm: str, prompts: str, out: str) -> None:
     n, r = dist.world(), dist.rank()
     exp = full.select(torch.arange(r * 16 // n, (r + 1) * 16 // n))
     metrics = rewards_and_advantages(exp, 0.05, cfg)
-    metrics.update(ppo_update(models, _optimizers(models, cfg), exp, cfg, update_actor=True))
+    optims = _optimizers(models, cfg)
+    sharded = dist.is_sharded(models.actor)
+    metrics.update(ppo_update(models, optims, exp, cfg, update_actor=True))
+    trained = {"actor": models.actor}
+    trained["critic"] = models.critic if models.shared is None else models.shared.value_head
+    weights = {k: dist.full_state_dict(m) or m.state_dict() for k, m in trained.items()}
     if dist.is_main():
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"actor": models.actor.state_dict(), "critic": models.critic.state_dict()},
-            Path(out) / "w.pt",
-        )
+        torch.save(weights, Path(out) / "w.pt")
+        metrics["sharded"] = float(sharded)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

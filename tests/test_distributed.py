@@ -3,6 +3,7 @@ same losses and weights (PPO update on a fixed rollout; RM training), and 2-proc
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,40 +44,39 @@ def prompts_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_ppo_update_one_vs_two_processes(tmp_path, tiny_lm):
+@pytest.mark.parametrize("shared", [False, True], ids=["separate_critic", "shared_trunk"])
+def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, shared):
     p = prompts_file(tmp_path)
-    for n in (1, 2):
-        torchrun(n, str(HERE / "dist_ppo_update.py"), str(tiny_lm), str(p), str(tmp_path / f"n{n}"))
+    extra = ["shared_trunk=true"] if shared else []
+    worker = [str(HERE / "dist_ppo_update.py"), str(tiny_lm), str(p)]
+    torchrun(1, *worker, str(tmp_path / "n1"), *extra)
+    for parallel in ("ddp", "fsdp"):
+        torchrun(2, *worker, str(tmp_path / parallel), *extra, f"run.parallel={parallel}")
     m1 = json.loads((tmp_path / "n1" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "n2" / "metrics.json").read_text())
-    for k in (
-        "loss/policy",
-        "loss/value",
-        "loss/entropy",
-        "kl/seq_mean",
-        "reward/total",
-        "grad_norm/actor",
-        "grad_norm/critic",
-    ):
-        assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
     w1 = torch.load(tmp_path / "n1" / "w.pt", weights_only=True)
-    w2 = torch.load(tmp_path / "n2" / "w.pt", weights_only=True)
-    moved = 0
-    for part in ("actor", "critic"):
-        init = (
-            AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict() if part == "actor" else None
-        )
-        for k in w1[part]:
-            torch.testing.assert_close(
-                w1[part][k], w2[part][k], rtol=0, atol=2e-5, msg=f"{part}.{k}"
-            )
-            if init is not None and k in init and init[k].shape == w1[part][k].shape:
-                moved += int(not torch.equal(init[k], w1[part][k]))
-    assert moved > 0  # the update really changed the actor
+    init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    keys = ["loss/policy", "loss/value", "loss/entropy", "kl/seq_mean", "reward/total"]
+    keys += ["grad_norm/actor"] + ([] if shared else ["grad_norm/critic"])
+    for parallel in ("ddp", "fsdp"):
+        m2 = json.loads((tmp_path / parallel / "metrics.json").read_text())
+        assert m2["sharded"] == float(parallel == "fsdp")  # FSDP really split the weights
+        for k in keys:
+            assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (parallel, k)
+        w2 = torch.load(tmp_path / parallel / "w.pt", weights_only=True)
+        moved = 0
+        for part in ("actor", "critic"):
+            assert w1[part].keys() == w2[part].keys()
+            for k in w1[part]:
+                torch.testing.assert_close(
+                    w1[part][k], w2[part][k], rtol=0, atol=2e-5, msg=f"{parallel} {part}.{k}"
+                )
+                if part == "actor" and k in init:
+                    moved += int(not torch.equal(init[k], w1[part][k]))
+        assert moved > 0  # the update really changed the actor
 
 
 @pytest.mark.slow
-def test_rm_training_one_vs_two_processes(tmp_path, tiny_lm):
+def test_rm_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
     data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
     common = [
         "-m",
@@ -91,32 +91,42 @@ def test_rm_training_one_vs_two_processes(tmp_path, tiny_lm):
         "train.log_every=1",
     ]
     torchrun(1, *common, f"train.output_dir={tmp_path / 'n1'}", "train.batch_size=8")
-    torchrun(
-        2, *common, f"train.output_dir={tmp_path / 'n2'}", "train.batch_size=4"
-    )  # same global batch
+    for parallel in ("ddp", "fsdp"):  # the same global batch over 2 ranks
+        torchrun(
+            2,
+            *common,
+            f"train.output_dir={tmp_path / parallel}",
+            "train.batch_size=4",
+            f"train.parallel={parallel}",
+        )
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "n1" / "final").state_dict()
-    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "n2" / "final").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=k)
-    la = [
-        json.loads(x)["train/loss"]
-        for x in (tmp_path / "n1" / "metrics.jsonl").read_text().splitlines()
-        if "train/loss" in x
-    ]
-    lb = [
-        json.loads(x)["train/loss"]
-        for x in (tmp_path / "n2" / "metrics.jsonl").read_text().splitlines()
-        if "train/loss" in x
-    ]
-    assert la == pytest.approx(lb, abs=1e-5) and len(la) == 6
+    la = _losses(tmp_path / "n1")
+    assert len(la) == 6
+    for parallel in ("ddp", "fsdp"):
+        final = tmp_path / parallel / "final"
+        b = AutoModelForSequenceClassification.from_pretrained(final).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"{parallel} {k}")
+        assert la == pytest.approx(_losses(tmp_path / parallel), abs=1e-5)
+        assert json.loads((final / "config.json").read_text())["architectures"] == [
+            "LlamaForSequenceClassification"
+        ]
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
 @pytest.mark.slow
-def test_two_process_ppo_end_to_end(tmp_path, tiny_lm):
+@pytest.mark.parametrize(
+    "parallel, shared", [("ddp", False), ("fsdp", False), ("fsdp", True)], ids=str
+)
+def test_two_process_ppo_end_to_end_and_exact_resume(tmp_path, tiny_lm, parallel, shared):
     p = prompts_file(tmp_path)
     out = tmp_path / "ppo"
-    torchrun(
-        2,
+    args = [
         "-m",
         "rlhfkit",
         "ppo",
@@ -124,6 +134,8 @@ def test_two_process_ppo_end_to_end(tmp_path, tiny_lm):
         "reward_fn=test_reliability:toy_reward",
         f"data.train_file={p}",
         f"run.output_dir={out}",
+        f"run.parallel={parallel}",
+        f"shared_trunk={str(shared).lower()}",
         "run.iterations=3",
         "run.save_every=2",
         "rollout.episodes_per_iteration=16",
@@ -131,13 +143,37 @@ def test_two_process_ppo_end_to_end(tmp_path, tiny_lm):
         "ppo.minibatch_size=8",
         "ppo.micro_batch_size=8",
         "ppo.reward_norm=running",
+        "actor.lr=1e-3",
+        "critic.lr=1e-3",
         "log.progress=false",
         "log.tensorboard=false",
-    )
+    ]
+    torchrun(2, *args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # logged once, by rank 0
-    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDPLlamaForCausalLM
+    first = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    last = out / "checkpoints" / "step-000003" / "actor" / "model"
+    saved = AutoModelForCausalLM.from_pretrained(last).state_dict()
+    assert any(not torch.equal(first[k], init[k]) for k in init)  # trained, not a stale copy
+    for k in first:
+        torch.testing.assert_close(first[k], saved[k], rtol=0, atol=0, msg=k)
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "final-critic").state_dict()
+    assert all(torch.isfinite(v).all() for v in critic.values())
     state = torch.load(out / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(
         state["rng"][0]["torch"], state["rng"][1]["torch"]
     )
+    # resume from step 2 (drop step 3 and the exports): the same metrics and the same weights
+    for d in ("checkpoints/step-000003", "final", "final-critic"):
+        shutil.rmtree(out / d)
+    torchrun(2, *args)
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3]
+    assert again[2]["score/mean"] == rows[2]["score/mean"]
+    assert again[2]["loss/policy"] == pytest.approx(rows[2]["loss/policy"], abs=1e-6)
+    resumed = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for k in first:
+        torch.testing.assert_close(resumed[k], first[k], rtol=0, atol=1e-6, msg=k)

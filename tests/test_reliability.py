@@ -228,7 +228,7 @@ def _fit_with_losses(tmp_path, losses, max_bad=3):
         cfg,
         MetricLogger(tmp_path, LogConfig(tensorboard=False)),
         evaluate=dict,
-        write_model=lambda d: (d / "w.txt").write_text("x"),
+        write_model=lambda d, weights: (d / "w.txt").write_text("x"),
         run_config={},
         show_progress=False,
     )

@@ -62,8 +62,10 @@ def load_trainable_scalar(
 def export_final(model, tokenizer, out: Path, cfg, extra=None) -> Path:
     """output_dir/final: a plain HF directory with the resolved run config beside the weights."""
 
+    weights = dist.full_state_dict(model)  # consolidated when FSDP-sharded (every rank)
+
     def write(d: Path) -> None:
-        export_model(model, tokenizer, d)
+        export_model(model, tokenizer, d, weights)
         save_run_config(d, to_dict(cfg))
         if extra is not None:
             extra(d)

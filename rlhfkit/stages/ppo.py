@@ -51,6 +51,7 @@ from rlhfkit.models import (
     load_value_head,
     read_reward_stats,
     save_value_head,
+    shared_state,
     write_trainable,
 )
 from rlhfkit.rollout.experience import Experience, concat
@@ -198,18 +199,19 @@ def rollout_chunk(
         [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(models.actor)
     )  # (B, P)
     t0 = time.perf_counter()
-    gen = generate(
-        models.actor,
-        prompt_ids,
-        prompt_mask,
-        max_new_tokens=rc.max_new_tokens,
-        eos_id=None if rc.ignore_eos else tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        temperature=rc.temperature,
-        top_k=rc.top_k,
-        top_p=rc.top_p,
-        stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
-    )
+    with dist.full_weights(models.shared or models.actor):  # FSDP: no collectives per token
+        gen = generate(
+            models.actor,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=rc.max_new_tokens,
+            eos_id=None if rc.ignore_eos else tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=rc.temperature,
+            top_k=rc.top_k,
+            top_p=rc.top_p,
+            stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
+        )
     t1 = time.perf_counter()
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
     if models.shared is not None:  # one trunk: log pi and V(s_t) from the same forward
@@ -500,30 +502,61 @@ def _warmup(iterations: int):
     return lambda it: min(1.0, (it + 1) / iterations) if iterations else 1.0
 
 
+def _training_modules(models: Models, cfg: PPOConfig) -> dict[str, Any]:
+    """The modules the update calls: the models themselves in one process; DDP over them; or,
+    with ``run.parallel: fsdp``, the models sharded in place (the frozen reference and RM too,
+    since every rank runs their forwards in step)."""
+    strategy = cfg.run.parallel
+    if strategy == "fsdp":
+        for frozen in (models.ref, models.rm):
+            if frozen is not None:
+                dist.shard(frozen)
+    if models.shared is not None:
+        train = {"actor_train": dist.wrap(models.shared, strategy)}
+        if dist.is_sharded(models.shared):
+            # FSDP2 makes the first module whose forward runs its root; generation calls the
+            # policy inside, so one tiny forward through the actor-critic comes first
+            with torch.no_grad():
+                z = torch.zeros(1, 1, dtype=torch.long, device=device_of(models.actor))
+                models.shared(z, torch.ones_like(z), z, logits_to_keep=1)
+            models.shared.reshard()  # back to shards before the optimizer takes the parameters
+        return train
+    return {
+        "actor_train": dist.wrap(models.actor, strategy),
+        "critic_train": dist.wrap(models.critic_fwd, strategy),
+    }
+
+
 def _optimizers(models: Models, cfg: PPOConfig) -> dict[str, Any]:
-    """Optimizers, LR schedules and training modules of the actor and the critic."""
+    """Training modules (see ``_training_modules``), then the optimizers and LR schedules of the
+    actor and the critic over their (possibly sharded) parameters."""
+    out = _training_modules(models, cfg)
+    betas = (0.9, 0.999)
     if models.shared is not None:  # one optimizer: the actor's lr on the trunk, the critic's on V
         ac, a, c = models.shared, cfg.actor, cfg.critic
         groups = [
             {"params": ac.trunk_parameters(), "lr": a.lr, "weight_decay": a.weight_decay},
             {"params": ac.value_head.parameters(), "lr": c.lr, "weight_decay": c.weight_decay},
         ]
-        opt = make_optimizer(groups, a.lr, a.weight_decay, (0.9, 0.999))
-        sched = torch.optim.lr_scheduler.LambdaLR(
+        out["actor"] = opt = make_optimizer(groups, a.lr, a.weight_decay, betas)
+        out["actor_sched"] = torch.optim.lr_scheduler.LambdaLR(
             opt, [_warmup(a.warmup_iterations), _warmup(c.warmup_iterations)]
         )
-        return {"actor": opt, "actor_sched": sched, "actor_train": dist.wrap(ac)}
-    out = {}
+        return out
     for name, model, oc in (
         ("actor", models.actor, cfg.actor),
         ("critic", models.critic, cfg.critic),
     ):
-        opt = make_optimizer(model.parameters(), oc.lr, oc.weight_decay, (0.9, 0.999))
-        out[name] = opt
-        # the module the update calls: the model itself, or DDP over it when data-parallel
-        out[f"{name}_train"] = dist.wrap(models.actor if name == "actor" else models.critic_fwd)
+        out[name] = opt = make_optimizer(model.parameters(), oc.lr, oc.weight_decay, betas)
         out[f"{name}_sched"] = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(oc.warmup_iterations))
     return out
+
+
+def _owner(models: Models, name: str):
+    """The module whose parameters optimizer ``name`` holds (for sharded state dicts)."""
+    if name == "critic":
+        return models.critic
+    return models.shared if models.shared is not None else models.actor
 
 
 def _sample_text(models: Models, exp: Experience, n: int = 3) -> str:
@@ -577,7 +610,10 @@ def run_ppo(
     start = 0
     if state is not None:
         for k in stateful:
-            optims[k].load_state_dict(state[k])
+            if k.endswith("_sched"):
+                optims[k].load_state_dict(state[k])
+            else:  # consolidated over ranks when FSDP-sharded
+                dist.load_optimizer_state(_owner(models, k), optims[k], state[k])
         kl_ctl.load_state_dict(state["kl_ctl"])
         normalize.running.load_state_dict(state["running_scores"])
         stream.load_state_dict(state["stream"])
@@ -586,7 +622,21 @@ def run_ppo(
     logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
 
     def checkpoint(iteration: int) -> None:
-        st = {k: optims[k].state_dict() for k in stateful}
+        # collectives first (every rank): consolidated weights and optimizer states under FSDP
+        st = {
+            k: optims[k].state_dict()
+            if k.endswith("_sched")
+            else dist.optimizer_state(_owner(models, k), optims[k])
+            for k in stateful
+        }
+        critic_w, head = None, None
+        if models.shared is not None:
+            actor_w, head = shared_state(models.shared, dist.full_state_dict(models.shared))
+        else:
+            actor_w, critic_w = (
+                dist.full_state_dict(models.actor),
+                dist.full_state_dict(models.critic),
+            )
         st.update(
             kl_ctl=kl_ctl.state_dict(),
             running_scores=normalize.running.state_dict(),
@@ -596,11 +646,11 @@ def run_ppo(
         )
 
         def write(d: Path) -> None:
-            write_trainable(models.actor, models.tokenizer, d / "actor")
+            write_trainable(models.actor, models.tokenizer, d / "actor", actor_w)
             if models.shared is not None:  # the value head sits beside the actor it shares
-                save_value_head(models.shared.value_head, d / "actor")
+                save_value_head(head, d / "actor")
             else:
-                write_trainable(models.critic, models.tokenizer, d / "critic")
+                write_trainable(models.critic, models.tokenizer, d / "critic", critic_w)
 
         if dist.is_main():  # the weights are the same on every rank: write them once
             save_checkpoint(out, iteration, write, st, to_dict(cfg), cfg.run.keep_last)
@@ -636,13 +686,14 @@ def run_ppo(
                 checkpoint(it + 1)
     checkpoint(cfg.run.iterations)
     logger.close()
+    critic_w = dist.full_state_dict(models.shared or models.critic)  # every rank, when sharded
     if dist.is_main():
         write_atomic_dir(
             out / "final-critic",
             lambda d: (
-                export_shared_critic(models.shared, models.tokenizer, d)
+                export_shared_critic(models.shared, models.tokenizer, d, critic_w)
                 if models.shared is not None
-                else export_model(models.critic, models.tokenizer, d)
+                else export_model(models.critic, models.tokenizer, d, critic_w)
             ),
         )
     return export_final(models.actor, models.tokenizer, out, cfg)

@@ -129,7 +129,7 @@ def run_rm(cfg: RMConfig) -> Path:
         cfg.train,
         logger,
         evaluate=lambda: evaluate_rm(scorer, evals, pad, cfg.train.batch_size),
-        write_model=lambda d: write_trainable(model, tokenizer, d),
+        write_model=lambda d, weights: write_trainable(model, tokenizer, d, weights),
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,

@@ -70,7 +70,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         cfg.train,
         logger,
         evaluate=lambda: evaluate_sft(model, evals, pad, cfg.train.batch_size),
-        write_model=lambda d: write_trainable(model, tokenizer, d),
+        write_model=lambda d, weights: write_trainable(model, tokenizer, d, weights),
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,

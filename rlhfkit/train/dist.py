@@ -8,6 +8,8 @@ Launch: ``torchrun --nproc_per_node N -m rlhfkit <stage> ...`` (gloo on CPU, ncc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -82,12 +84,99 @@ def gather_objects(obj) -> list:
     return out
 
 
-def wrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module that training calls: DistributedDataParallel over the process group (gradients
-    are averaged across ranks in backward). In a single process, the module itself."""
+def wrap(module: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
+    """The module that training calls. ``ddp``: DistributedDataParallel over the process group
+    (every rank holds all weights; gradients are averaged in backward). ``fsdp``: ``shard`` in
+    place. In a single process, the module itself. Build optimizers after wrapping: FSDP2 replaces
+    the parameters."""
     if not dist.is_initialized():
         return module
+    if strategy == "fsdp":
+        return shard(module)
     from torch.nn.parallel import DistributedDataParallel
 
     dev = next(module.parameters()).device
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def shard(module: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) in place: every transformer block is one unit (its weights are
+    all-gathered just before it runs and freed after), the rest (embeddings, final norm, heads)
+    is the root unit. Parameters, gradients and optimizer state are split across ranks; gradients
+    are reduce-scattered and averaged like DDP's. The blocks are the classes HF lists in
+    ``_no_split_modules``. No-op in a single process."""
+    if not dist.is_initialized():
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    blocks: set[str] = set()
+    for m in module.modules():
+        blocks |= set(getattr(m, "_no_split_modules", None) or ())
+    for m in module.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m)
+    fully_shard(module)
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextmanager
+def full_weights(module: torch.nn.Module) -> Iterator[None]:
+    """FSDP2: all-gather every unit's weights once and keep them until the block ends. Generation
+    runs one forward per token and ranks stop after different numbers of tokens, so no
+    collective may run inside it. A no-op for unsharded modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.set_reshard_after_forward(True, recurse=False)
+            u.reshard()
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full (unsharded) tensors, on CPU, materialised on rank 0 only
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The consolidated weights of a sharded module (a collective: every rank calls it; rank 0 gets
+    the tensors, the others an empty dict). None for an unsharded module: use its own."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full_options())
+
+
+def optimizer_state(module: torch.nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()``, consolidated over ranks when ``module`` is sharded (collective)."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_full_options())
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer, state: dict) -> None:
+    """Inverse of ``optimizer_state``: every rank reads the full state and keeps its own shard."""
+    if not is_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        module, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )

@@ -70,7 +70,7 @@ def fit(
     cfg: TrainConfig,
     logger: MetricLogger,
     evaluate: Callable[[], dict[str, float]],
-    write_model: Callable[[Path], None],
+    write_model: Callable[[Path, dict | None], None],
     run_config: dict[str, Any],
     resume_state: dict[str, Any] | None = None,
     show_progress: bool = True,
@@ -78,34 +78,45 @@ def fit(
 ) -> dict[str, float]:
     """Train ``model`` on ``items``; returns the final eval metrics.
 
-    ``loss_fn(module, batch)`` gets ``forward_module`` (default: the model), DDP-wrapped when the
-    run is data-parallel. Each optimizer step then consumes ``batch_size`` examples per rank of a
+    ``loss_fn(module, batch)`` gets ``forward_module`` (default: the model), DDP-wrapped or
+    FSDP-sharded when the run is data-parallel. ``write_model(directory, weights)`` writes the
+    model; ``weights`` is its consolidated state dict when sharded, else None. Each optimizer step then consumes ``batch_size`` examples per rank of a
     global micro-batch of ``batch_size * world`` (the last incomplete one is dropped)."""
     n_ranks, my_rank = dist.world(), dist.rank()
     steps = total_steps(
         len(items) if n_ranks == 1 else len(items) // (cfg.batch_size * n_ranks) * cfg.batch_size,
         cfg,
     )
+    # DDP-wrapped, or FSDP2-sharded in place (then ``model``'s parameters are the shards: the
+    # optimizer is built after this)
+    train_module = dist.wrap(forward_module if forward_module is not None else model, cfg.parallel)
     optimizer, scheduler = optimizer_from_config(model, cfg, steps)
     pos = Position()
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         pos = Position(**resume_state["position"])
         set_rng_state(resume_state["rng"][my_rank])
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
-    train_module = dist.wrap(forward_module if forward_module is not None else model)
 
     def checkpoint() -> None:
+        weights = dist.full_state_dict(model)  # consolidated when sharded (every rank takes part)
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": dist.optimizer_state(model, optimizer),
             "scheduler": scheduler.state_dict(),
             "position": vars(pos).copy(),
             "rng": dist.gather_objects(rng_state()),  # one per rank
         }
         if dist.is_main():
-            save_checkpoint(cfg.output_dir, pos.step, write_model, state, run_config, cfg.keep_last)
+            save_checkpoint(
+                cfg.output_dir,
+                pos.step,
+                lambda d: write_model(d, weights),
+                state,
+                run_config,
+                cfg.keep_last,
+            )
         dist.barrier()
 
     model.train()

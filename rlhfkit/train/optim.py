@@ -68,6 +68,8 @@ def clip_and_step(
     norm = torch.nn.utils.clip_grad_norm_(
         params, max_grad_norm if max_grad_norm > 0 else float("inf")
     )
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor; the same value on every rank
+        norm = norm.full_tensor()
     if guard is None or guard.check(loss_ok and bool(torch.isfinite(norm)), where):
         optimizer.step()
         if scheduler is not None:
