@@ -390,6 +390,12 @@ class RolloutConfig:
     missing_eos_penalty: float = knob(
         0.0, "subtracted from the score of responses cut at max_new_tokens", lo=0
     )
+    old_logprobs: Literal["auto", "sampling", "recompute"] = knob(
+        "auto",
+        "log pi_old: the sampler's own logits (saves the actor's scoring forward; equal to a "
+        "forward to ~1e-6 in fp32), a training-layout forward (needed in bf16, whose logprobs "
+        "depend on the layout), or auto = sampling in fp32, recompute otherwise",
+    )
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,33 @@ def test_resume_continues_where_the_run_left_off(tmp_path, tiny_lm):
     wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_sampling_logprobs_fast_path_equals_the_recompute_path(tmp_path, tiny_lm):
+    """rollout.old_logprobs=sampling reuses the sampler's logits; the plain path runs a separate
+    training-layout forward. Same seed: the same tokens, and the same logprobs and entropy."""
+    out = {}
+    for source in ("sampling", "recompute"):
+        cfg = ppo_cfg(
+            tmp_path / source,
+            tiny_lm,
+            f"rollout.old_logprobs={source}",
+            "rollout.temperature=0.7",  # logprobs at the sampling temperature on both paths
+            "rollout.top_k=20",  # and of the unfiltered distribution
+        )
+        torch.manual_seed(0)
+        models = load_models(cfg, None, count_good)
+        prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+        timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+        norm = ScoreNormalizer("none", None, 0)
+        out[source] = (
+            collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm, timer),
+            timer,
+        )
+    (a, ta), (b, tb) = out["sampling"], out["recompute"]
+    m = a.response_mask
+    assert torch.equal(a.response, b.response) and torch.equal(m, b.response_mask)
+    assert (~m).any() and m.sum() > 50
+    torch.testing.assert_close(a.logprobs[m], b.logprobs[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.ref_logprobs[m], b.ref_logprobs[m], rtol=0, atol=0)
+    assert ta["entropy_sum"] == pytest.approx(tb["entropy_sum"], rel=1e-5)

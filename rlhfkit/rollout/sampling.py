@@ -18,6 +18,8 @@ class Generation:
     tokens: torch.Tensor  # (B, T) response tokens, pad after each row's end
     lengths: torch.Tensor  # (B,) tokens in each response, including the stop token
     stopped: torch.Tensor  # (B,) bool, True if the row ended on EOS / a stop sequence
+    logprobs: torch.Tensor  # (B, T) float32 log softmax(logits / temperature)[a_t], before top-k/p
+    entropy: torch.Tensor  # (B, T) float32 entropy of softmax(logits / temperature)
 
     @property
     def mask(self) -> torch.Tensor:  # (B, T) bool
@@ -81,7 +83,11 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> Generation:
     """Sample responses to left-padded prompts (B, P). Stops early once every row has ended.
-    eos_id=None: rows end only at stop sequences or max_new_tokens."""
+    eos_id=None: rows end only at stop sequences or max_new_tokens.
+
+    Also records log pi(a_t|s_t) and the entropy of the policy at the sampling temperature, without
+    the top-k / top-p filter (the distribution PPO trains), from the logits it samples with: in
+    fp32 they equal a training-layout forward's to ~1e-6, so the rollout need not run one."""
     b = prompt_ids.shape[0]
     device = prompt_ids.device
     stops = [torch.tensor(s, device=device) for s in (stop_sequences or []) if s]
@@ -100,10 +106,16 @@ def generate(
     lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
+    entropy = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
     for t in range(max_new_tokens):
-        tok = sample_from_logits(filter_logits(logits / temperature, top_k, top_p), generator)
+        scaled = logits.float() / temperature  # (B, V)
+        tok = sample_from_logits(filter_logits(scaled, top_k, top_p), generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
+        logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
+        entropy[:, t] = -(logp.exp() * logp).sum(-1)
         hit = (
             _ends_with(tokens[:, : t + 1], stops)
             if eos_id is None
@@ -125,4 +137,11 @@ def generate(
         )
         cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1]
     width = int(lengths.max())
-    return Generation(tokens[:, :width], lengths, stopped)
+    keep = torch.arange(width, device=device)[None] < lengths[:, None]  # zeros after each end
+    return Generation(
+        tokens[:, :width],
+        lengths,
+        stopped,
+        torch.where(keep, logprobs[:, :width], 0.0),
+        torch.where(keep, entropy[:, :width], 0.0),
+    )

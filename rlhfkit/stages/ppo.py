@@ -186,6 +186,14 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
 # --------------------------------------------------------------------------- 1. rollout
 
 
+def _logprobs_from_sampling(choice: str, actor) -> bool:
+    """fp32 logprobs from the KV-cache sampler equal a full forward's to rounding; bf16 ones can
+    differ by ~0.1 nats with the layout, which would bias the PPO ratio (issue 6)."""
+    if choice != "auto":
+        return choice == "sampling"
+    return next(actor.parameters()).dtype == torch.float32
+
+
 @torch.no_grad()
 def rollout_chunk(
     models: Models,
@@ -218,6 +226,9 @@ def rollout_chunk(
         logprobs, entropy, values = actor_critic_outputs(
             models.shared, seq, rc.temperature, with_entropy=True
         )  # (B, T) each
+    elif _logprobs_from_sampling(rc.old_logprobs, models.actor):  # never recompute what we have
+        logprobs, entropy = gen.logprobs, gen.entropy
+        values = critic_values(models.critic_fwd, seq)  # (B, T)
     else:
         logprobs, entropy = policy_logprobs(models.actor, seq, rc.temperature, with_entropy=True)
         values = critic_values(models.critic_fwd, seq)  # (B, T)
