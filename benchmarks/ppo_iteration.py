@@ -28,18 +28,25 @@ HERE = Path(__file__).parent
 BATCH, PROMPT, RESPONSE = 16, 32, 48
 
 
-def flops(model_n: int, hidden: int, vocab: int, epochs: int) -> dict[str, float]:
-    """Matmul FLOPs per iteration by phase (2 per multiply-add; attention scores ignored)."""
+def flops(
+    model_n: int, hidden: int, vocab: int, epochs: int, shared: bool = False
+) -> dict[str, float]:
+    """Matmul FLOPs of the work an iteration needs, by phase (2 per multiply-add; attention
+    scores ignored). The actor's old logprobs come from the sampling logits in both
+    implementations, so scoring is the reference, the critic (or shared trunk) and the RM."""
     seq, head = PROMPT + RESPONSE, 2 * hidden * vocab
     gen = BATCH * (PROMPT * 2 * model_n + RESPONSE * (2 * model_n + head))
     actor_fwd = BATCH * (seq * 2 * model_n + RESPONSE * head)
     body_fwd = BATCH * seq * 2 * model_n
-    score = 2 * actor_fwd + 2 * body_fwd  # actor, reference, critic, reward model
-    update = epochs * 3 * (actor_fwd + body_fwd)  # forward + backward (2x) for actor and critic
+    score = actor_fwd + 2 * body_fwd  # reference, critic, reward model
+    # forward + backward (2x) of actor and critic; one trunk when shared
+    update = epochs * 3 * (actor_fwd + (0 if shared else body_fwd))
     return {"generate": gen, "score": score, "update": update}
 
 
-def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]:
+def run_ours(
+    size: str, iters: int, epochs: int, minibatches: int, shared: bool = False
+) -> list[dict]:
     import torch
 
     from rlhfkit.config import PPOConfig, load_config
@@ -80,6 +87,7 @@ def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]
             f"ppo.micro_batch_size={mb}",
             "ppo.reward_norm=none",
             f"run.output_dir={tmp / 'run'}",
+            f"shared_trunk={str(shared).lower()}",
         ],
     )
     models = load_models(cfg, None, None)
@@ -87,7 +95,7 @@ def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]
     stream = PromptStream(len(items), 0)
     optims = _optimizers(models, cfg)
     normalize = ScoreNormalizer("none", None, 0)
-    fl = flops(common.layer_params(models.actor), hidden, vocab, epochs)
+    fl = flops(common.layer_params(models.actor), hidden, vocab, epochs, shared)
     rows = []
     for _ in range(iters):
         timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
@@ -100,7 +108,7 @@ def run_ours(size: str, iters: int, epochs: int, minibatches: int) -> list[dict]
         n_tok = int(exp.response_mask.sum())
         rows.append(
             {
-                "impl": "rlhfkit",
+                "impl": "rlhfkit-shared" if shared else "rlhfkit",
                 "total": t2 - t0,
                 "generate": timer["generate"],
                 "score": timer["score"],
@@ -142,7 +150,7 @@ def _subprocess(python: str, impl: str, args) -> list[dict]:
         "--minibatches",
         str(args.minibatches),
         "--json",
-    ]
+    ] + (["--shared-trunk"] if impl == "rlhfkit-shared" else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
@@ -161,10 +169,18 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
+    ap.add_argument(
+        "--shared-trunk",
+        action="store_true",
+        help="also run rlhfkit with shared_trunk=true (one transformer for actor and critic; "
+        "not TRL's setting, so reported beside the comparison, not in the ratio)",
+    )
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed iterations, one JSON line each
-        rows = run_ours(args.size, args.iters + 1, args.epochs, args.minibatches)[1:]
+        rows = run_ours(
+            args.size, args.iters + 1, args.epochs, args.minibatches, args.shared_trunk
+        )[1:]
         for r in rows:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
         return
@@ -180,6 +196,8 @@ def main() -> None:
         f"epochs={args.epochs} minibatches={args.minibatches} fp32, no EOS stop"
     )
     impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
+    if args.shared_trunk:
+        impls.append("rlhfkit-shared")
     results: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds if args.compare_trl else 1):
         for impl in impls:  # A B A B: machine drift hits both

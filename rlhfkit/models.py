@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhfkit.algos import token_logprobs
 from rlhfkit.config import ModelConfig
 
 PAD_TOKEN = "<|pad|>"
@@ -202,6 +203,42 @@ class PerTokenScalar(nn.Module):
         return scalar_head(self.model)(hidden).sum(-1).float()
 
 
+def logit_transform(conf) -> str | None:
+    """The config key of a transform some models apply after the LM head (Gemma-2 soft-capping,
+    Cohere's logit scale), or None when the logits are plainly lm_head(hidden)."""
+    for k in ("final_logit_softcapping", "logit_scale"):
+        if getattr(conf, k, None) not in (None, 1, 1.0):
+            return k
+    return None
+
+
+class LabelledLogprobs(nn.Module):
+    """SFT's forward: log p(next token) at the labelled positions only. (B, L) -> (N,) float32.
+
+    The LM head, half of a small model's FLOPs, runs only on the hidden states that predict a
+    labelled token: prompt and padding positions cost no head work, and no (B, L, V) float32
+    logits are kept (chunked log-softmax). A module of its own so that DDP/FSDP wrap the forward
+    that training calls. Models with a logit transform take the plain full-logits path."""
+
+    def __init__(self, model, ignore_index: int = -100):
+        super().__init__()
+        self.model, self.ignore_index = model, ignore_index
+        self.plain_head = logit_transform(model.config) is None
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        target = labels[:, 1:]  # (B, L-1): the token that position t predicts is labels[t+1]
+        keep = target != self.ignore_index
+        if self.plain_head:
+            hidden = backbone(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (B, L, H)
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits = out.logits[:, :-1][keep]  # (N, V)
+        return token_logprobs(logits[None], target[keep][None])[0]
+
+
 class ActorCritic(nn.Module):
     """The shared-trunk option: one transformer whose last hidden state feeds both the LM head
     (pi_theta) and a scalar value head (V_phi), so one forward gives logprobs and values.
@@ -213,12 +250,11 @@ class ActorCritic(nn.Module):
     def __init__(self, policy, value_head: nn.Linear | None = None):
         super().__init__()
         conf = policy.config
-        for k in ("final_logit_softcapping", "logit_scale"):
-            if getattr(conf, k, None) not in (None, 1, 1.0):
-                raise ValueError(
-                    f"shared_trunk: {conf.model_type} applies {k} after its LM head; "
-                    "the shared trunk supports models whose logits are lm_head(hidden)"
-                )
+        if (k := logit_transform(conf)) is not None:
+            raise ValueError(
+                f"shared_trunk: {conf.model_type} applies {k} after its LM head; "
+                "the shared trunk supports models whose logits are lm_head(hidden)"
+            )
         self.policy = policy
         if value_head is None:
             lm_head = policy.get_output_embeddings()

@@ -179,3 +179,35 @@ def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm):
         text=True,
     )
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_sft_loss_on_labelled_positions_equals_hf_loss_and_gradients(tiny_lm, plain_head):
+    """The fast path (LM head only where a label is, chunked log-softmax) against HF's own
+    ``model(**batch).loss``: the same value and the same gradient, with prompt labels masked
+    and right padding in the batch."""
+    from rlhfkit.data.tokenize import IGNORE_INDEX
+    from rlhfkit.models import LabelledLogprobs
+    from rlhfkit.stages.sft import sft_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    ids = torch.randint(4, model.config.vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX  # the prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    forward = LabelledLogprobs(model, IGNORE_INDEX)
+    forward.plain_head = plain_head
+    ours, _ = sft_loss(forward, batch)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hf = model(**batch, use_cache=False).loss
+    hf.backward()
+    assert forward(**batch).numel() == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(ours, hf, rtol=0, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)

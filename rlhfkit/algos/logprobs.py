@@ -30,6 +30,12 @@ def _chunk_forward(z: torch.Tensor, tok: torch.Tensor, need_entropy: bool):
     return logp, ent, lse
 
 
+def _scaled(chunk: torch.Tensor, work: torch.dtype, temperature: float) -> torch.Tensor:
+    """logits / T in the working dtype; no copy at all for float32 logits at T = 1."""
+    z = chunk.to(work)
+    return z if temperature == 1.0 else z / temperature
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, temperature, chunk_rows, need_entropy):
@@ -41,7 +47,7 @@ class _LogprobEntropy(torch.autograd.Function):
         logp = torch.empty(n, dtype=work, device=logits.device)
         ent = torch.empty(n if need_entropy else 0, dtype=work, device=logits.device)
         for s in range(0, n, chunk_rows):
-            z = flat[s : s + chunk_rows].to(work) / temperature
+            z = _scaled(flat[s : s + chunk_rows], work, temperature)
             lp, h, _ = _chunk_forward(z, tok[s : s + chunk_rows], need_entropy)
             logp[s : s + chunk_rows] = lp
             if need_entropy:
@@ -65,16 +71,19 @@ class _LogprobEntropy(torch.autograd.Function):
         grad = torch.empty_like(flat)
         for s in range(0, flat.shape[0], rows):
             sl = slice(s, s + rows)
-            z = flat[sl].to(work) / temp
-            logp_all = torch.log_softmax(z, dim=-1)  # (n, V) one chunk only
+            logp_all = torch.log_softmax(_scaled(flat[sl], work, temp), dim=-1)  # (n, V), a chunk
             p = logp_all.exp()
-            # d logp_a / dz = onehot(a) - p
-            gz = -p * g_logp[sl, None]
-            gz.scatter_add_(-1, tok[sl, None], g_logp[sl, None])
+            # d logp_a / dz = onehot(a) - p;  dH/dz_k = -p_k (log p_k + H). Together:
+            # dL/dz = onehot(a) g_logp - p (g_logp + (log p + H) g_ent), built in place
             if use_ent:
-                # dH/dz_k = -p_k (log p_k + H)
-                gz -= p * (logp_all + ent[sl, None]) * g_ent[sl, None]
-            grad[sl] = (gz / temp).to(grad.dtype)
+                coef = logp_all.add_(ent[sl, None]).mul_(g_ent[sl, None]).add_(g_logp[sl, None])
+                gz = p.mul_(coef).neg_()
+            else:
+                gz = p.mul_(-g_logp[sl, None])
+            gz.scatter_add_(-1, tok[sl, None], g_logp[sl, None])
+            if temp != 1.0:
+                gz.div_(temp)  # z = logits / T
+            grad[sl] = gz
         return grad.view_as(logits), None, None, None, None
 
 

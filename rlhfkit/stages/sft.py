@@ -11,7 +11,7 @@ import torch
 from rlhfkit.config import SFTConfig, to_dict
 from rlhfkit.data.build import SFTItem, load_sft, train_eval
 from rlhfkit.data.tokenize import IGNORE_INDEX, pad_right
-from rlhfkit.models import device_of, load_tokenizer, write_trainable
+from rlhfkit.models import LabelledLogprobs, device_of, load_tokenizer, write_trainable
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.loop import fit, to_device
@@ -25,24 +25,24 @@ def collate_sft(items: list[SFTItem], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def sft_loss(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean next-token cross-entropy over the completion tokens (HF shifts labels by one)."""
-    out = model(**batch, use_cache=False)
-    return out.loss, {}
+def sft_loss(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy over the labelled (completion) tokens of the micro-batch:
+    what HF's ``model(**batch).loss`` computes, with the LM head only where a label is."""
+    return -module(**batch).mean(), {}  # module: LabelledLogprobs, maybe DDP/FSDP-wrapped
 
 
 @torch.no_grad()
-def evaluate_sft(model, items: list[SFTItem], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Token-weighted loss and perplexity over ``items``."""
+def evaluate_sft(module, items: list[SFTItem], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Token-weighted loss and perplexity over ``items``. ``module``: a ``LabelledLogprobs``."""
     if not items:
         return {}
-    model.eval()
+    module.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(items), batch_size):
-        batch = to_device(collate_sft(items[i : i + batch_size], pad_id), device_of(model))
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**batch, use_cache=False).loss) * n
-        tokens += n
+        batch = to_device(collate_sft(items[i : i + batch_size], pad_id), device_of(module))
+        logp = module(**batch)  # (N,)
+        total -= float(logp.sum())
+        tokens += logp.numel()
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -62,6 +62,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
     )
     pad = tokenizer.pad_token_id
+    forward = LabelledLogprobs(model, IGNORE_INDEX)
     fit(
         model,
         train,
@@ -69,11 +70,12 @@ def run_sft(cfg: SFTConfig) -> Path:
         sft_loss,
         cfg.train,
         logger,
-        evaluate=lambda: evaluate_sft(model, evals, pad, cfg.train.batch_size),
+        evaluate=lambda: evaluate_sft(forward, evals, pad, cfg.train.batch_size),
         write_model=lambda d, weights: write_trainable(model, tokenizer, d, weights),
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,
+        forward_module=forward,
     )
     logger.close()
     # 4. a plain HF checkpoint for the next stages
