@@ -45,7 +45,12 @@ def flops(
 
 
 def run_ours(
-    size: str, iters: int, epochs: int, minibatches: int, shared: bool = False
+    size: str,
+    iters: int,
+    epochs: int,
+    minibatches: int,
+    shared: bool = False,
+    one_step: bool = False,
 ) -> list[dict]:
     import torch
 
@@ -83,7 +88,7 @@ def run_ours(
             f"rollout.max_new_tokens={RESPONSE}",
             "rollout.ignore_eos=true",
             f"ppo.epochs={epochs}",
-            f"ppo.minibatch_size={mb}",
+            f"ppo.minibatch_size={BATCH if one_step else mb}",
             f"ppo.micro_batch_size={mb}",
             "ppo.reward_norm=none",
             f"run.output_dir={tmp / 'run'}",
@@ -151,6 +156,7 @@ def _subprocess(python: str, impl: str, args) -> list[dict]:
         str(args.minibatches),
         "--json",
     ] + (["--shared-trunk"] if impl == "rlhfkit-shared" else [])
+    cmd += ["--one-step-per-epoch"] if args.one_step_per_epoch and impl != "trl" else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
@@ -170,6 +176,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
     ap.add_argument(
+        "--one-step-per-epoch",
+        action="store_true",
+        help="rlhfkit takes one optimizer step per epoch over the whole batch, in --minibatches "
+        "micro-batches: what TRL 1.12 does (its num_mini_batches splits the batch, but "
+        "accelerate accumulates them into one step per epoch in a single process)",
+    )
+    ap.add_argument(
         "--shared-trunk",
         action="store_true",
         help="also run rlhfkit with shared_trunk=true (one transformer for actor and critic; "
@@ -179,7 +192,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed iterations, one JSON line each
         rows = run_ours(
-            args.size, args.iters + 1, args.epochs, args.minibatches, args.shared_trunk
+            args.size,
+            args.iters + 1,
+            args.epochs,
+            args.minibatches,
+            args.shared_trunk,
+            args.one_step_per_epoch,
         )[1:]
         for r in rows:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
@@ -194,6 +212,7 @@ def main() -> None:
     print(
         f"settings: size={args.size} {common.SIZES[args.size]} batch={BATCH} prompt={PROMPT} response={RESPONSE} "
         f"epochs={args.epochs} minibatches={args.minibatches} fp32, no EOS stop"
+        + (", rlhfkit: one optimizer step per epoch" if args.one_step_per_epoch else "")
     )
     impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
     if args.shared_trunk:

@@ -93,8 +93,11 @@ def main() -> None:
     mb = BATCH // args.minibatches
     cfg = PPOConfig(
         output_dir=tempfile.mkdtemp(),
+        # TRL 1.12: rollout batch = per_device x grad_accum, split into num_mini_batches; a
+        # minibatch of mb episodes is then one micro-batch, and accelerate steps the optimizer once
+        # per grad_accum micro-batches. Same forward/backward work as ours; fewer optimizer steps.
         per_device_train_batch_size=mb,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=args.minibatches,
         num_mini_batches=args.minibatches,
         num_ppo_epochs=args.epochs,
         total_episodes=BATCH * (args.iters + 1),
