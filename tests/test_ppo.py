@@ -234,3 +234,14 @@ def test_sampling_logprobs_fast_path_equals_the_recompute_path(tmp_path, tiny_lm
     torch.testing.assert_close(a.logprobs[m], b.logprobs[m], rtol=0, atol=1e-5)
     torch.testing.assert_close(a.ref_logprobs[m], b.ref_logprobs[m], rtol=0, atol=0)
     assert ta["entropy_sum"] == pytest.approx(tb["entropy_sum"], rel=1e-5)
+
+
+def test_auto_old_logprobs_recomputes_in_bf16_only():
+    """bf16 logprobs depend on the batch layout (issue 6), so `auto` must not reuse the sampler's."""
+    from rlhfkit.stages.ppo import _logprobs_from_sampling
+
+    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert _logprobs_from_sampling("auto", fp32) and not _logprobs_from_sampling("auto", bf16)
+    assert _logprobs_from_sampling("sampling", bf16) and not _logprobs_from_sampling(
+        "recompute", fp32
+    )
