@@ -51,6 +51,7 @@ def run_ours(
     minibatches: int,
     shared: bool = False,
     one_step: bool = False,
+    compile_decode: bool = False,
 ) -> list[dict]:
     import torch
 
@@ -93,6 +94,7 @@ def run_ours(
             "ppo.reward_norm=none",
             f"run.output_dir={tmp / 'run'}",
             f"shared_trunk={str(shared).lower()}",
+            f"rollout.compile={str(compile_decode).lower()}",
         ],
     )
     models = load_models(cfg, None, None)
@@ -157,6 +159,7 @@ def _subprocess(python: str, impl: str, args) -> list[dict]:
         "--json",
     ] + (["--shared-trunk"] if impl == "rlhfkit-shared" else [])
     cmd += ["--one-step-per-epoch"] if args.one_step_per_epoch and impl != "trl" else []
+    cmd += ["--compile"] if args.compile and impl != "trl" else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
@@ -183,6 +186,12 @@ def main() -> None:
         "accelerate accumulates them into one step per epoch in a single process)",
     )
     ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="rlhfkit decodes with rollout.compile=true (torch.compile + static cache; the "
+        "compile happens in the uncounted warm-up iteration)",
+    )
+    ap.add_argument(
         "--shared-trunk",
         action="store_true",
         help="also run rlhfkit with shared_trunk=true (one transformer for actor and critic; "
@@ -198,6 +207,7 @@ def main() -> None:
             args.minibatches,
             args.shared_trunk,
             args.one_step_per_epoch,
+            args.compile,
         )[1:]
         for r in rows:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
@@ -213,6 +223,7 @@ def main() -> None:
         f"settings: size={args.size} {common.SIZES[args.size]} batch={BATCH} prompt={PROMPT} response={RESPONSE} "
         f"epochs={args.epochs} minibatches={args.minibatches} fp32, no EOS stop"
         + (", rlhfkit: one optimizer step per epoch" if args.one_step_per_epoch else "")
+        + (", rlhfkit: compiled decode" if args.compile else "")
     )
     impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
     if args.shared_trunk:

@@ -390,6 +390,11 @@ class RolloutConfig:
     missing_eos_penalty: float = knob(
         0.0, "subtracted from the score of responses cut at max_new_tokens", lo=0
     )
+    compile: bool = knob(
+        False,
+        "run the decode step through torch.compile with a static KV cache (a one-off compile of "
+        "~20 s per shape; 1.3x faster decoding measured on CPU); off = eager HF forward",
+    )
     old_logprobs: Literal["auto", "sampling", "recompute"] = knob(
         "auto",
         "log pi_old: the sampler's own logits (saves the actor's scoring forward; equal to a "

@@ -59,6 +59,48 @@ def sample_from_logits(
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+_BUCKET = 64  # static cache lengths are rounded up to this, so new prompt widths rarely recompile
+
+
+class _Decoder:
+    """The decode step. Eager: HF's growing ``DynamicCache`` (``cache`` is None, the model makes
+    one). Compiled: a ``StaticCache`` of P + T columns rounded up to ``_BUCKET`` and a mask of that
+    fixed width (zeros mark the columns not written yet), so the compiled graph sees the same
+    shapes at every step and for every prompt width in the bucket."""
+
+    def __init__(self, model, prompt_mask: torch.Tensor, max_new_tokens: int, compiled: bool):
+        self.static, self.cache = compiled, None
+        if not compiled:
+            return
+        from transformers import StaticCache
+
+        b, p = prompt_mask.shape
+        width = -(-(p + max_new_tokens) // _BUCKET) * _BUCKET
+        self.cache = StaticCache(config=model.config, max_cache_len=width)
+        self.mask = torch.zeros(b, width, dtype=torch.long, device=prompt_mask.device)
+        self.mask[:, :p] = prompt_mask
+        self.p, self.model = p, model
+        # compiled once per model object (kept on it, so it dies with the model); a new batch
+        # size or cache width recompiles, up to torch's recompile limit, then runs eager
+        if getattr(model, "_rlhfkit_compiled_forward", None) is None:
+            model._rlhfkit_compiled_forward = torch.compile(model.forward, dynamic=False)
+        self.forward = model._rlhfkit_compiled_forward
+
+    def step(self, tok: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed token t (B,) at ``position`` (B, 1); returns the next logits (B, V)."""
+        col = self.p + t
+        self.mask[:, col] = 1
+        out = self.forward(
+            input_ids=tok[:, None],
+            attention_mask=self.mask,
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+            cache_position=torch.tensor([col], device=tok.device),
+        )
+        return out.logits[:, -1]
+
+
 def _ends_with(history: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
     hit = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
     for s in seqs:
@@ -81,22 +123,29 @@ def generate(
     top_p: float = 1.0,
     stop_sequences: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
+    compile_decode: bool = False,
 ) -> Generation:
     """Sample responses to left-padded prompts (B, P). Stops early once every row has ended.
     eos_id=None: rows end only at stop sequences or max_new_tokens.
 
     Also records log pi(a_t|s_t) and the entropy of the policy at the sampling temperature, without
     the top-k / top-p filter (the distribution PPO trains), from the logits it samples with: in
-    fp32 they equal a training-layout forward's to ~1e-6, so the rollout need not run one."""
+    fp32 they equal a training-layout forward's to ~1e-6, so the rollout need not run one.
+
+    compile_decode: run the one-token decode step through ``torch.compile`` with a preallocated
+    ``StaticCache`` and a fixed-width attention mask, so every step has the same shapes (see
+    ``_Decoder``); the prompt forward stays eager."""
     b = prompt_ids.shape[0]
     device = prompt_ids.device
     stops = [torch.tensor(s, device=device) for s in (stop_sequences or []) if s]
     attn = prompt_mask.long()
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions of left-padded prompts start at 0
+    decoder = _Decoder(model, attn, max_new_tokens, compile_decode)
     out = model(
         input_ids=prompt_ids,
         attention_mask=attn,
         position_ids=pos,
+        past_key_values=decoder.cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -127,15 +176,19 @@ def generate(
         done |= new_stop
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tok[:, None],
-            attention_mask=attn,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1]
+        if decoder.static:
+            logits = decoder.step(tok, next_pos, t)
+        else:
+            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=device)], dim=1)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
     width = int(lengths.max())
     keep = torch.arange(width, device=device)[None] < lengths[:, None]  # zeros after each end
     return Generation(

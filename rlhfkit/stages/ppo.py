@@ -219,6 +219,7 @@ def rollout_chunk(
             top_k=rc.top_k,
             top_p=rc.top_p,
             stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
+            compile_decode=rc.compile,
         )
     t1 = time.perf_counter()
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
