@@ -492,6 +492,11 @@ class PPOConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.run.parallel, f"{prefix}run.parallel")
+        if self.rollout.compile and self.run.parallel == "fsdp":
+            raise ConfigError(
+                f"{prefix}rollout.compile: not supported with {prefix}run.parallel: fsdp "
+                "(the compiled decode step is not tested on sharded modules); use one of them"
+            )
         # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
         if self.reward_model and self.reward_fn:
             raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set only one of them")

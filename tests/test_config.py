@@ -2,7 +2,15 @@
 
 import pytest
 
-from rlhfkit.config import ConfigError, RMConfig, SFTConfig, from_dict, load_config, to_dict
+from rlhfkit.config import (
+    ConfigError,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    from_dict,
+    load_config,
+    to_dict,
+)
 
 
 def test_precedence(tmp_path):
@@ -82,3 +90,15 @@ def test_section_defaults_survive_partial_override():
 
     cfg = load_config(PPOConfig, None, ["critic.weight_decay=0.1"])
     assert cfg.critic.lr == PPOConfig().critic.lr == 1e-5 and cfg.critic.weight_decay == 0.1
+
+
+def test_unsupported_parallel_combinations_are_config_errors():
+    base = ["model.name_or_path=x", "reward_fn=a:b"]
+    with pytest.raises(ConfigError, match="run.parallel"):
+        load_config(PPOConfig, None, [*base, "run.parallel=fsdp", "model.lora.enabled=true"])
+    with pytest.raises(ConfigError, match="rollout.compile"):
+        load_config(PPOConfig, None, [*base, "run.parallel=fsdp", "rollout.compile=true"])
+    with pytest.raises(ConfigError, match="train.parallel"):
+        load_config(SFTConfig, None, ["train.parallel=fsdp", "model.lora.enabled=true"])
+    cfg = load_config(PPOConfig, None, [*base, "run.parallel=fsdp", "shared_trunk=true"])
+    assert cfg.run.parallel == "fsdp" and cfg.shared_trunk
