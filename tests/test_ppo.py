@@ -1,6 +1,7 @@
 """PPO stage on tiny local models: alignment invariants, masking, estimator wiring, learning, resume."""
 
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -245,3 +246,45 @@ def test_auto_old_logprobs_recomputes_in_bf16_only():
     assert _logprobs_from_sampling("sampling", bf16) and not _logprobs_from_sampling(
         "recompute", fp32
     )
+
+
+def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_lm):
+    """Below fp32 the logprobs depend on the padding around a row, so the rollout pads to a fixed
+    layout (longest prompt of the data, max_new_tokens) and the update does not trim minibatches:
+    the update's first forward then reproduces the stored old logprobs exactly (ratio == 1),
+    whatever rows share its micro-batch."""
+    from rlhfkit.stages.ppo import _optimizers, fixed_layout, ppo_update
+
+    rows = [{"prompt": " ".join(["say", *([c] * (1 + i % 5)), ":"])} for i, c in enumerate(COLORS)]
+    prompts_file = write_jsonl(tmp_path / "varied.jsonl", rows)
+    cfg = ppo_cfg(
+        tmp_path,
+        tiny_lm,
+        "model.dtype=bf16",
+        f"data.train_file={prompts_file}",
+        "ppo.epochs=1",
+        "ppo.minibatch_size=32",  # one minibatch: every micro-step runs before the optimizer step
+    )
+    torch.manual_seed(0)
+    models = load_models(cfg, None, count_good)
+    assert fixed_layout(models.actor)
+    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
+    norm = ScoreNormalizer("none", None, 0)
+    exp = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm, timer)
+    assert exp.prompt_ids.shape[1] == max(len(p.prompt_ids) for p in prompts)
+    assert exp.response.shape[1] == cfg.rollout.max_new_tokens
+    m = exp.response_mask
+    short = (m.sum(1) < m.shape[1]).nonzero().squeeze(1)[:4]  # rows a trim would re-pad
+    assert len(short) >= 2
+    mb = exp.select(short, trim=False)
+    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+    with torch.no_grad():
+        logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)
+    mm = mb.response_mask
+    torch.testing.assert_close(logp[mm], mb.logprobs[mm], rtol=0, atol=1e-6)
+    rewards_and_advantages(exp, 0.05, cfg)
+    stats = ppo_update(models, _optimizers(models, cfg), exp, cfg, update_actor=True)
+    assert all(math.isfinite(v) for v in stats.values())
+    # the update's own micro-batches (shuffled rows, 8 at a time) also reproduce them: ratio == 1
+    assert abs(stats["policy/ratio_mean"] - 1) < 1e-6 and abs(stats["policy/approx_kl"]) < 1e-9

@@ -130,9 +130,12 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def pad_left(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) ids padded on the left (for generation), and the (B, P) attention mask."""
-    width = max(len(s) for s in seqs)
+def pad_left(
+    seqs: list[list[int]], pad_id: int, device=None, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids padded on the left (for generation), and the (B, P) attention mask.
+    ``width``: pad to at least this many columns (a fixed layout), else to the longest."""
+    width = max([len(s) for s in seqs] + [width or 0])
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -26,14 +26,17 @@ class Experience:
     def __len__(self) -> int:
         return self.response.shape[0]
 
-    def select(self, idx: torch.Tensor) -> Experience:
-        """Rows ``idx``, with columns that are padding in every selected row trimmed away."""
+    def select(self, idx: torch.Tensor, trim: bool = True) -> Experience:
+        """Rows ``idx``, with columns that are padding in every selected row trimmed away
+        (``trim=False`` keeps the buffer's layout: bf16 logprobs depend on the padding)."""
         sub = Experience(
             **{
                 f.name: (None if (v := getattr(self, f.name)) is None else v[idx])
                 for f in fields(self)
             }
         )
+        if not trim:
+            return sub
         keep_p = sub.prompt_mask.any(0).nonzero()
         p0 = int(keep_p[0]) if len(keep_p) else sub.prompt_mask.shape[1] - 1
         t1 = max(int(sub.response_mask.sum(1).max()), 1)

@@ -186,6 +186,28 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
 # --------------------------------------------------------------------------- 1. rollout
 
 
+def fixed_layout(actor) -> bool:
+    """Below fp32, logprobs depend on the padding around a sequence (up to ~0.1 nats per token in
+    bf16, issue 6), so the rollout's and the update's forwards must see each row in the same
+    layout: prompts padded to the longest prompt of the data set, responses to max_new_tokens,
+    and minibatches not trimmed. In fp32 the layout changes results only by rounding (~1e-6)."""
+    return next(actor.parameters()).dtype != torch.float32
+
+
+def _pad_generation(gen, width: int, pad_id: int):
+    """Right-pad a ``Generation`` to ``width`` response columns (a fixed layout)."""
+    extra = width - gen.tokens.shape[1]
+    if extra <= 0:
+        return gen
+    pad = torch.nn.functional.pad
+    return dataclasses.replace(
+        gen,
+        tokens=pad(gen.tokens, (0, extra), value=pad_id),
+        logprobs=pad(gen.logprobs, (0, extra)),
+        entropy=pad(gen.entropy, (0, extra)),
+    )
+
+
 def _logprobs_from_sampling(choice: str, actor) -> bool:
     """fp32 logprobs from the KV-cache sampler equal a full forward's to rounding; bf16 ones can
     differ by ~0.1 nats with the layout, which would bias the PPO ratio (issue 6)."""
@@ -201,10 +223,12 @@ def rollout_chunk(
     cfg: PPOConfig,
     normalize: ScoreNormalizer,
     timer: dict[str, float],
+    prompt_width: int | None = None,
 ) -> Experience:
+    """One chunk of episodes. ``prompt_width``: pad prompts to it (the fixed layout below fp32)."""
     tok, rc = models.tokenizer, cfg.rollout
     prompt_ids, prompt_mask = pad_left(
-        [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(models.actor)
+        [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(models.actor), prompt_width
     )  # (B, P)
     t0 = time.perf_counter()
     with dist.full_weights(models.shared or models.actor):  # FSDP: no collectives per token
@@ -222,6 +246,8 @@ def rollout_chunk(
             compile_decode=rc.compile,
         )
     t1 = time.perf_counter()
+    if prompt_width is not None:  # fixed layout: every response is max_new_tokens columns wide
+        gen = _pad_generation(gen, rc.max_new_tokens, tok.pad_token_id)
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
     if models.shared is not None:  # one trunk: log pi and V(s_t) from the same forward
         logprobs, entropy, values = actor_critic_outputs(
@@ -273,11 +299,13 @@ def collect(
     Data-parallel: every rank reads the same prompt stream and generates its own slice of it."""
     models.actor.eval()
     n, r = dist.world(), dist.rank()
+    width = max(len(p.prompt_ids) for p in prompts) if fixed_layout(models.actor) else None
     chunks, left = [], cfg.rollout.episodes_per_iteration // n
     while left > 0:
         k = min(cfg.rollout.chunk_size, left)
         mine = stream.take(k * n)[r * k : (r + 1) * k]
-        chunks.append(rollout_chunk(models, [prompts[i] for i in mine], cfg, normalize, timer))
+        chosen = [prompts[i] for i in mine]
+        chunks.append(rollout_chunk(models, chosen, cfg, normalize, timer, width))
         left -= k
     models.actor.train()
     return concat(chunks, models.tokenizer.pad_token_id)
@@ -337,6 +365,7 @@ def ppo_update(
     acc: dict[str, list[float]] = {}
     per_rank_mb = pc.minibatch_size // dist.world()
     per_rank_micro = max(pc.micro_batch_size // dist.world(), 1)
+    trim = not fixed_layout(models.actor)  # below fp32 keep the rollout's layout
     for _ in range(pc.epochs):
         perm = torch.randperm(len(exp))
         for start in range(0, len(exp), per_rank_mb):
@@ -344,7 +373,7 @@ def ppo_update(
             denom = _minibatch_denominator(exp.select(mb_idx), pc.aggregation)
             sums: dict[str, float] = {}
             for j in range(0, len(mb_idx), per_rank_micro):
-                mb = exp.select(mb_idx[j : j + per_rank_micro])
+                mb = exp.select(mb_idx[j : j + per_rank_micro], trim)
                 for k, v in _micro_step(optims, mb, cfg, update_actor, denom).items():
                     sums[k] = sums.get(k, 0.0) + v
             n_micro = math.ceil(len(mb_idx) / per_rank_micro)
