@@ -325,6 +325,48 @@ def export_shared_critic(
     critic.save_pretrained(directory, safe_serialization=True)
 
 
+class PromptSharingScorer(nn.Module):
+    """A reward model's scores for K responses to each prompt, with the prompt forwarded once.
+
+    Causal attention makes the prompt's hidden states the same under every response, so the
+    prompt runs once (its KV cache repeated K times) and only the responses run K times: with K=2
+    and a prompt as long as a response that is a quarter of the tokens saved, with K=4 more. The
+    gradient reaches the prompt through the cache. A prompt width of 0 is the plain forward.
+
+    prompt_ids/mask (B, P) left-padded; response_ids/mask (B*K, R) right-padded, K rows per prompt,
+    each with at least one token. Returns the score at each response's last token, (B*K,) float32.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        body = backbone(self.model)
+        k = response_ids.shape[0] // max(prompt_ids.shape[0], 1)
+        cache, prompt_len = None, torch.zeros_like(response_mask[:, :1])
+        attn = response_mask
+        if prompt_ids.shape[1] > 0:
+            pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+            cache = body(
+                input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True
+            ).past_key_values
+            cache.batch_repeat_interleave(k)  # (B*K, heads, P, d) per layer
+            pm = prompt_mask.repeat_interleave(k, dim=0)  # (B*K, P)
+            prompt_len, attn = pm.sum(1, keepdim=True), torch.cat([pm, response_mask], dim=1)
+        positions = prompt_len + torch.arange(response_ids.shape[1], device=response_ids.device)
+        hidden = body(
+            input_ids=response_ids,
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state  # (B*K, R, H)
+        last = response_mask.sum(1) - 1  # (B*K,) right padding: the last real token
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B*K, H)
+        return scalar_head(self.model)(h).sum(-1).float()  # see PerTokenScalar for the sum
+
+
 def sequence_scores(scorer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each right-padded sequence, read at its last non-pad token. (B, L) -> (B,) float32.
 

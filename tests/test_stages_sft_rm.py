@@ -11,6 +11,7 @@ from conftest import COLORS, copy_rows, preference_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhfkit.config import RMConfig, SFTConfig, load_config
+from rlhfkit.data.tokenize import pad_right
 from rlhfkit.models import read_reward_stats
 from rlhfkit.stages.rm import run_rm
 from rlhfkit.stages.sft import run_sft
@@ -211,3 +212,41 @@ def test_sft_loss_on_labelled_positions_equals_hf_loss_and_gradients(tiny_lm, pl
     torch.testing.assert_close(ours, hf, rtol=0, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rm_scores_with_the_prompt_forwarded_once_equal_plain_hf(tiny_lm, k):
+    """PromptSharingScorer (prompt once, its KV cache repeated K times) against transformers'
+    own AutoModelForSequenceClassification on the whole sequences: the same scores and the same
+    gradients; prompts of different lengths, responses of different lengths, one item whose
+    sequences share nothing but the first token."""
+    from rlhfkit.data.build import RankItem
+    from rlhfkit.models import PromptSharingScorer
+    from rlhfkit.stages.rm import collate_ranked, score_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1)
+    model.config.pad_token_id = 0
+    v = model.config.vocab_size
+
+    def rand(n):
+        return torch.randint(4, v, (n,)).tolist()
+
+    items = []
+    for p_len in (5, 2, 7):
+        prompt = [1, *rand(p_len)]
+        items.append(RankItem([prompt + rand(2 + 2 * j) for j in range(k)]))
+    items.append(RankItem([[1, *rand(4)] for _ in range(k)]))  # shares only the BOS
+    batch = collate_ranked(items, pad_id=0)
+    assert batch["prompt_ids"].shape[1] == 8  # the longest shared prefix (BOS + 7)
+    ours = score_batch(PromptSharingScorer(model), batch)  # (B, K)
+    ours.sum().backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    seqs = [s for it in items for s in it.sequences]
+    ids, mask = pad_right(seqs, 0)
+    plain = model(input_ids=ids, attention_mask=mask).logits.view(len(items), k)
+    plain.sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -14,13 +14,12 @@ import torch
 from rlhfkit.algos import pairwise_loss, ranking_loss
 from rlhfkit.config import RMConfig, to_dict
 from rlhfkit.data.build import RankItem, load_preferences, train_eval
-from rlhfkit.data.tokenize import pad_right
+from rlhfkit.data.tokenize import pad_left, pad_right
 from rlhfkit.models import (
-    PerTokenScalar,
+    PromptSharingScorer,
     device_of,
     load_tokenizer,
     save_reward_stats,
-    sequence_scores,
     write_trainable,
 )
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_scalar, setup_run
@@ -28,19 +27,40 @@ from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.loop import fit, to_device
 
 
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Tokens at the start of every sequence (the prompt, usually), leaving each at least one."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return max(n, 0)
+
+
 def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """K sequences per item, split into the prefix they share (forwarded once, left-padded) and
+    their K remainders (right-padded): the inputs of ``PromptSharingScorer``."""
     k = max(len(it.sequences) for it in items)
-    seqs, valid = [], torch.zeros(len(items), k, dtype=torch.bool)
+    prompts, rests, valid = [], [], torch.zeros(len(items), k, dtype=torch.bool)
     for b, it in enumerate(items):
+        p = shared_prefix(it.sequences)
+        prompts.append(it.sequences[0][:p])
         for j in range(k):
             # rows beyond a prompt's K repeat its last response and are masked out of the loss
-            seqs.append(it.sequences[min(j, len(it.sequences) - 1)])
+            rests.append(it.sequences[min(j, len(it.sequences) - 1)][p:])
             valid[b, j] = j < len(it.sequences)
-    ids, mask = pad_right(seqs, pad_id)  # (B*K, L)
+    if all(not p for p in prompts):
+        prompt_ids = torch.zeros(len(items), 0, dtype=torch.long)
+        prompt_mask = torch.zeros(len(items), 0, dtype=torch.long)
+    else:
+        prompt_ids, prompt_mask = pad_left(prompts, pad_id)  # (B, P)
+    response_ids, response_mask = pad_right(rests, pad_id)  # (B*K, R)
     margins = torch.tensor([it.margin if it.margin is not None else 0.0 for it in items])
     return {
-        "input_ids": ids,
-        "attention_mask": mask,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "response_ids": response_ids,
+        "response_mask": response_mask,
         "valid": valid,
         "margin": margins,
         "has_margin": any(it.margin is not None for it in items),
@@ -48,12 +68,14 @@ def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor
 
 
 def score_batch(scorer, batch) -> torch.Tensor:
+    """(B, K) scores. ``scorer``: the RM's ``PromptSharingScorer`` (maybe DDP/FSDP-wrapped)."""
     b, k = batch["valid"].shape
-    return sequence_scores(scorer, batch["input_ids"], batch["attention_mask"]).view(b, k)  # (B, K)
+    parts = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+    return scorer(*(batch[p] for p in parts)).view(b, k)
 
 
 def rm_loss(scorer, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """scorer: the RM's ``PerTokenScalar`` (DDP-wrapped when data-parallel)."""
+    """scorer: the RM's ``PromptSharingScorer`` (DDP/FSDP-wrapped when data-parallel)."""
     r = score_batch(scorer, batch)  # (B, K), best first
     if r.shape[1] == 2 and bool(batch["valid"].all()):
         margin = batch["margin"] if (use_margin and batch["has_margin"]) else None
@@ -95,10 +117,11 @@ def reward_reference_stats(
     """Mean/std of the RM's scores over the responses of ``items`` (PPO normalises scores with these)."""
     scorer.eval()
     seqs = [s for it in items for s in it.sequences]
-    scores = [
-        sequence_scores(scorer, *pad_right(seqs[i : i + batch_size], pad_id, device_of(scorer)))
-        for i in range(0, len(seqs), batch_size)
-    ]
+    scores = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i : i + batch_size], pad_id, device_of(scorer))
+        empty = ids[:, :0]  # no shared prompt: each sequence whole
+        scores.append(scorer(empty, empty, ids, mask))
     allr = torch.cat(scores)
     return float(allr.mean()), float(allr.std()) if allr.numel() > 1 else 1.0, int(allr.numel())
 
@@ -120,7 +143,7 @@ def run_rm(cfg: RMConfig) -> Path:
         out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
     )
     pad = tokenizer.pad_token_id
-    scorer = PerTokenScalar(model)
+    scorer = PromptSharingScorer(model)  # each prompt forwarded once for its K responses
     fit(
         model,
         train,
