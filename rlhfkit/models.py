@@ -341,11 +341,29 @@ class PromptSharingScorer(nn.Module):
         super().__init__()
         self.model = model
 
+    def _can_share(self, body) -> bool:
+        """Checkpointed layers keep no KV cache; FSDP2 frees a block's gathered weights after
+        each call, and a second call of the same block in one forward breaks its backward."""
+        from torch.distributed.tensor import DTensor
+
+        if self.training and getattr(body, "gradient_checkpointing", False):
+            return False
+        return not any(isinstance(p, DTensor) for p in self.model.parameters())
+
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
         body = backbone(self.model)
         k = response_ids.shape[0] // max(prompt_ids.shape[0], 1)
         cache, prompt_len = None, torch.zeros_like(response_mask[:, :1])
         attn = response_mask
+        if prompt_ids.shape[1] > 0 and not self._can_share(body):
+            # run the K whole sequences, [prompt | response], in the layout PPO uses
+            ids = torch.cat([prompt_ids.repeat_interleave(k, dim=0), response_ids], dim=1)
+            attn = torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1)
+            pos = (attn.cumsum(1) - 1).clamp(min=0)
+            hidden = body(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+            last = prompt_ids.shape[1] + response_mask.sum(1) - 1  # (B*K,)
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return scalar_head(self.model)(h).sum(-1).float()
         if prompt_ids.shape[1] > 0:
             pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)
             cache = body(

@@ -214,8 +214,8 @@ def test_sft_loss_on_labelled_positions_equals_hf_loss_and_gradients(tiny_lm, pl
         torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_rm_scores_with_the_prompt_forwarded_once_equal_plain_hf(tiny_lm, k):
+@pytest.mark.parametrize("k, checkpointing", [(2, False), (3, False), (2, True)])
+def test_rm_scores_with_the_prompt_forwarded_once_equal_plain_hf(tiny_lm, k, checkpointing):
     """PromptSharingScorer (prompt once, its KV cache repeated K times) against transformers'
     own AutoModelForSequenceClassification on the whole sequences: the same scores and the same
     gradients; prompts of different lengths, responses of different lengths, one item whose
@@ -227,6 +227,9 @@ def test_rm_scores_with_the_prompt_forwarded_once_equal_plain_hf(tiny_lm, k):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1)
     model.config.pad_token_id = 0
+    if checkpointing:  # no KV cache under checkpointing: the whole-sequence fallback
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     v = model.config.vocab_size
 
     def rand(n):
