@@ -403,25 +403,21 @@ def _optimizer_steps(models, optims, cfg: PPOConfig, update_actor: bool, guard) 
         )
         return {"grad_norm/actor": float(norm)}
     out = {}
-    if update_actor:
+    for name, model, oc in (
+        ("actor", models.actor, cfg.actor),
+        ("critic", models.critic, cfg.critic),
+    ):
+        if name == "actor" and not update_actor:
+            continue
         norm = clip_and_step(
-            models.actor.parameters(),
-            optims["actor"],
+            model.parameters(),
+            optims[name],
             None,
-            cfg.actor.max_grad_norm,
+            oc.max_grad_norm,
             guard,
-            where="actor gradient",
+            where=f"{name} gradient",
         )
-        out["grad_norm/actor"] = float(norm)
-    norm = clip_and_step(
-        models.critic.parameters(),
-        optims["critic"],
-        None,
-        cfg.critic.max_grad_norm,
-        guard,
-        where="critic gradient",
-    )
-    out["grad_norm/critic"] = float(norm)
+        out[f"grad_norm/{name}"] = float(norm)
     return out
 
 
