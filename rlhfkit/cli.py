@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
     from rlhfkit.data.readers import DataError
-    from rlhfkit.train.dist import init_from_env
+    from rlhfkit.train.dist import init_from_env, shutdown
     from rlhfkit.train.guard import StopRequested, TrainingDiverged
 
     init_from_env()  # data-parallel under torchrun; nothing otherwise
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

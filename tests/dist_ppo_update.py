@@ -73,6 +73,8 @@ def main(lm: str, prompts: str, out: str, *overrides: str) -> None:
         torch.save(weights, Path(out) / "w.pt")
         metrics["sharded"] = float(sharded)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
+    dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":
