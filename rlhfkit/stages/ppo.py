@@ -213,7 +213,7 @@ def _logprobs_from_sampling(choice: str, actor) -> bool:
     differ by ~0.1 nats with the layout, which would bias the PPO ratio (issue 6)."""
     if choice != "auto":
         return choice == "sampling"
-    return next(actor.parameters()).dtype == torch.float32
+    return not fixed_layout(actor)
 
 
 @torch.no_grad()
@@ -253,11 +253,13 @@ def rollout_chunk(
         logprobs, entropy, values = actor_critic_outputs(
             models.shared, seq, rc.temperature, with_entropy=True
         )  # (B, T) each
-    elif _logprobs_from_sampling(rc.old_logprobs, models.actor):  # never recompute what we have
-        logprobs, entropy = gen.logprobs, gen.entropy
-        values = critic_values(models.critic_fwd, seq)  # (B, T)
     else:
-        logprobs, entropy = policy_logprobs(models.actor, seq, rc.temperature, with_entropy=True)
+        if _logprobs_from_sampling(rc.old_logprobs, models.actor):  # never recompute what we have
+            logprobs, entropy = gen.logprobs, gen.entropy
+        else:
+            logprobs, entropy = policy_logprobs(
+                models.actor, seq, rc.temperature, with_entropy=True
+            )
         values = critic_values(models.critic_fwd, seq)  # (B, T)
     if models.ref is None:
         with models.actor.disable_adapter():
