@@ -75,3 +75,54 @@ def layer_params(model) -> int:
 
 def threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+
+
+def machine() -> str:
+    """CPU model, cores and the matmul-relevant instruction sets, from /proc/cpuinfo (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?"
+    )
+    flags = set(next((ln for ln in info.splitlines() if ln.startswith("flags")), "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags] or ["no avx2"]
+    return f"{model}, {os.cpu_count()} cores, {'/'.join(isa)}"
+
+
+MALLOC = ("system", "tcmalloc", "shipped")
+MALLOC_HELP = (
+    "allocator of the two runners: system = glibc for both; tcmalloc = tcmalloc preloaded for "
+    "both; shipped = rlhfkit with tcmalloc (what its `rlhfkit` command does when "
+    "libtcmalloc-minimal4 is installed) and TRL with glibc (a plain `python train.py`)"
+)
+
+
+def child_env(ours: bool, malloc: str) -> dict[str, str]:
+    """The environment of a runner process under ``malloc`` (one of MALLOC)."""
+    from rlhfkit.launch import tcmalloc_env
+
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if malloc == "tcmalloc" or (malloc == "shipped" and ours):
+        env = tcmalloc_env(base)
+        if env is None:
+            raise SystemExit("libtcmalloc-minimal4 is not installed (apt-get install it)")
+        return env
+    return {**base, "RLHFKIT_TCMALLOC": "0"}
+
+
+def decode_step_floor(model, batch: int, reps: int = 5) -> float:
+    """Seconds of matmul that one decode step cannot avoid: every Linear of ``model`` (LM head
+    included) applied to ``batch`` rows, in order, so weights stream from memory as in a real
+    step. Best of ``reps``. At batch 16 these products are memory/kernel-bound, far below peak."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {n: torch.randn(batch, n) for n in {m.in_features for m in linears}}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(xs[m.in_features], m.weight)
+            best = min(best, time.perf_counter() - t)
+    return best

@@ -160,7 +160,8 @@ def _subprocess(python: str, impl: str, args) -> list[dict]:
     ] + (["--shared-trunk"] if impl == "rlhfkit-shared" else [])
     cmd += ["--one-step-per-epoch"] if args.one_step_per_epoch and impl != "trl" else []
     cmd += ["--compile"] if args.compile and impl != "trl" else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = common.child_env(impl != "trl", args.malloc)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
     return [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")]
@@ -197,6 +198,7 @@ def main() -> None:
         help="also run rlhfkit with shared_trunk=true (one transformer for actor and critic; "
         "not TRL's setting, so reported beside the comparison, not in the ratio)",
     )
+    ap.add_argument("--malloc", choices=common.MALLOC, default="system", help=common.MALLOC_HELP)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed iterations, one JSON line each
@@ -217,7 +219,7 @@ def main() -> None:
     peak32 = common.matmul_peak_gflops(torch.float32)
     peak16 = common.matmul_peak_gflops(torch.bfloat16)
     print(
-        f"machine: {common.threads()} threads; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s"
+        f"machine: {common.machine()}; {common.threads()} threads; malloc={args.malloc}; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s"
     )
     print(
         f"settings: size={args.size} {common.SIZES[args.size]} batch={BATCH} prompt={PROMPT} response={RESPONSE} "
@@ -246,6 +248,24 @@ def main() -> None:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         theirs = statistics.median(r["total"] for r in results["trl"])
         print(f"speed-up (median TRL / median rlhfkit, time per iteration): {theirs / ours:.2f}x")
+        gen_floor(args.size, peak32, statistics.median(r["generate"] for r in results["trl"]))
+
+
+def gen_floor(size: str, peak: float, trl_generate: float) -> None:
+    """The least time generation can take: the prompt forward at the matmul peak plus
+    RESPONSE - 1 decode steps at their measured matmul floor, and the speed-up over TRL's
+    generation (HF ``generate``) that this allows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(common.build(size)["policy"])
+    step = common.decode_step_floor(model, BATCH)
+    prompt = BATCH * PROMPT * 2 * common.layer_params(model) / 1e9 / peak
+    floor = prompt + (RESPONSE - 1) * step
+    print(
+        f"generation floor: decode step matmul {step * 1e3:.1f} ms at batch {BATCH} (all weights "
+        f"read per step), prompt forward {prompt:.3f} s at peak -> {floor:.3f} s per rollout; "
+        f"at most {trl_generate / floor:.2f}x TRL's generation ({trl_generate:.3f} s)"
+    )
 
 
 def ensure_trl_venv() -> None:

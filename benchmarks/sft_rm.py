@@ -170,7 +170,8 @@ def run_trl(stage: str, size: str, steps: int) -> dict:
 def _child(python: str, impl: str, args) -> dict:
     cmd = [python, str(Path(__file__)), "--impl", impl, "--stage", args.stage]
     cmd += ["--size", args.size, "--steps", str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = common.child_env(impl != "trl", args.malloc)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
@@ -186,14 +187,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps per process")
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
+    ap.add_argument("--malloc", choices=common.MALLOC, default="system", help=common.MALLOC_HELP)
     ap.add_argument("--impl", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:  # child process
         run = run_ours if args.impl == "rlhfkit" else run_trl
         print("BENCH " + json.dumps(run(args.stage, args.size, args.steps)), flush=True)
         return
+    import torch
     from ppo_iteration import ensure_trl_venv
 
+    peak = common.matmul_peak_gflops(torch.float32)
+    print(
+        f"machine: {common.machine()}; {common.threads()} threads; malloc={args.malloc}; "
+        f"matmul peak fp32 {peak:.0f} GFLOP/s"
+    )
     print(
         f"settings: stage={args.stage} size={args.size} {common.SIZES[args.size]} batch={BATCH} "
         f"prompt={PROMPT} response={RESPONSE} steps={args.steps} (+{WARMUP} warm-up) fp32 "
@@ -220,6 +228,31 @@ def main() -> None:
         ours = statistics.median(r["tok_per_s"] for r in results["rlhfkit"])
         theirs = statistics.median(r["tok_per_s"] for r in results["trl"])
         print(f"speed-up (median tokens/s rlhfkit / TRL): {ours / theirs:.2f}x")
+    if args.stage == "sft":
+        sft_ceiling(args.size, peak, results)
+
+
+def sft_ceiling(size: str, peak: float, results: dict[str, list[dict]]) -> None:
+    """Matmul FLOPs of an SFT step (forward + backward = 3 x 2 per multiply-add: the transformer on
+    every token, the LM head on the labelled ones; attention scores ignored), the fraction of the
+    peak each runner achieves, and the most any runner doing that work could gain over TRL."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(common.build(size)["policy"])
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    tokens = results["rlhfkit"][0]["tokens_per_step"]
+    labelled = BATCH * (RESPONSE + 1)  # the response and EOS
+    step = 6 * (common.layer_params(model) * tokens + hidden * vocab * labelled) / 1e9
+    floor = step / peak
+    for impl, rows in results.items():
+        s = statistics.median(r["s_per_step"] for r in rows)
+        print(f"{impl:8s} {step:.1f} GFLOP/step -> {step / s / peak:.2f} of the matmul peak")
+    if "trl" in results:
+        trl = statistics.median(r["s_per_step"] for r in results["trl"])
+        print(
+            f"ceiling: {floor:.3f} s/step at 100% of peak -> at most {trl / floor:.2f}x TRL "
+            f"({trl:.3f} s/step) for this work"
+        )
 
 
 if __name__ == "__main__":

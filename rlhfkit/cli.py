@@ -88,11 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--config", help="pipeline YAML (default: the packaged tiny one, or configs/smollm2/)"
     )
+    sub.add_parser("env", help="print versions, threads, allocator and devices (for bug reports)")
     return parser
 
 
+def _env_report() -> str:
+    """What a bug report needs: versions, threads, allocator, devices."""
+    import platform
+
+    import torch
+    import transformers
+
+    from rlhfkit import __version__
+    from rlhfkit.launch import allocator
+
+    rows = {
+        "rlhfkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": allocator(),
+        "cuda": torch.cuda.device_count() if torch.cuda.is_available() else "none",
+    }
+    return "\n".join(f"{k}: {v}" for k, v in rows.items())
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `rlhfkit` command (not a call from Python): preload tcmalloc if present
+        from rlhfkit.launch import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     args = build_parser().parse_args(argv)
+    if args.command == "env":
+        print(_env_report())
+        return 0
     if args.command == "demo":
         from rlhfkit.demo.run import run_demo
 

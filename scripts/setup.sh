@@ -12,3 +12,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,demo]"
   touch "$stamp"
 fi
+# tcmalloc makes CPU training steps 8-17% faster (rlhfkit/launch.py, benchmarks/RESULTS.md); the
+# `rlhfkit` command preloads it when present. Best effort: only as root with apt, never fatal.
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { timeout 120 apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
+    || { timeout 120 apt-get update -q >/dev/null 2>&1 \
+         && timeout 120 apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
+    || echo "setup: libtcmalloc-minimal4 not installed (optional; training runs without it)" >&2
+fi

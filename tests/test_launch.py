@@ -1,0 +1,42 @@
+"""The launcher's tcmalloc preload (rlhfkit/launch.py) and the `rlhfkit env` report."""
+
+import os
+import subprocess
+import sys
+
+from rlhfkit.launch import TCMALLOC, tcmalloc_env
+
+
+def test_tcmalloc_env_prepends_the_first_library_found(tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    env = tcmalloc_env({"LD_PRELOAD": "/x/libother.so", "A": "1"}, [str(tmp_path / "no"), str(lib)])
+    assert env["LD_PRELOAD"] == f"{lib} /x/libother.so"
+    assert env["A"] == "1" and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    assert tcmalloc_env({}, [str(lib)])["LD_PRELOAD"] == str(lib)
+
+
+def test_tcmalloc_env_does_nothing_when_off_preloaded_or_missing(tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    assert tcmalloc_env({"RLHFKIT_TCMALLOC": "0"}, [str(lib)]) is None
+    assert tcmalloc_env({"LD_PRELOAD": str(lib)}, [str(lib)]) is None  # ends the re-execution
+    assert tcmalloc_env({}, [str(tmp_path / "missing.so")]) is None
+
+
+def _allocator(**extra) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RLHFKIT_TCMALLOC")}
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhfkit", "env"],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split(": ", 1) for line in out.splitlines())["allocator"]
+
+
+def test_rlhfkit_command_preloads_tcmalloc_when_installed():
+    installed = any(os.path.exists(p) for p in TCMALLOC)  # scripts/setup.sh installs it as root
+    assert _allocator() == ("tcmalloc" if installed else "system")
+    assert _allocator(RLHFKIT_TCMALLOC="0") == "system"
