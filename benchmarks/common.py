@@ -51,16 +51,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """The machine's achievable matmul rate: the best of ``reps`` n x n x n products (F.linear, the
-    kernel that nn.Linear uses). bf16 is measured at n=512 with 2 reps: on this machine's torch
-    build it runs at ~1-20 GFLOP/s, and a big bf16 product would take minutes."""
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
+    """The machine's achievable matmul rate: the best n x n x n product (F.linear, the kernel that
+    nn.Linear uses) over ``seconds`` of repeats, after a 0.5 s warm-up (a fresh process's first
+    products run at half speed here). bf16 is measured at n=512: on this machine's torch build it
+    runs at ~1-20 GFLOP/s, and a big bf16 product would take minutes."""
     if dtype == torch.bfloat16:
-        n, reps = 512, 2
+        n, seconds = 512, 0.5
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.nn.functional.linear(a, b)
-    best = float("inf")
-    for _ in range(reps):
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        torch.nn.functional.linear(a, b)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
         t = time.perf_counter()
         torch.nn.functional.linear(a, b)
         best = min(best, time.perf_counter() - t)
