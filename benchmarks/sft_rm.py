@@ -215,6 +215,9 @@ def main() -> None:
                 ensure_trl_venv()
             python = str(HERE / ".venv-trl" / "bin" / "python") if impl == "trl" else sys.executable
             results[impl].append(_child(python, impl, args))
+    # the machine's speed drifts (a neighbour's load): the peak is the best of before and after
+    peak = max(peak, common.matmul_peak_gflops(torch.float32))
+    print(f"matmul peak fp32 (best of before and after the runs): {peak:.0f} GFLOP/s")
     for impl, rows in results.items():
         tps = statistics.median(r["tok_per_s"] for r in rows)
         runs = ", ".join(f"{r['tok_per_s']:.0f}" for r in rows)

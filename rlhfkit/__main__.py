@@ -1,5 +1,3 @@
-import sys
+from rlhfkit.cli import console
 
-from rlhfkit.cli import main
-
-sys.exit(main())
+console()

@@ -115,10 +115,6 @@ def _env_report() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the `rlhfkit` command (not a call from Python): preload tcmalloc if present
-        from rlhfkit.launch import reexec_with_tcmalloc
-
-        reexec_with_tcmalloc()
     args = build_parser().parse_args(argv)
     if args.command == "env":
         print(_env_report())
@@ -166,5 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `rlhfkit` command and `python -m rlhfkit`: preload tcmalloc if installed, then run."""
+    from rlhfkit.launch import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()
