@@ -6,6 +6,7 @@ import torch
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import load_policy, load_tokenizer
+from rlhfkit.rollout import sampling
 from rlhfkit.rollout.sampling import filter_logits, generate, sample_from_logits
 
 
@@ -94,6 +95,56 @@ def test_stops_at_eos_and_stop_sequences_and_pads_after(policy):
     )
     for row, n, stopped in zip(out.tokens, out.lengths, out.stopped, strict=True):
         assert not stopped or row[int(n) - 1] == red
+
+
+def test_preallocated_cache_gives_hf_cache_results(policy, monkeypatch):
+    """The eager loop's in-place KV cache against HF's concatenating DynamicCache: the same
+    samples from the same generator, logprobs and entropy equal to fp32 rounding, EOS stops
+    included."""
+    tok, model = policy
+    texts = ["copy : red blue :", "say gold", "copy : green :"]
+    ids, mask = pad_left([tok(t)["input_ids"] for t in texts] * 4, tok.pad_token_id)
+
+    def sample():
+        return generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=10,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(3),
+        )
+
+    cache = sampling.preallocated_cache(model, 8)
+    assert cache is not None and all(isinstance(x, sampling._FilledView) for x in cache.layers)
+    ours = sample()
+    monkeypatch.setattr(sampling, "preallocated_cache", lambda model, capacity: None)
+    ref = sample()  # the model builds HF's DynamicCache
+    assert torch.equal(ours.tokens, ref.tokens) and torch.equal(ours.lengths, ref.lengths)
+    assert ours.lengths.max() > 2 and ours.stopped.any()
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.entropy, ref.entropy, rtol=0, atol=1e-6)
+
+
+def test_preallocated_cache_refuses_overflow_and_sliding_windows():
+    layer = sampling._FilledView(capacity=3)
+    kv = torch.randn(2, 1, 2, 4)
+    keys, _ = layer.update(kv, kv)
+    assert torch.equal(keys, kv) and layer.get_seq_length() == 2
+    keys, values = layer.update(kv[:, :, :1] + 1, kv[:, :, :1] - 1)
+    assert torch.equal(keys, torch.cat([kv, kv[:, :, :1] + 1], dim=2))
+    assert torch.equal(values, torch.cat([kv, kv[:, :, :1] - 1], dim=2))
+    with pytest.raises(RuntimeError, match="3 columns"):
+        layer.update(kv, kv)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    conf = MistralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, sliding_window=4,
+    )  # fmt: skip
+    assert sampling.preallocated_cache(MistralForCausalLM(conf), 8) is None
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -59,18 +61,58 @@ def sample_from_logits(
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+class _FilledView(DynamicLayer):
+    """One layer of the eager rollout's KV cache: each step's keys/values are written into a
+    buffer of ``capacity`` columns and the filled part is returned as a view, where HF's
+    ``DynamicLayer`` concatenates the whole cache every step (``torch.cat`` was 24% of an eager
+    tiny-model rollout)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.k_buf = key_states.new_empty(b, h, self.capacity, d)
+            self.v_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} columns cannot take column {end}")
+        self.k_buf[:, :, self.length : end] = key_states
+        self.v_buf[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+
+def preallocated_cache(model, capacity: int) -> DynamicCache | None:
+    """A ``DynamicCache`` of ``_FilledView`` layers holding ``capacity`` columns; None when the
+    model has a layer type other than plain full attention (sliding windows, ...), which then
+    keeps HF's own cache."""
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [_FilledView(capacity) for _ in cache.layers]
+    return cache
+
+
 _BUCKET = 64  # static cache lengths are rounded up to this, so new prompt widths rarely recompile
 
 
 class _Decoder:
-    """The decode step. Eager: HF's growing ``DynamicCache`` (``cache`` is None, the model makes
-    one). Compiled: a ``StaticCache`` of P + T columns rounded up to ``_BUCKET`` and a mask of that
-    fixed width (zeros mark the columns not written yet), so the compiled graph sees the same
-    shapes at every step and for every prompt width in the bucket."""
+    """The decode step. Eager: a ``DynamicCache`` that fills a preallocated buffer
+    (``preallocated_cache``; HF's growing one where that does not apply). Compiled: a
+    ``StaticCache`` of P + T columns rounded up to ``_BUCKET`` and a mask of that fixed width
+    (zeros mark the columns not written yet), so the compiled graph sees the same shapes at every
+    step and for every prompt width in the bucket."""
 
     def __init__(self, model, prompt_mask: torch.Tensor, max_new_tokens: int, compiled: bool):
         self.static, self.cache = compiled, None
         if not compiled:
+            self.cache = preallocated_cache(model, prompt_mask.shape[1] + max_new_tokens)
             return
         from transformers import StaticCache
 
