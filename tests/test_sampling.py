@@ -97,35 +97,43 @@ def test_stops_at_eos_and_stop_sequences_and_pads_after(policy):
         assert not stopped or row[int(n) - 1] == red
 
 
+TEXTS = ["copy : red blue :", "say gold", "copy : green :"]
+
+
+def _sample(policy, repeat: int, max_new_tokens: int, temperature: float, seed: int, **kw):
+    """Sampled responses to TEXTS x repeat that stop at EOS."""
+    tok, model = policy
+    ids, mask = pad_left([tok(t)["input_ids"] for t in TEXTS] * repeat, tok.pad_token_id)
+    return generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+def _assert_same_samples(a, b, atol: float) -> None:
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=atol)
+    torch.testing.assert_close(a.entropy, b.entropy, rtol=0, atol=atol)
+
+
 def test_preallocated_cache_gives_hf_cache_results(policy, monkeypatch):
     """The eager loop's in-place KV cache against HF's concatenating DynamicCache: the same
     samples from the same generator, logprobs and entropy equal to fp32 rounding, EOS stops
     included."""
-    tok, model = policy
-    texts = ["copy : red blue :", "say gold", "copy : green :"]
-    ids, mask = pad_left([tok(t)["input_ids"] for t in texts] * 4, tok.pad_token_id)
-
-    def sample():
-        return generate(
-            model,
-            ids,
-            mask,
-            max_new_tokens=10,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            temperature=1.5,
-            generator=torch.Generator().manual_seed(3),
-        )
-
-    cache = sampling.preallocated_cache(model, 8)
+    cache = sampling.preallocated_cache(policy[1], 8)
     assert cache is not None and all(isinstance(x, sampling._FilledView) for x in cache.layers)
-    ours = sample()
+    ours = _sample(policy, 4, max_new_tokens=10, temperature=1.5, seed=3)
     monkeypatch.setattr(sampling, "preallocated_cache", lambda model, capacity: None)
-    ref = sample()  # the model builds HF's DynamicCache
-    assert torch.equal(ours.tokens, ref.tokens) and torch.equal(ours.lengths, ref.lengths)
+    ref = _sample(policy, 4, max_new_tokens=10, temperature=1.5, seed=3)  # HF's DynamicCache
+    _assert_same_samples(ours, ref, atol=1e-6)
     assert ours.lengths.max() > 2 and ours.stopped.any()
-    torch.testing.assert_close(ours.logprobs, ref.logprobs, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ours.entropy, ref.entropy, rtol=0, atol=1e-6)
 
 
 def test_preallocated_cache_refuses_overflow_and_sliding_windows():
@@ -153,26 +161,13 @@ def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
     loop: the same samples (same generator), logprobs and entropy within fp32 rounding, stops at
     EOS included; a second call with another prompt width in the same bucket reuses the graph."""
     tok, model = policy
-    texts = ["copy : red blue :", "say gold", "copy : green :"]
-    ids, mask = pad_left([tok(t)["input_ids"] for t in texts], tok.pad_token_id)
-    runs = {}
-    for compiled in (False, True):
-        runs[compiled] = generate(
-            model,
-            ids,
-            mask,
-            max_new_tokens=12,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            temperature=0.8,
-            generator=torch.Generator().manual_seed(7),
-            compile_decode=compiled,
-        )
-    eager, fast = runs[False], runs[True]
-    assert torch.equal(eager.tokens, fast.tokens) and torch.equal(eager.lengths, fast.lengths)
+    ids, mask = pad_left([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id)
+    eager, fast = (
+        _sample(policy, 1, max_new_tokens=12, temperature=0.8, seed=7, compile_decode=compiled)
+        for compiled in (False, True)
+    )
+    _assert_same_samples(fast, eager, atol=1e-5)
     assert eager.lengths.min() > 1  # the compiled steps really ran
-    torch.testing.assert_close(fast.logprobs, eager.logprobs, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.entropy, eager.entropy, rtol=0, atol=1e-5)
     # one prompt column fewer: the same cache-width bucket, so the compiled graph is reused
     short, plain = (
         generate(
