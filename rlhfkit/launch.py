@@ -1,7 +1,7 @@
 """Process set-up that only a launcher can do: preloading tcmalloc.
 
 PyTorch's CPU training allocates and frees many large tensors per step; glibc's malloc returns
-them to the kernel and faults them back in. tcmalloc keeps them, which made SFT steps 8-17%
+them to the kernel and faults them back in. tcmalloc keeps them, which made SFT steps 0-17%
 faster and peak RSS ~14% lower here (benchmarks/RESULTS.md). An allocator has to be in place
 before the interpreter starts, so the ``rlhfkit`` command re-executes itself once with
 ``LD_PRELOAD`` when Debian/Ubuntu's ``libtcmalloc-minimal4`` is installed (``scripts/setup.sh``

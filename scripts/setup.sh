@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,demo]"
   touch "$stamp"
 fi
-# tcmalloc makes CPU training steps 8-17% faster (rlhfkit/launch.py, benchmarks/RESULTS.md); the
+# tcmalloc makes CPU training steps up to 17% faster (rlhfkit/launch.py, benchmarks/RESULTS.md); the
 # `rlhfkit` command preloads it when present. Best effort: only as root with apt, never fatal.
 if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -146,6 +146,9 @@ def test_preallocated_cache_refuses_overflow_and_sliding_windows():
     assert torch.equal(values, torch.cat([kv, kv[:, :, :1] - 1], dim=2))
     with pytest.raises(RuntimeError, match="3 columns"):
         layer.update(kv, kv)
+    layer.crop(-2)  # HF's crop: the next write goes after the one column left
+    keys, _ = layer.update(kv, kv)
+    assert torch.equal(keys, torch.cat([kv[:, :, :1], kv], dim=2))
     from transformers import MistralConfig, MistralForCausalLM
 
     conf = MistralConfig(

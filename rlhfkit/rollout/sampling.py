@@ -69,21 +69,21 @@ class _FilledView(DynamicLayer):
 
     def __init__(self, capacity: int):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity = capacity
 
     def update(self, key_states, value_states, *args, **kwargs):
+        start = self.get_seq_length()  # the filled columns; follows HF's crop() and reset()
         if not self.is_initialized:
             b, h, _, d = key_states.shape
             self.dtype, self.device = key_states.dtype, key_states.device
             self.k_buf = key_states.new_empty(b, h, self.capacity, d)
             self.v_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
             self.is_initialized = True
-        end = self.length + key_states.shape[-2]
+        end = start + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache of {self.capacity} columns cannot take column {end}")
-        self.k_buf[:, :, self.length : end] = key_states
-        self.v_buf[:, :, self.length : end] = value_states
-        self.length = end
+        self.k_buf[:, :, start:end] = key_states
+        self.v_buf[:, :, start:end] = value_states
         self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
         return self.keys, self.values
 
