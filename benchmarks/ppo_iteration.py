@@ -57,15 +57,9 @@ def run_ours(
 
     from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.data.build import load_prompts
-    from rlhfkit.stages.ppo import (
-        PromptStream,
-        ScoreNormalizer,
-        _optimizers,
-        collect,
-        load_models,
-        ppo_update,
-        rewards_and_advantages,
-    )
+    from rlhfkit.rl.update import advantages, rl_update
+    from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect
+    from rlhfkit.stages.ppo import load_models
 
     torch.manual_seed(0)
     dirs = common.build(size)
@@ -100,25 +94,23 @@ def run_ours(
     models = load_models(cfg, None, None)
     items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     stream = PromptStream(len(items), 0)
-    optims = _optimizers(models, cfg)
     normalize = ScoreNormalizer("none", None, 0)
     fl = flops(common.layer_params(models.actor), hidden, vocab, epochs, shared)
     rows = []
     for _ in range(iters):
-        timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
         t0 = time.perf_counter()
-        exp = collect(models, items, stream, cfg, normalize, timer)
-        rewards_and_advantages(exp, 0.05, cfg)
+        exp, timer = collect(models, items, stream, cfg, normalize)
+        advantages(exp, 0.05, cfg.ppo)
         t1 = time.perf_counter()
-        ppo_update(models, optims, exp, cfg, update_actor=True)
+        rl_update(models.learner, exp, cfg, 0.05, update_actor=True)
         t2 = time.perf_counter()
         n_tok = int(exp.response_mask.sum())
         rows.append(
             {
                 "impl": "rlhfkit-shared" if shared else "rlhfkit",
                 "total": t2 - t0,
-                "generate": timer["generate"],
-                "score": timer["score"],
+                "generate": timer.generate,
+                "score": timer.score,
                 "update": t2 - t1,
                 "gen_tokens": n_tok,
                 "flops": fl,

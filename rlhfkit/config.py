@@ -376,7 +376,13 @@ class RolloutConfig:
     episodes_per_iteration: int = knob(
         64, "episodes collected into the experience buffer per iteration", lo=1
     )
-    chunk_size: int = knob(32, "prompts generated (and scored) at once; size it to memory", lo=1)
+    samples_per_prompt: int = knob(
+        1,
+        "responses sampled per prompt (n); the n responses form a group (GRPO, RLOO and "
+        "REINFORCE++-baseline need n >= 2)",
+        lo=1,
+    )
+    chunk_size: int = knob(32, "episodes generated (and scored) at once; size it to memory", lo=1)
     max_new_tokens: int = knob(32, "response length limit; longer responses are truncated", lo=1)
     temperature: float = knob(
         1.0, "sampling temperature (logprobs use the same one)", lo=0, lo_open=True
@@ -408,17 +414,36 @@ class PPOAlgoConfig:
     epochs: int = knob(4, "PPO epochs over each experience buffer", lo=1)
     minibatch_size: int = knob(16, "episodes per optimizer step", lo=1)
     micro_batch_size: int = knob(16, "episodes per forward/backward (gradient accumulation)", lo=1)
-    clip_eps: float = knob(0.2, "policy ratio clip epsilon", lo=0, lo_open=True)
+    clip_eps: float = knob(
+        0.2, "policy ratio clip epsilon (the lower one with clip_eps_high)", lo=0, lo_open=True
+    )
+    clip_eps_high: float | None = knob(
+        None, "upper ratio clip epsilon (DAPO clip-higher); empty = clip_eps", lo=0, lo_open=True
+    )
+    dual_clip: float = knob(
+        0.0,
+        "dual clip c > 1: a negative advantage's loss is at most -c A (Ye et al. 2020); 0 = off",
+        lo=0,
+    )
     value_clip_eps: float = knob(
         0.2, "value clip around the rollout values (0 = unclipped MSE)", lo=0
     )
-    estimator: Literal["gae", "td", "mc"] = knob(
-        "gae", "advantage estimator (the seed's TD, MC, or GAE)"
+    estimator: Literal[
+        "gae", "td", "mc", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"
+    ] = knob(
+        "gae",
+        "advantage estimator: the seed's td, mc, gae (with a critic), or the critic-free grpo, "
+        "dr_grpo, rloo, reinforce++, reinforce++_baseline (docs/algorithms.md)",
     )
     gamma: float = knob(1.0, "discount", lo=0, hi=1)
     lam: float = knob(0.95, "GAE lambda", lo=0, hi=1)
     kl_coef: float = knob(0.05, "beta in r_t = -beta * KL_t (initial value when adaptive)", lo=0)
     kl_estimator: Literal["k1", "k2", "k3"] = knob("k1", "per-token KL estimator (Schulman)")
+    kl_in: Literal["reward", "loss"] = knob(
+        "reward",
+        "where the KL penalty goes: into the rewards (r_t = -beta KL_t, the seed) or into the "
+        "policy loss (+ beta KL_t, as GRPO does with k3)",
+    )
     adaptive_kl: bool = knob(False, "adapt beta towards kl_target (Ziegler et al. 2019)")
     kl_target: float = knob(
         6.0, "target per-sequence KL for the adaptive controller", lo=0, lo_open=True
@@ -426,14 +451,20 @@ class PPOAlgoConfig:
     kl_horizon: float = knob(10000.0, "adaptive controller horizon, in episodes", lo=1)
     ent_coef: float = knob(0.0, "entropy bonus coefficient", lo=0)
     vf_coef: float = knob(0.5, "value loss coefficient", lo=0)
-    whiten_advantages: bool = knob(True, "normalise advantages to mean 0, std 1 over the buffer")
+    whiten_advantages: bool = knob(
+        True,
+        "normalise td/mc/gae advantages to mean 0, std 1 over the buffer (the critic-free "
+        "estimators follow their papers: reinforce++ always whitens, the group ones never)",
+    )
     reward_norm: Literal["none", "rm_stats", "running"] = knob(
         "rm_stats",
         "normalise scores: RM's stored mean/std (falls back to running), running stats, or none",
     )
     reward_clip: float = knob(0.0, "clip normalised scores to [-c, c] (0 = off)", lo=0)
-    aggregation: Literal["token", "sequence"] = knob(
-        "token", "loss average over tokens or over sequences"
+    aggregation: Literal["token", "sequence", "token_sum_norm"] = knob(
+        "token",
+        "loss average over tokens, over sequences, or token sum / (max_new_tokens x sequences) "
+        "(Dr. GRPO's length-unbiased form)",
     )
     critic_warmup_iterations: int = knob(0, "iterations that update only the critic, first", lo=0)
 
@@ -507,6 +538,7 @@ class PPOConfig:
             )
         if self.critic_init == "rm" and not self.reward_model:
             raise ConfigError(f"{prefix}critic_init: 'rm' needs {prefix}reward_model")
+        self._validate_estimator(prefix)
         if self.ppo.minibatch_size % self.ppo.micro_batch_size:
             raise ConfigError(
                 f"{prefix}ppo.micro_batch_size must divide {prefix}ppo.minibatch_size"
@@ -515,6 +547,33 @@ class PPOConfig:
             raise ConfigError(
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
+
+    def _validate_estimator(self, prefix: str) -> None:
+        """What the estimator cannot provide or use is an error, not a silent no-op."""
+        from rlhfkit.algos import get_estimator
+
+        est, pc, n = get_estimator(self.ppo.estimator), self.ppo, self.rollout.samples_per_prompt
+        name = f"{prefix}ppo.estimator: '{pc.estimator}'"
+        if est.needs_groups and n < 2:
+            raise ConfigError(
+                f"{name} compares the responses to the same prompt; set "
+                f"{prefix}rollout.samples_per_prompt >= 2 (it is {n})"
+            )
+        if not est.needs_values:
+            for key, bad in (
+                ("shared_trunk", self.shared_trunk),
+                ("critic_init", self.critic_init != "sft"),
+                ("ppo.critic_warmup_iterations", pc.critic_warmup_iterations > 0),
+            ):
+                if bad:
+                    raise ConfigError(f"{prefix}{key}: {name} uses no critic; remove the key")
+        if self.rollout.episodes_per_iteration % n or self.rollout.chunk_size % n:
+            raise ConfigError(
+                f"{prefix}rollout.samples_per_prompt ({n}) must divide "
+                f"{prefix}rollout.episodes_per_iteration and {prefix}rollout.chunk_size"
+            )
+        if pc.dual_clip and pc.dual_clip <= 1:
+            raise ConfigError(f"{prefix}ppo.dual_clip: {pc.dual_clip} must be > 1 (or 0 = off)")
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from rlhfkit.config import PPOConfig, load_config  # noqa: E402
 from rlhfkit.data.build import load_prompts  # noqa: E402
+from rlhfkit.rl.update import advantages, rl_update  # noqa: E402
+from rlhfkit.rollout.collect import ScoreNormalizer, rollout_chunk  # noqa: E402
 from rlhfkit.rollout.experience import concat  # noqa: E402
-from rlhfkit.stages.ppo import (  # noqa: E402
-    ScoreNormalizer,
-    _optimizers,
-    load_models,
-    ppo_update,
-    rewards_and_advantages,
-    rollout_chunk,
-)
+from rlhfkit.stages.ppo import load_models  # noqa: E402
 from rlhfkit.train import dist  # noqa: E402
 
 
@@ -53,20 +48,23 @@ def main(lm: str, prompts: str, out: str, *overrides: str) -> None:
         cfg, None, lambda p, r: [float(x.count("good")) + 0.1 * len(x.split()) for x in r]
     )
     items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
     torch.manual_seed(1)  # the same rollout on every rank
-    full = concat(
-        [rollout_chunk(models, items[:16], cfg, ScoreNormalizer("none", None, 0), timer)],
-        models.tokenizer.pad_token_id,
-    )
+    n_samples = cfg.rollout.samples_per_prompt
+    chosen = [p for p in items[: 16 // n_samples] for _ in range(n_samples)]
+    group = torch.arange(16 // n_samples).repeat_interleave(n_samples)
+    exp, _ = rollout_chunk(models, chosen, group, cfg, ScoreNormalizer("none", None, 0))
+    full = concat([exp], models.tokenizer.pad_token_id)
     n, r = dist.world(), dist.rank()
     exp = full.select(torch.arange(r * 16 // n, (r + 1) * 16 // n))
-    metrics = rewards_and_advantages(exp, 0.05, cfg)
-    optims = _optimizers(models, cfg)
+    metrics = advantages(exp, 0.05, cfg.ppo)
     sharded = dist.is_sharded(models.actor)
-    metrics.update(ppo_update(models, optims, exp, cfg, update_actor=True))
+    metrics.update(rl_update(models.learner, exp, cfg, 0.05, update_actor=True))
     trained = {"actor": models.actor}
-    trained["critic"] = models.critic if models.shared is None else models.shared.value_head
+    learner = models.learner
+    if hasattr(learner, "critic"):
+        trained["critic"] = learner.critic
+    elif hasattr(learner, "ac"):
+        trained["critic"] = learner.ac.value_head
     weights = {k: dist.full_state_dict(m) or m.state_dict() for k, m in trained.items()}
     if dist.is_main():
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -43,11 +43,22 @@ def prompts_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 
+MODES = {
+    "separate_critic": [],
+    "shared_trunk": ["shared_trunk=true"],
+    # critic-free, with groups of 4 and the batch-wide whitening (REINFORCE++-baseline), and GRPO:
+    # each rank holds whole groups, so its baselines equal the 1-process ones
+    "reinforce++_baseline": ["ppo.estimator=reinforce++_baseline", "rollout.samples_per_prompt=4"],
+    "grpo": ["ppo.estimator=grpo", "rollout.samples_per_prompt=4"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("shared", [False, True], ids=["separate_critic", "shared_trunk"])
-def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, shared):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, mode):
     p = prompts_file(tmp_path)
-    extra = ["shared_trunk=true"] if shared else []
+    extra = MODES[mode]
+    shared, critic = mode == "shared_trunk", mode in ("separate_critic", "shared_trunk")
     worker = [str(HERE / "dist_ppo_update.py"), str(tiny_lm), str(p)]
     torchrun(1, *worker, str(tmp_path / "n1"), *extra)
     for parallel in ("ddp", "fsdp"):
@@ -55,8 +66,10 @@ def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, shared)
     m1 = json.loads((tmp_path / "n1" / "metrics.json").read_text())
     w1 = torch.load(tmp_path / "n1" / "w.pt", weights_only=True)
     init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
-    keys = ["loss/policy", "loss/value", "loss/entropy", "kl/seq_mean", "reward/total"]
-    keys += ["grad_norm/actor"] + ([] if shared else ["grad_norm/critic"])
+    keys = ["loss/policy", "loss/entropy", "kl/seq_mean", "reward/total", "adv/std"]
+    keys += ["grad_norm/actor"] + (["loss/value"] if critic else [])
+    keys += ["grad_norm/critic"] if critic and not shared else []
+    assert ("loss/value" in m1) == critic
     for parallel in ("ddp", "fsdp"):
         m2 = json.loads((tmp_path / parallel / "metrics.json").read_text())
         assert m2["sharded"] == float(parallel == "fsdp")  # FSDP really split the weights
@@ -64,7 +77,8 @@ def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, shared)
             assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (parallel, k)
         w2 = torch.load(tmp_path / parallel / "w.pt", weights_only=True)
         moved = 0
-        for part in ("actor", "critic"):
+        assert w1.keys() == w2.keys() == ({"actor", "critic"} if critic else {"actor"})
+        for part in w1:
             assert w1[part].keys() == w2[part].keys()
             for k in w1[part]:
                 torch.testing.assert_close(

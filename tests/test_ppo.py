@@ -12,15 +12,16 @@ from transformers import AutoModelForCausalLM
 from rlhfkit.algos import compute_advantages, kl_penalty, masked_whiten, policy_loss, shape_rewards
 from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.data.build import load_prompts
-from rlhfkit.rollout.forward import critic_values, join, policy_logprobs
-from rlhfkit.stages.ppo import (
+from rlhfkit.rl.update import advantages, rl_update
+from rlhfkit.rollout.collect import (
     PromptStream,
     ScoreNormalizer,
     collect,
-    load_models,
-    rewards_and_advantages,
-    run_ppo,
+    fixed_layout,
+    sampler_logprobs_usable,
 )
+from rlhfkit.rollout.forward import critic_values, join, policy_logprobs
+from rlhfkit.stages.ppo import load_models, run_ppo
 from rlhfkit.train.logger import read_metrics
 
 
@@ -60,11 +61,10 @@ def buffer(tmp_path, tiny_lm):
     torch.manual_seed(0)
     models = load_models(cfg, None, count_good)
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
-    exp = collect(
-        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0), timer
+    exp, _ = collect(
+        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
     )
-    rewards_and_advantages(exp, 0.05, cfg)
+    advantages(exp, 0.05, cfg.ppo)
     return cfg, models, exp
 
 
@@ -77,7 +77,7 @@ def test_ratio_is_one_before_the_first_update(buffer):
     m = mb.response_mask
     torch.testing.assert_close(logp[m], mb.logprobs[m], rtol=0, atol=1e-5)
     torch.testing.assert_close(
-        critic_values(models.critic_fwd, seq)[m], mb.values[m], rtol=0, atol=1e-5
+        critic_values(models.learner.critic_fwd, seq)[m], mb.values[m], rtol=0, atol=1e-5
     )
     # the reference is the same SFT weights, so KL starts at 0 too
     torch.testing.assert_close(
@@ -132,7 +132,7 @@ def test_advantage_choice_in_config_reaches_the_estimator(buffer, estimator):
             ]
         ],
     )
-    rewards_and_advantages(exp, 0.1, cfg)
+    advantages(exp, 0.1, cfg.ppo)
     kl = kl_penalty(exp.logprobs, exp.ref_logprobs, "k3")
     rewards, _ = shape_rewards(kl, exp.scores, exp.response_mask, 0.1)
     adv, ret = compute_advantages(estimator, rewards, exp.values, exp.response_mask, 0.9, 0.5)
@@ -222,28 +222,22 @@ def test_sampling_logprobs_fast_path_equals_the_recompute_path(tmp_path, tiny_lm
         torch.manual_seed(0)
         models = load_models(cfg, None, count_good)
         prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-        timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
         norm = ScoreNormalizer("none", None, 0)
-        out[source] = (
-            collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm, timer),
-            timer,
-        )
+        out[source] = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
     (a, ta), (b, tb) = out["sampling"], out["recompute"]
     m = a.response_mask
     assert torch.equal(a.response, b.response) and torch.equal(m, b.response_mask)
     assert (~m).any() and m.sum() > 50
     torch.testing.assert_close(a.logprobs[m], b.logprobs[m], rtol=0, atol=1e-5)
     torch.testing.assert_close(a.ref_logprobs[m], b.ref_logprobs[m], rtol=0, atol=0)
-    assert ta["entropy_sum"] == pytest.approx(tb["entropy_sum"], rel=1e-5)
+    assert ta.entropy_sum == pytest.approx(tb.entropy_sum, rel=1e-5)
 
 
 def test_auto_old_logprobs_recomputes_in_bf16_only():
     """bf16 logprobs depend on the batch layout (issue 6), so `auto` must not reuse the sampler's."""
-    from rlhfkit.stages.ppo import _logprobs_from_sampling
-
     fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
-    assert _logprobs_from_sampling("auto", fp32) and not _logprobs_from_sampling("auto", bf16)
-    assert _logprobs_from_sampling("sampling", bf16) and not _logprobs_from_sampling(
+    assert sampler_logprobs_usable("auto", fp32) and not sampler_logprobs_usable("auto", bf16)
+    assert sampler_logprobs_usable("sampling", bf16) and not sampler_logprobs_usable(
         "recompute", fp32
     )
 
@@ -253,8 +247,6 @@ def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_
     layout (longest prompt of the data, max_new_tokens) and the update does not trim minibatches:
     the update's first forward then reproduces the stored old logprobs exactly (ratio == 1),
     whatever rows share its micro-batch."""
-    from rlhfkit.stages.ppo import _optimizers, fixed_layout, ppo_update
-
     rows = [{"prompt": " ".join(["say", *([c] * (1 + i % 5)), ":"])} for i, c in enumerate(COLORS)]
     prompts_file = write_jsonl(tmp_path / "varied.jsonl", rows)
     cfg = ppo_cfg(
@@ -269,9 +261,8 @@ def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_
     models = load_models(cfg, None, count_good)
     assert fixed_layout(models.actor)
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
     norm = ScoreNormalizer("none", None, 0)
-    exp = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm, timer)
+    exp, _ = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
     assert exp.prompt_ids.shape[1] == max(len(p.prompt_ids) for p in prompts)
     assert exp.response.shape[1] == cfg.rollout.max_new_tokens
     m = exp.response_mask
@@ -283,8 +274,8 @@ def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_
         logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)
     mm = mb.response_mask
     torch.testing.assert_close(logp[mm], mb.logprobs[mm], rtol=0, atol=1e-6)
-    rewards_and_advantages(exp, 0.05, cfg)
-    stats = ppo_update(models, _optimizers(models, cfg), exp, cfg, update_actor=True)
+    advantages(exp, 0.05, cfg.ppo)
+    stats = rl_update(models.learner, exp, cfg, 0.05, update_actor=True)
     assert all(math.isfinite(v) for v in stats.values())
     # the update's own micro-batches (shuffled rows, 8 at a time) also reproduce them: ratio == 1
     assert abs(stats["policy/ratio_mean"] - 1) < 1e-6 and abs(stats["policy/approx_kl"]) < 1e-9

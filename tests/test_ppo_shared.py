@@ -11,17 +11,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhfkit.config import ConfigError
 from rlhfkit.data.build import load_prompts
+from rlhfkit.rl.update import advantages, rl_update
+from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect
 from rlhfkit.rollout.forward import actor_critic_outputs, join, policy_logprobs
-from rlhfkit.stages.ppo import (
-    PromptStream,
-    ScoreNormalizer,
-    _optimizers,
-    collect,
-    load_models,
-    ppo_update,
-    rewards_and_advantages,
-    run_ppo,
-)
+from rlhfkit.stages.ppo import load_models, run_ppo
 from rlhfkit.train.logger import read_metrics
 
 SHARED = ["shared_trunk=true"]
@@ -29,22 +22,21 @@ SHARED = ["shared_trunk=true"]
 
 def _collect(cfg, models):
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    timer = {"generate": 0.0, "score": 0.0, "entropy_sum": 0.0}
     norm = ScoreNormalizer("none", None, 0)
-    return collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm, timer)
+    return collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)[0]
 
 
 def test_shared_forward_gives_the_actors_logprobs_and_ratio_one(tmp_path, tiny_lm):
     cfg = ppo_cfg(tmp_path, tiny_lm, *SHARED)
     torch.manual_seed(0)
     models = load_models(cfg, None, count_good)
-    assert models.critic is None and models.shared.policy is models.actor
+    assert not hasattr(models.learner, "critic") and models.learner.ac.policy is models.actor
     exp = _collect(cfg, models)
     mb = exp.select(torch.tensor([5, 1, 20, 11]))  # another batch layout than the rollout's
     seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
     m = mb.response_mask
     ref_logp, _ = policy_logprobs(models.actor, seq, cfg.rollout.temperature)  # plain HF forward
-    logp, ent, v = actor_critic_outputs(models.shared, seq, cfg.rollout.temperature, True)
+    logp, ent, v = actor_critic_outputs(models.learner.ac, seq, cfg.rollout.temperature, True)
     torch.testing.assert_close(logp[m], ref_logp[m], rtol=0, atol=1e-5)
     torch.testing.assert_close(logp[m], mb.logprobs[m], rtol=0, atol=1e-5)  # ratio == 1
     torch.testing.assert_close(v[m], mb.values[m], rtol=0, atol=1e-5)
@@ -53,7 +45,7 @@ def test_shared_forward_gives_the_actors_logprobs_and_ratio_one(tmp_path, tiny_l
         input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids
     ).last_hidden_state
     p = seq.prompt_width
-    direct = models.shared.value_head(hidden[:, p - 1 : p - 1 + m.shape[1]]).squeeze(-1)
+    direct = models.learner.ac.value_head(hidden[:, p - 1 : p - 1 + m.shape[1]]).squeeze(-1)
     torch.testing.assert_close(v[m], direct[m], rtol=0, atol=1e-6)
     assert ent is not None and (ent[m] > 0).all()
 
@@ -72,7 +64,7 @@ def test_shared_trunk_with_no_value_loss_updates_the_actor_like_a_separate_criti
     after = []
     for c, mod in ((cfg, models), (shared_cfg, shared)):
         torch.manual_seed(3)  # the same minibatch shuffles
-        ppo_update(mod, _optimizers(mod, c), dataclasses.replace(exp), c, update_actor=True)
+        rl_update(mod.learner, dataclasses.replace(exp), c, 0.05, update_actor=True)
         after.append(mod.actor.state_dict())
     changed = 0
     for k, w in after[0].items():
@@ -84,11 +76,11 @@ def test_shared_trunk_with_no_value_loss_updates_the_actor_like_a_separate_criti
 def test_shared_critic_warmup_trains_the_value_head_only(tmp_path, tiny_lm):
     cfg = ppo_cfg(tmp_path, tiny_lm, *SHARED, "ppo.critic_warmup_iterations=1")
     models = load_models(cfg, None, count_good)
-    before = {k: v.clone() for k, v in models.shared.state_dict().items()}
+    before = {k: v.clone() for k, v in models.learner.ac.state_dict().items()}
     exp = _collect(cfg, models)
-    rewards_and_advantages(exp, 0.05, cfg)
-    ppo_update(models, _optimizers(models, cfg), exp, cfg, update_actor=False)
-    after = models.shared.state_dict()
+    advantages(exp, 0.05, cfg.ppo)
+    rl_update(models.learner, exp, cfg, 0.05, update_actor=False)
+    after = models.learner.ac.state_dict()
     for k in before:
         same = torch.equal(before[k], after[k])
         assert same != (k == "value_head.weight"), k

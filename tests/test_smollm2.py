@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from rlhfkit.models import convert_gguf, smollm2_gguf
+from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
 
 pytestmark = [
     pytest.mark.slow,

@@ -113,8 +113,9 @@ def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
     stats = read_reward_stats(final)
     assert stats["n"] == 2 * 120 and stats["std"] > 0
     # plain transformers gives the same scores as our last-token reader
+    from rlhfkit.algos import last_index
     from rlhfkit.config import ModelConfig
-    from rlhfkit.models import PerTokenScalar, load_scalar_model, sequence_scores
+    from rlhfkit.models import PerTokenScalar, load_scalar_model
 
     tok = AutoTokenizer.from_pretrained(final)
     plain = AutoModelForSequenceClassification.from_pretrained(final)
@@ -125,7 +126,9 @@ def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
     assert batch["attention_mask"][1, -1] == 0  # right-padded
     torch.testing.assert_close(
         plain(**batch).logits.squeeze(-1),
-        sequence_scores(PerTokenScalar(ours), batch["input_ids"], batch["attention_mask"]),
+        PerTokenScalar(ours)(batch["input_ids"], batch["attention_mask"])[
+            torch.arange(2), last_index(batch["attention_mask"])
+        ],
     )
 
 

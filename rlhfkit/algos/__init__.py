@@ -5,16 +5,24 @@ Each function is listed with its equation and paper in docs/algorithms.md.
 
 from rlhfkit.algos.advantages import (
     ESTIMATORS,
+    Estimator,
     compute_advantages,
+    dr_grpo_advantages,
     gae_advantages,
+    get_estimator,
+    group_moments,
+    grpo_advantages,
     mc_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
     td_advantages,
 )
 from rlhfkit.algos.kl import kl_penalty
 from rlhfkit.algos.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.algos.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
 from rlhfkit.algos.losses import aggregate, entropy_bonus, policy_loss, value_loss
-from rlhfkit.algos.masking import last_index, response_mask
+from rlhfkit.algos.masking import last_index, position_ids, response_mask
 from rlhfkit.algos.rewards import shape_rewards
 from rlhfkit.algos.rm_losses import pairwise_accuracy, pairwise_loss, ranking_loss
 from rlhfkit.algos.stats import (
@@ -29,6 +37,15 @@ from rlhfkit.algos.stats import (
 
 __all__ = [
     "ESTIMATORS",
+    "Estimator",
+    "dr_grpo_advantages",
+    "get_estimator",
+    "group_moments",
+    "grpo_advantages",
+    "position_ids",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMeanStd",

@@ -3,6 +3,8 @@
 aggregation:
     "token":    sum over all tokens / number of tokens (long responses weigh more; DAPO, OpenRLHF)
     "sequence": mean over sequences of each sequence's token mean (the original PPO-for-LM form)
+    "token_sum_norm": sum over all tokens / a constant, (max response length) x (sequences):
+                the length-unbiased form of Dr. GRPO (Liu et al. 2025, sec. 3.2)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from rlhfkit.algos.stats import masked_mean, masked_sum
 
-Aggregation = Literal["token", "sequence"]
+Aggregation = Literal["token", "sequence", "token_sum_norm"]
 
 
 def aggregate(
@@ -37,8 +39,14 @@ def aggregate(
         per_seq = masked_mean(per_token, m, dim=1)  # (B,)
         total = per_seq.sum()  # empty rows contribute 0
         count = m.any(dim=1).sum()  # and do not count
+    elif aggregation == "token_sum_norm":
+        # a constant: B x T of this batch; the update passes B x max_new_tokens of the minibatch
+        total = masked_sum(per_token, m)
+        count = torch.tensor(m.numel(), device=m.device)
     else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected 'token' or 'sequence'")
+        raise ValueError(
+            f"unknown aggregation {aggregation!r}; expected 'token', 'sequence' or 'token_sum_norm'"
+        )
     if denominator is None:
         denominator = count.clamp(min=1)
     return total / denominator
@@ -52,10 +60,17 @@ def policy_loss(
     clip_eps: float,
     aggregation: Aggregation = "token",
     denominator: float | torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, negated for minimisation (Schulman et al. 2017, eq. 7):
 
-        L = -E[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)],  rho_t = pi_theta / pi_old
+        L = -E[min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)],  rho_t = pi_theta / pi_old
+
+    eps_low = clip_eps; eps_high = clip_eps_high or clip_eps (asymmetric "clip-higher": DAPO,
+    Yu et al. 2025, sec. 3.1). dual_clip = c > 1 also bounds the loss of a negative advantage
+    by -c A_t, so a huge ratio on a bad token cannot dominate (Ye et al. 2020, "Mastering
+    Complex Control in MOBA Games with Deep RL", eq. 5).
 
     logprobs (B, T) log pi_theta (with grad); old_logprobs, advantages (B, T) from the rollout.
     stats: clip_frac (share of tokens where the clipped term is chosen), approx_kl (k3 of
@@ -65,9 +80,14 @@ def policy_loss(
     m = mask.bool()
     log_ratio = torch.where(m, logprobs - old_logprobs, zero)  # garbage in pads must not reach exp
     ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantages
     per_token = -torch.min(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(
+            advantages < 0, torch.min(per_token, -dual_clip * advantages), per_token
+        )
     loss = aggregate(torch.where(m, per_token, zero), mask, aggregation, denominator)
     with torch.no_grad():
         stats = {

@@ -22,3 +22,9 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     t = mask.shape[1]
     positions = torch.arange(t, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... of the real tokens of each row, counted from its first real token
+    (left padding gets 0). (B, L) -> (B, L) long. Every forward over padded rows uses this."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)

@@ -152,7 +152,7 @@ def base_model(out: Path, corpus: Path, seed: int, model: str) -> Path:
     """The pretrained model the pipeline starts from: our tiny LM, or SmolLM2-135M-Instruct."""
     if model == "tiny":
         return pretrain_base(out, corpus, seed)
-    from rlhfkit.models import convert_gguf, smollm2_gguf
+    from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
 
     found = smollm2_gguf()
     if found is None:

@@ -15,10 +15,11 @@ class Experience:
     response_mask: torch.Tensor  # (B, T) bool
     logprobs: torch.Tensor  # (B, T) log pi_old(a_t|s_t)
     ref_logprobs: torch.Tensor  # (B, T) log pi_ref(a_t|s_t)
-    values: torch.Tensor  # (B, T) V_old(s_t)
+    values: torch.Tensor | None  # (B, T) V_old(s_t); None without a critic
     scores: torch.Tensor  # (B,) R_final after normalisation, clipping and the missing-EOS penalty
     raw_scores: torch.Tensor  # (B,) R_final as the RM / reward function gave it
     stopped: torch.Tensor  # (B,) bool: ended on EOS / stop sequence
+    group: torch.Tensor  # (B,) long: responses to the same prompt share a group id (all ranks)
     rewards: torch.Tensor | None = None  # (B, T) r_t
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets

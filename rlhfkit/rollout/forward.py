@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.algos import last_index, logprobs_and_entropy, token_logprobs
+from rlhfkit.algos import last_index, logprobs_and_entropy, position_ids, token_logprobs
 
 
 @dataclass
@@ -27,8 +27,9 @@ class Sequences:
 def join(prompt_ids, prompt_mask, response, response_mask) -> Sequences:
     ids = torch.cat([prompt_ids, response], dim=1)
     attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    return Sequences(ids, attn, pos, prompt_ids.shape[1], response, response_mask.bool())
+    return Sequences(
+        ids, attn, position_ids(attn), prompt_ids.shape[1], response, response_mask.bool()
+    )
 
 
 def _logprobs(logits, tokens, temperature: float, with_entropy: bool):

@@ -1,4 +1,8 @@
-"""Reward sources: a trained reward model, or a Python function users write themselves."""
+"""Reward sources: a trained reward model, or a Python function users write themselves.
+
+A source is called with the rollout's ``Sequences`` and the actor's tokenizer and returns the raw
+score R_final of each response, (B,) float32. New sources (a server, an RM with another tokenizer,
+several combined) plug into the rollout here."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from rlhfkit.config import ConfigError
+from rlhfkit.rollout.forward import reward_scores
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -25,6 +30,37 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(fn):
         raise ConfigError(f"reward_fn: {spec!r} is not callable")
     return fn
+
+
+class RMReward:
+    """A reward model that shares the actor's tokenizer: token ids passed straight through, the
+    score read at the last real token (``rollout.forward.reward_scores``)."""
+
+    def __init__(self, rm):
+        self.module = rm  # a PerTokenScalar over the frozen RM
+
+    def __call__(self, seq, tokenizer) -> torch.Tensor:
+        return reward_scores(self.module, seq)
+
+
+class FnReward:
+    """A Python reward ``fn(prompts, responses) -> scores`` on the decoded texts."""
+
+    module = None
+
+    def __init__(self, fn: RewardFn):
+        self.fn = fn
+
+    def __call__(self, seq, tokenizer) -> torch.Tensor:
+        return call_reward_fn(self.fn, *decode_sequences(tokenizer, seq))
+
+
+def decode_sequences(tokenizer, seq) -> tuple[list[str], list[str]]:
+    """Decoded prompts and responses of a rollout's ``Sequences``."""
+    p = seq.prompt_width
+    return decode_texts(
+        tokenizer, seq.input_ids[:, :p], seq.attention_mask[:, :p], seq.response, seq.response_mask
+    )
 
 
 def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:

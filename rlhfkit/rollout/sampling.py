@@ -14,6 +14,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rlhfkit.algos import position_ids
+
 
 @dataclass
 class Generation:
@@ -181,7 +183,7 @@ def generate(
     device = prompt_ids.device
     stops = [torch.tensor(s, device=device) for s in (stop_sequences or []) if s]
     attn = prompt_mask.long()
-    pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions of left-padded prompts start at 0
+    pos = position_ids(attn)  # positions of left-padded prompts start at 0
     decoder = _Decoder(model, attn, max_new_tokens, compile_decode)
     out = model(
         input_ids=prompt_ids,

@@ -1,0 +1,78 @@
+"""The metric names of an RL run, in one place. They are a contract (docs/metrics.md documents
+each one, and ``tests/test_rl_core.py`` checks the two lists are the same)."""
+
+from __future__ import annotations
+
+from rlhfkit.rollout.collect import Timings
+from rlhfkit.rollout.experience import Experience
+from rlhfkit.train import dist
+
+# name -> which runs log it ("always", "critic": with a critic, "option": when its option is set)
+RL_METRICS: dict[str, str] = {
+    "score/mean": "always",
+    "score/std": "always",
+    "score/normalized_mean": "always",
+    "score/gold": "option",
+    "kl/seq_mean": "always",
+    "kl/beta": "always",
+    "reward/non_score": "always",
+    "reward/total": "always",
+    "policy/entropy": "always",
+    "response/length": "always",
+    "response/eos_rate": "always",
+    "loss/policy": "always",
+    "loss/value": "critic",
+    "loss/entropy": "option",
+    "loss/kl": "option",
+    "policy/clip_frac": "always",
+    "policy/approx_kl": "always",
+    "policy/ratio_mean": "always",
+    "value/clip_frac": "critic",
+    "value/explained_var": "critic",
+    "value/mean": "critic",
+    "adv/mean": "always",
+    "adv/std": "always",
+    "grad_norm/actor": "always",
+    "grad_norm/critic": "option",
+    "lr/actor": "always",
+    "lr/critic": "critic",
+    "nonfinite/skipped": "always",
+    "time/generate": "always",
+    "time/score": "always",
+    "time/update": "always",
+    "time/iteration": "always",
+    "perf/tokens_per_s": "always",
+}
+
+
+def rollout_metrics(
+    exp: Experience, timings: Timings, beta: float, skipped: int, t_update: float, t_total: float
+) -> dict[str, float]:
+    """Per-iteration statistics of the buffer and the clocks (per-rank values averaged over ranks;
+    the std is the mean of the per-rank stds)."""
+    n_tokens = int(exp.response_mask.sum())
+    return dist.mean_over_ranks(
+        {
+            "score/mean": float(exp.raw_scores.mean()),
+            "score/std": float(exp.raw_scores.std()),
+            "score/normalized_mean": float(exp.scores.mean()),
+            "policy/entropy": timings.entropy_sum / len(exp),
+            "response/length": n_tokens / len(exp),
+            "response/eos_rate": float(exp.stopped.float().mean()),
+            "kl/beta": beta,
+            "nonfinite/skipped": skipped,
+            "time/generate": timings.generate,
+            "time/score": timings.score,
+            "time/update": t_update,
+            "time/iteration": t_total,
+            "perf/tokens_per_s": n_tokens / t_total,
+        }
+    )
+
+
+def check_names(metrics: dict[str, float]) -> dict[str, float]:
+    """Every logged name must be one of ``RL_METRICS`` (a new metric is documented first)."""
+    unknown = sorted(set(metrics) - set(RL_METRICS))
+    if unknown:
+        raise KeyError(f"undocumented metric names {unknown}: add them to RL_METRICS and docs")
+    return metrics

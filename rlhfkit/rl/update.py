@@ -1,0 +1,175 @@
+"""The RL core's two steps after a rollout: rewards and advantages, then the update.
+
+    advantages   r_t = -beta KL_t (+ R_final at the end), then the registered estimator
+                 (td/mc/gae with a critic, or the critic-free family), whitened as it says
+    rl_update    epochs x minibatches x micro-batches of one policy loss (clipped surrogate,
+                 optional clip-higher / dual clip, KL in the loss or not, entropy bonus), plus the
+                 value loss when the learner has a critic
+
+Both work for every learner mode of ``rl.critics`` and every estimator of ``algos.ESTIMATORS``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhfkit.algos import (
+    aggregate,
+    compute_advantages,
+    entropy_bonus,
+    explained_variance,
+    get_estimator,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
+from rlhfkit.config import PPOAlgoConfig, PPOConfig
+from rlhfkit.rollout.collect import fixed_layout
+from rlhfkit.rollout.experience import Experience
+from rlhfkit.rollout.forward import join
+from rlhfkit.train import dist
+
+
+def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, float]:
+    """Fill ``exp.rewards``, ``exp.advantages`` and ``exp.returns``; returns the logged statistics
+    (averaged over ranks). With ``kl_in: loss`` the KL leaves the rewards (it enters the loss)."""
+    m, est = exp.response_mask, get_estimator(pc.estimator)
+    kl = kl_penalty(exp.logprobs, exp.ref_logprobs, pc.kl_estimator)  # (B, T)
+    reward_kl_coef = kl_coef if pc.kl_in == "reward" else 0.0
+    exp.rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
+    adv, exp.returns = compute_advantages(
+        pc.estimator,
+        exp.rewards,
+        exp.values,
+        m,
+        pc.gamma,
+        pc.lam,
+        scores=exp.scores,
+        group=exp.group,
+    )
+    whiten = pc.whiten_advantages if est.whiten is None else est.whiten
+    if whiten:  # statistics over the whole buffer, all ranks together
+        mean, var = dist.global_masked_moments(adv, m)
+        exp.advantages = masked_whiten(adv, m, mean=mean, var=var)
+    else:
+        exp.advantages = adv
+    stats = {
+        "kl/seq_mean": float(rstats["kl_sum"].mean()),
+        "reward/non_score": float(rstats["non_score_reward"].mean()),  # 0 with kl_in: loss
+        "reward/total": float(exp.rewards.sum(1).mean()),
+        "adv/mean": float(masked_mean(adv, m)),
+        "adv/std": float(masked_var(adv, m).sqrt()),
+    }
+    if exp.values is not None:
+        stats["value/explained_var"] = float(explained_variance(exp.values, exp.returns, m))
+        stats["value/mean"] = float(masked_mean(exp.values, m))
+    return dist.mean_over_ranks(stats)
+
+
+def minibatch_denominator(exp: Experience, aggregation: str, max_new_tokens: int) -> torch.Tensor:
+    """What the loss of a whole minibatch (all ranks) is divided by, over the number of ranks:
+    each micro-batch's loss sum over this, summed and averaged by DDP, is exactly the minibatch
+    loss (``algos.aggregate``'s ``denominator``). token: response tokens; sequence: non-empty
+    sequences; token_sum_norm: sequences x max_new_tokens (Dr. GRPO's constant)."""
+    m = exp.response_mask
+    if aggregation == "token":
+        count = m.sum()
+    elif aggregation == "sequence":
+        count = m.any(dim=1).sum()
+    else:
+        count = torch.tensor(m.shape[0] * max_new_tokens, device=m.device)
+    return (dist.all_reduce_sum(count.double()) / dist.world()).clamp(min=1).float()
+
+
+def micro_step(
+    learner,
+    mb: Experience,
+    pc: PPOAlgoConfig,
+    temperature: float,
+    kl_coef: float,
+    update_actor: bool,
+    denom: torch.Tensor,
+) -> dict[str, float]:
+    """Forward + backward of one micro-batch: the policy loss (after the critic warm-up), with the
+    entropy bonus and, with ``kl_in: loss``, beta KL_t; plus the value loss if there is a critic."""
+    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+    m = mb.response_mask
+    with_entropy = update_actor and pc.ent_coef > 0
+    logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)
+    loss, stats = torch.zeros((), device=m.device), {}
+    if v is not None:
+        vf, vstats = value_loss(
+            v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
+        )
+        loss = loss + pc.vf_coef * vf
+        stats["loss/value"] = float(vf.detach())
+        stats["value/clip_frac"] = float(vstats["value_clip_frac"])
+    if update_actor:
+        pg, pstats = policy_loss(
+            logp,
+            mb.logprobs,
+            mb.advantages,
+            m,
+            pc.clip_eps,
+            pc.aggregation,
+            denom,
+            clip_eps_high=pc.clip_eps_high,
+            dual_clip=pc.dual_clip or None,
+        )
+        loss = loss + pg
+        if with_entropy:
+            ent_term = entropy_bonus(ent, m, pc.aggregation, denom)
+            loss = loss - pc.ent_coef * ent_term
+            stats["loss/entropy"] = float(ent_term.detach())
+        if pc.kl_in == "loss":  # GRPO's form: + beta KL(pi_theta || pi_ref) in the loss
+            kl = aggregate(
+                kl_penalty(logp, mb.ref_logprobs, pc.kl_estimator), m, pc.aggregation, denom
+            )
+            loss = loss + kl_coef * kl
+            stats["loss/kl"] = float(kl.detach())
+        stats.update(
+            {
+                "loss/policy": float(pg.detach()),
+                "policy/clip_frac": float(pstats["clip_frac"]),
+                "policy/approx_kl": float(pstats["approx_kl"]),
+                "policy/ratio_mean": float(pstats["ratio_mean"]),
+            }
+        )
+    loss.backward()  # actor and critic losses together (separate models: disjoint gradients)
+    return stats
+
+
+def rl_update(
+    learner, exp: Experience, cfg: PPOConfig, kl_coef: float, update_actor: bool, guard=None
+) -> dict[str, float]:
+    """``ppo.epochs`` epochs of shuffled minibatches over this rank's buffer, each accumulated over
+    micro-batches before one optimizer step per optimizer. Returns the mean statistics."""
+    pc, temperature, max_new_tokens = cfg.ppo, cfg.rollout.temperature, cfg.rollout.max_new_tokens
+    acc: dict[str, list[float]] = {}
+    per_rank_mb = pc.minibatch_size // dist.world()
+    per_rank_micro = max(pc.micro_batch_size // dist.world(), 1)
+    trim = not fixed_layout(learner.actor)  # below fp32 keep the rollout's layout
+    for _ in range(pc.epochs):
+        perm = torch.randperm(len(exp))
+        for start in range(0, len(exp), per_rank_mb):
+            mb_idx = perm[start : start + per_rank_mb]
+            denom = minibatch_denominator(exp.select(mb_idx), pc.aggregation, max_new_tokens)
+            sums: dict[str, float] = {}
+            for j in range(0, len(mb_idx), per_rank_micro):
+                mb = exp.select(mb_idx[j : j + per_rank_micro], trim)
+                stats = micro_step(learner, mb, pc, temperature, kl_coef, update_actor, denom)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            n_micro = math.ceil(len(mb_idx) / per_rank_micro)
+            for k, v in sums.items():  # losses are partial sums: their total is the minibatch's
+                acc.setdefault(k, []).append(v if k.startswith("loss/") else v / n_micro)
+            for k, v in learner.step(update_actor, guard).items():
+                acc.setdefault(k, []).append(v)
+    learner.optims.end_iteration()
+    return dist.mean_over_ranks({k: sum(v) / len(v) for k, v in acc.items()})

@@ -1,0 +1,236 @@
+"""Experience collection: the prompt stream, n responses per prompt, chunked generation, and the
+reference, critic and reward forwards, into one ``Experience`` with its group ids.
+
+    prompts --stream--> (B/n prompts, each repeated n times) --generate--> responses
+            --forwards--> log pi_old, entropy, V_old (if a critic), log pi_ref, R_final
+            --normalise--> scores (+ the missing-EOS penalty)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.algos import RunningMeanStd, clip_abs, masked_mean
+from rlhfkit.config import PPOConfig
+from rlhfkit.data.build import PromptItem
+from rlhfkit.data.tokenize import pad_left
+from rlhfkit.models import device_of
+from rlhfkit.rollout.experience import Experience, concat
+from rlhfkit.rollout.forward import join, policy_logprobs
+from rlhfkit.rollout.sampling import generate
+from rlhfkit.train import dist
+
+
+class PromptStream:
+    """Prompts in a seeded order, epoch after epoch; its position is part of a checkpoint."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.index = n, seed, 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        return torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        ).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, s: dict[str, int]) -> None:
+        self.epoch, self.index = s["epoch"], s["index"]
+        self._order = self._perm()
+
+
+class ScoreNormalizer:
+    """R_final -> (R - mean) / std with the RM's stored reference statistics or running ones, then clip."""
+
+    def __init__(self, mode: str, rm_stats: dict[str, float] | None, clip: float):
+        self.mode = "running" if (mode == "rm_stats" and rm_stats is None) else mode
+        self.rm_stats, self.clip, self.running = rm_stats, clip, RunningMeanStd()
+
+    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            x = raw
+        elif self.mode == "rm_stats":
+            x = (raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
+        else:
+            # moments over all ranks, so every rank keeps the same running statistics
+            r = raw.detach().double()
+            n = dist.all_reduce_sum(torch.tensor(float(r.numel()), dtype=torch.float64))
+            mean = dist.all_reduce_sum(r.sum()) / n
+            var = dist.all_reduce_sum(((r - mean) ** 2).sum()) / n
+            self.running.update_from_moments(float(mean), float(var), float(n))
+            x = self.running.normalize(raw)
+        return clip_abs(x, self.clip or None)
+
+
+@dataclass
+class Timings:
+    """What one collection spent, in seconds, and the entropy it saw (summed over episodes)."""
+
+    generate: float = 0.0
+    score: float = 0.0
+    entropy_sum: float = 0.0
+
+    def __iadd__(self, other: Timings) -> Timings:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+def fixed_layout(actor) -> bool:
+    """Below fp32, logprobs depend on the padding around a sequence (up to ~0.1 nats per token in
+    bf16, issue 6), so the rollout's and the update's forwards must see each row in the same
+    layout: prompts padded to the longest prompt of the data set, responses to max_new_tokens,
+    and minibatches not trimmed. In fp32 the layout changes results only by rounding (~1e-6)."""
+    return next(actor.parameters()).dtype != torch.float32
+
+
+def sampler_logprobs_usable(choice: str, actor) -> bool:
+    """``rollout.old_logprobs``: fp32 logprobs from the KV-cache sampler equal a full forward's to
+    rounding; bf16 ones can differ by ~0.1 nats with the layout, which would bias the PPO ratio
+    (issue 6), so ``auto`` recomputes them below fp32."""
+    if choice != "auto":
+        return choice == "sampling"
+    return not fixed_layout(actor)
+
+
+def _pad_generation(gen, width: int, pad_id: int):
+    """Right-pad a ``Generation`` to ``width`` response columns (a fixed layout)."""
+    extra = width - gen.tokens.shape[1]
+    if extra <= 0:
+        return gen
+    pad = torch.nn.functional.pad
+    return dataclasses.replace(
+        gen,
+        tokens=pad(gen.tokens, (0, extra), value=pad_id),
+        logprobs=pad(gen.logprobs, (0, extra)),
+        entropy=pad(gen.entropy, (0, extra)),
+    )
+
+
+@dataclass
+class RolloutModels:
+    """What a rollout runs: the learner (actor and critic mode, ``rl.critics``), the frozen
+    reference (None = the LoRA actor with its adapters off) and the reward source."""
+
+    tokenizer: object
+    learner: object
+    ref: object | None
+    reward: object  # rollout.rewards: called with (Sequences, tokenizer) -> (B,) raw scores
+
+    @property
+    def actor(self):
+        return self.learner.actor
+
+
+@torch.no_grad()
+def rollout_chunk(
+    models: RolloutModels,
+    prompts: list[PromptItem],
+    group: torch.Tensor,
+    cfg: PPOConfig,
+    normalize: ScoreNormalizer,
+    prompt_width: int | None = None,
+) -> tuple[Experience, Timings]:
+    """One chunk of episodes, one per row of ``prompts`` (a prompt repeated n times gives a group;
+    ``group`` (B,) holds the ids). ``prompt_width``: pad prompts to it (the fixed layout)."""
+    tok, rc, learner = models.tokenizer, cfg.rollout, models.learner
+    actor = learner.actor
+    prompt_ids, prompt_mask = pad_left(
+        [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(actor), prompt_width
+    )  # (B, P)
+    t0 = time.perf_counter()
+    with dist.full_weights(learner.generator):  # FSDP: no collectives per token
+        gen = generate(
+            actor,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=rc.max_new_tokens,
+            eos_id=None if rc.ignore_eos else tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=rc.temperature,
+            top_k=rc.top_k,
+            top_p=rc.top_p,
+            stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
+            compile_decode=rc.compile,
+        )
+    t1 = time.perf_counter()
+    if prompt_width is not None:  # fixed layout: every response is max_new_tokens columns wide
+        gen = _pad_generation(gen, rc.max_new_tokens, tok.pad_token_id)
+    seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
+    sampled = (
+        (gen.logprobs, gen.entropy) if sampler_logprobs_usable(rc.old_logprobs, actor) else None
+    )
+    logprobs, entropy, values = learner.rollout_outputs(seq, rc.temperature, sampled)  # (B, T)
+    if models.ref is None:
+        with actor.disable_adapter():
+            ref_logprobs, _ = policy_logprobs(actor, seq, rc.temperature)
+    else:
+        ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
+    raw = models.reward(seq, tok).to(prompt_ids.device)  # (B,)
+    scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
+    timings = Timings(
+        generate=t1 - t0,
+        score=time.perf_counter() - t1,
+        entropy_sum=float(masked_mean(entropy, gen.mask)) * len(prompts),
+    )
+    exp = Experience(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response=gen.tokens,
+        response_mask=gen.mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        scores=scores,
+        raw_scores=raw,
+        stopped=gen.stopped,
+        group=group.to(prompt_ids.device),
+    )
+    return exp, timings
+
+
+def collect(
+    models: RolloutModels,
+    prompts: list[PromptItem],
+    stream: PromptStream,
+    cfg: PPOConfig,
+    normalize: ScoreNormalizer,
+) -> tuple[Experience, Timings]:
+    """Fill the experience buffer with ``episodes_per_iteration`` episodes, ``chunk_size`` at a time,
+    ``samples_per_prompt`` (n) per prompt. Data-parallel: every rank reads the same prompt stream
+    and generates for its own slice of each chunk's prompts, so a group never spans two ranks.
+    Group ids are the prompt's place in this iteration's stream: the same on every rank."""
+    actor = models.learner.actor
+    actor.eval()
+    world, r, n = dist.world(), dist.rank(), cfg.rollout.samples_per_prompt
+    width = max(len(p.prompt_ids) for p in prompts) if fixed_layout(actor) else None
+    chunks, total, taken = [], Timings(), 0
+    left = cfg.rollout.episodes_per_iteration // (world * n)  # prompts for this rank
+    while left > 0:
+        k = min(max(cfg.rollout.chunk_size // n, 1), left)  # prompts in this chunk
+        mine = stream.take(k * world)[r * k : (r + 1) * k]
+        ids = torch.arange(taken + r * k, taken + (r + 1) * k).repeat_interleave(n)  # (k n,)
+        chosen = [prompts[i] for i in mine for _ in range(n)]
+        exp, t = rollout_chunk(models, chosen, ids, cfg, normalize, width)
+        chunks.append(exp)
+        total += t
+        taken += k * world
+        left -= k
+    actor.train()
+    return concat(chunks, models.tokenizer.pad_token_id), total
