@@ -76,7 +76,12 @@ def test_rollout_gives_each_prompt_n_responses_in_one_group(tmp_path, tiny_lm):
         assert all(torch.equal(exp.prompt_ids[rows[0]], exp.prompt_ids[r]) for r in rows)
     # the n responses to one prompt are sampled independently: not all the same
     assert any(
-        len({tuple(exp.response[r][exp.response_mask[r]].tolist()) for r in (exp.group == g).nonzero().squeeze(1)})
+        len(
+            {
+                tuple(exp.response[r][exp.response_mask[r]].tolist())
+                for r in (exp.group == g).nonzero().squeeze(1)
+            }
+        )
         > 1
         for g in set(ids)
     )
