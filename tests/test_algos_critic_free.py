@@ -174,3 +174,23 @@ def test_token_sum_norm_divides_by_a_constant():
     assert aggregate(x, m, "token_sum_norm").item() == pytest.approx(10 / 6)
     assert aggregate(x, m, "token_sum_norm", denominator=20.0).item() == pytest.approx(0.5)
     assert aggregate(x, m, "token").item() == pytest.approx(10 / 4)
+
+
+def test_k3_loss_gradient_is_the_forward_kl_gradient():
+    """The documented bias of ``kl_in: loss`` with k3 (Tang & Munos 2025): the expected gradient
+    of k3 at samples of pi_theta is grad KL(pi_ref || pi_theta), not grad KL(pi_theta || pi_ref)."""
+    from rlhfkit.algos import kl_penalty
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, generator=g, dtype=D, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=D), 0)
+    logp = torch.log_softmax(z, 0)
+    # E_{a ~ pi}[grad k3(a)], exactly: sum_a pi(a) grad k3(a), pi held fixed (the sampling weight)
+    k3 = kl_penalty(logp, ref, "k3")
+    (expected_grad,) = torch.autograd.grad((logp.exp().detach() * k3).sum(), z, retain_graph=True)
+    forward = (ref.exp() * (ref - torch.log_softmax(z, 0))).sum()  # KL(ref || pi)
+    reverse = (logp.exp() * (logp - ref)).sum()  # KL(pi || ref)
+    (g_fwd,) = torch.autograd.grad(forward, z, retain_graph=True)
+    (g_rev,) = torch.autograd.grad(reverse, z)
+    torch.testing.assert_close(expected_grad, g_fwd, rtol=0, atol=1e-12)
+    assert (expected_grad - g_rev).abs().max() > 1e-2
