@@ -1,4 +1,4 @@
-"""Command line: ``rlhfkit sft|rm|ppo|pipeline|demo --config X.yaml key.sub=value ...``."""
+"""Command line: ``rlhfkit sft|rm|ppo|dpo|pipeline|demo --config X.yaml key.sub=value ...``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from rlhfkit.config import (
     ConfigError,
+    DPOConfig,
     PipelineConfig,
     PPOConfig,
     RMConfig,
@@ -19,9 +20,10 @@ STAGES = {
     "sft": (SFTConfig, "supervised fine-tuning on {prompt, completion} / {messages} data"),
     "rm": (RMConfig, "reward model on {prompt, chosen, rejected} pairs or ranked lists"),
     "ppo": (PPOConfig, "PPO from an SFT checkpoint and a reward model (or a Python reward)"),
+    "dpo": (DPOConfig, "DPO / cDPO / IPO from an SFT checkpoint on the RM stage's preference data"),
     "pipeline": (
         PipelineConfig,
-        "SFT -> RM -> PPO -> evaluation from one config, resumable by stage",
+        "SFT -> RM -> PPO (and/or SFT -> DPO) -> evaluation from one config, resumable by stage",
     ),
 }
 
@@ -39,6 +41,10 @@ def _run(stage: str, cfg) -> None:
         from rlhfkit.stages.ppo import run_ppo
 
         print(run_ppo(cfg))
+    elif stage == "dpo":
+        from rlhfkit.stages.dpo import run_dpo
+
+        print(run_dpo(cfg))
     elif stage == "pipeline":
         import json
 

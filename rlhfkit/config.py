@@ -180,6 +180,39 @@ class RMConfig:
         check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
 
 
+@dataclass(frozen=True)
+class DPOAlgoConfig:
+    beta: float = knob(
+        0.1,
+        "KL strength: implicit reward = beta (log pi - log ref); for loss=ipo this slot is IPO's "
+        "tau (the target margin is 1 / (2 tau))",
+        lo=0,
+        lo_open=True,
+    )
+    loss: Literal["sigmoid", "cdpo", "ipo"] = knob(
+        "sigmoid", "sigmoid = DPO (Rafailov 2023), cdpo = DPO with label smoothing, ipo = IPO"
+    )
+    label_smoothing: float = knob(
+        0.0, "cdpo: assumed probability that a preference label is flipped", lo=0, hi=0.5
+    )
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    model: ModelConfig = sub(ModelConfig, "the SFT checkpoint: the policy and the frozen reference")
+    data: DataConfig = sub(DataConfig, "preferences {prompt, chosen, rejected} or ranked lists")
+    train: TrainConfig = sub(TrainConfig)
+    log: LogConfig = sub(LogConfig)
+    dpo: DPOAlgoConfig = sub(DPOAlgoConfig, "the preference loss")
+
+    def validate(self, prefix: str = "") -> None:
+        check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
+        if self.dpo.label_smoothing and self.dpo.loss != "cdpo":
+            raise ConfigError(
+                f"{prefix}dpo.label_smoothing: only used by dpo.loss: cdpo (it is '{self.dpo.loss}')"
+            )
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -597,7 +630,20 @@ class PipelineConfig:
     ppo: PPOConfig = sub(
         PPOConfig, "stage 3; actor/critic/reference from SFT, reward model from RM"
     )
-    eval: EvalConfig = sub(EvalConfig, "stage 4: SFT vs PPO policy on held-out prompts")
+    methods: list[str] = knob(
+        ["ppo"],
+        "what follows SFT: ppo (RM -> PPO), dpo (DPO on the RM's preference data), or both; the "
+        "evaluation compares every policy trained",
+    )
+    dpo: DPOConfig = sub(DPOConfig, "the DPO stage; starts from the SFT output, data from rm.data")
+    eval: EvalConfig = sub(EvalConfig, "stage 4: SFT vs PPO (and DPO) policies on held-out prompts")
+
+    def validate(self, prefix: str = "") -> None:
+        bad = [m for m in self.methods if m not in ("ppo", "dpo")] or (
+            [] if self.methods else ["(empty)"]
+        )
+        if bad:
+            raise ConfigError(f"{prefix}methods: {bad} not in ['ppo', 'dpo']")
 
 
 def reference_markdown() -> str:
@@ -611,6 +657,7 @@ def reference_markdown() -> str:
         ("sft", SFTConfig),
         ("rm", RMConfig),
         ("ppo", PPOConfig),
+        ("dpo", DPOConfig),
         ("pipeline", PipelineConfig),
     ):
         parts += [f"## `rlhfkit {name}`\n", "```", help_text(cls), "```\n"]

@@ -18,6 +18,7 @@ from rlhfkit.algos.advantages import (
     rloo_advantages,
     td_advantages,
 )
+from rlhfkit.algos.dpo import dpo_log_ratio_margin, dpo_loss
 from rlhfkit.algos.kl import kl_penalty
 from rlhfkit.algos.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.algos.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
@@ -38,6 +39,8 @@ from rlhfkit.algos.stats import (
 __all__ = [
     "ESTIMATORS",
     "Estimator",
+    "dpo_log_ratio_margin",
+    "dpo_loss",
     "dr_grpo_advantages",
     "get_estimator",
     "group_moments",

@@ -51,7 +51,7 @@ class RankItem:
 
     sequences: list[list[int]]
     margin: float | None = None
-    prompt_len: int = 0
+    prompt_lens: list[int] = field(default_factory=list)  # prompt tokens at the start of each
 
 
 @dataclass
@@ -116,7 +116,7 @@ def tokenize_ranked(
     for ex in examples:
         responses = [ex.chosen, ex.rejected] if isinstance(ex, PreferenceExample) else ex.responses
         p = encode_prompt(tokenizer, ex.prompt)
-        seqs, any_over = [], False
+        seqs, prompt_lens, any_over = [], [], False
         for r in responses:
             c = encode_completion(tokenizer, ex.prompt, r, ex.where)
             out = fit(p, c, _limits(cfg))
@@ -124,6 +124,7 @@ def tokenize_ranked(
             if out is None:
                 break
             seqs.append(out[0] + out[1])
+            prompt_lens.append(len(out[0]))
         if len(seqs) < len(responses):
             report.dropped_overlong += 1
             continue
@@ -133,7 +134,7 @@ def tokenize_ranked(
             report.dropped_overlong += 1
             continue
         margin = ex.margin if isinstance(ex, PreferenceExample) else None
-        items.append(RankItem(seqs, margin, len(p)))
+        items.append(RankItem(seqs, margin, prompt_lens))
     report.kept = len(items)
     return items
 

@@ -1,4 +1,4 @@
-"""Stage 4: compare the SFT policy and the PPO policy on held-out prompts.
+"""Stage 4: compare the SFT policy with the trained ones (PPO, DPO) on held-out prompts.
 
 For each policy: responses sampled with the rollout settings, their RM score, the gold score of
 an independent judge (when one is given), and the KL to the reference (the SFT policy),
@@ -85,7 +85,7 @@ def sample_and_score(
 
 def evaluate_policies(
     sft_dir: str,
-    ppo_dir: str,
+    policies: dict[str, str],
     rm_dir: str | None,
     prompts_file: str,
     data: DataConfig,
@@ -95,7 +95,8 @@ def evaluate_policies(
     seed: int,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Writes out_dir/eval.json: {'sft': {...}, 'ppo': {...}} with scores, KL and samples."""
+    """Writes out_dir/eval.json: {'sft': {...}, 'ppo': {...}, 'dpo': {...}} (the policies given,
+    name -> directory) with scores, KL and samples, all on the same prompts and sampling seed."""
     mc = ModelConfig(name_or_path=sft_dir)
     tok = load_tokenizer(mc)
     prompts, _ = load_prompts(prompts_file, tok, data)
@@ -107,7 +108,7 @@ def evaluate_policies(
         else None
     )
     result = {}
-    for name, path in (("sft", sft_dir), ("ppo", ppo_dir)):
+    for name, path in {"sft": sft_dir, **policies}.items():
         policy = ref if name == "sft" else load_policy(mc, tok, path=path, trainable=False)
         result[name] = sample_and_score(policy, ref, rm, tok, prompt_ids, rollout, gold_fn, seed)
     out_dir.mkdir(parents=True, exist_ok=True)

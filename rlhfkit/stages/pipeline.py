@@ -1,4 +1,6 @@
-"""SFT -> RM -> PPO -> evaluation from one config; each stage's output feeds the next.
+"""SFT -> RM -> PPO (and/or SFT -> DPO) -> evaluation from one config; each stage's output feeds
+the next. ``methods`` says which of the two paths run; the evaluation compares every policy
+trained with the SFT policy on the same held-out prompts.
 
 A stage whose ``final/`` directory exists is finished (it is written atomically, last) and is
 not rerun, so an interrupted pipeline resumes stage by stage; within a stage, the stage's own
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from rlhfkit.config import PipelineConfig
 from rlhfkit.rollout.rewards import RewardFn, load_reward_fn
+from rlhfkit.stages.dpo import run_dpo
 from rlhfkit.stages.evaluate import evaluate_policies
 from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.stages.rm import run_rm
@@ -54,6 +57,18 @@ def stage_configs(cfg: PipelineConfig):
     return sft, rm, ppo
 
 
+def dpo_config(cfg: PipelineConfig):
+    """The DPO stage: from the SFT output, on the DPO section's data or else the RM stage's."""
+    out = Path(cfg.output_dir)
+    data = cfg.dpo.data if cfg.dpo.data.train_file else cfg.rm.data
+    return _with(
+        cfg.dpo,
+        model__name_or_path=str(out / "sft" / "final"),
+        train__output_dir=str(out / "dpo"),
+        data=data,
+    )
+
+
 def _done(final: Path, name: str) -> bool:
     if final.is_dir():
         print(f"[pipeline] {name}: {final} exists, stage already finished", file=sys.stderr)
@@ -67,12 +82,19 @@ def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
     sft, rm, ppo = stage_configs(cfg)
     if not _done(out / "sft" / "final", "sft"):
         run_sft(sft)
-    if not cfg.ppo.reward_fn and not _done(out / "rm" / "final", "rm"):
-        run_rm(rm)
     if gold_fn is None and cfg.eval.gold_fn:
         gold_fn = load_reward_fn(cfg.eval.gold_fn)
-    if not _done(out / "ppo" / "final", "ppo"):
-        run_ppo(ppo, monitor=gold_fn)
+    policies = {}
+    if "ppo" in cfg.methods:
+        if not cfg.ppo.reward_fn and not _done(out / "rm" / "final", "rm"):
+            run_rm(rm)
+        if not _done(out / "ppo" / "final", "ppo"):
+            run_ppo(ppo, monitor=gold_fn)
+        policies["ppo"] = str(out / "ppo" / "final")
+    if "dpo" in cfg.methods:
+        if not _done(out / "dpo" / "final", "dpo"):
+            run_dpo(dpo_config(cfg))
+        policies["dpo"] = str(out / "dpo" / "final")
     eval_json = out / "eval" / "eval.json"
     if eval_json.exists():
         print(f"[pipeline] eval: {eval_json} exists, stage already finished", file=sys.stderr)
@@ -80,8 +102,8 @@ def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
     print("[pipeline] eval: running", file=sys.stderr)
     return evaluate_policies(
         str(out / "sft" / "final"),
-        str(out / "ppo" / "final"),
-        ppo.reward_model or None,
+        policies,
+        (ppo.reward_model or None) if (out / "rm" / "final").is_dir() else None,
         cfg.eval.prompts_file or ppo.data.train_file,
         ppo.data,
         ppo.rollout,
