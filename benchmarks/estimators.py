@@ -1,12 +1,13 @@
-"""PPO vs the critic-free estimators on the demo's task, from the same SFT and RM checkpoints.
+"""PPO vs the critic-free estimators vs DPO on the demo's task, from the same SFT checkpoint.
 
-Each run changes only `ppo.estimator` and `rollout.samples_per_prompt` in the demo's PPO config
-(the same episodes per iteration, iterations, beta, learning rate), then every policy samples the
+Each RL run changes only `ppo.estimator` and `rollout.samples_per_prompt` in the demo's PPO config
+(the same episodes per iteration, iterations, beta, learning rate, RM). `dpo` trains on the
+preference data the RM was trained on (its ranked lists as pairs). Then every policy samples the
 evaluation prompts and is scored by the independent judge (VADER), the RM, the KL to the SFT
 policy, and the share of distinct responses (a collapsed policy repeats itself).
 
     .venv/bin/python benchmarks/estimators.py --demo-dir runs/demo --seed 0
-        [--estimators gae grpo rloo] [--iterations 40]
+        [--estimators gae grpo rloo dpo] [--iterations 40] [--dpo-lr 3e-4] [--dpo-beta 0.1]
 
 The SFT and RM come from `rlhfkit demo` (run first if `--demo-dir` has none). Figures print as a
 table and go to DEMO_DIR/estimators/summary.json. Never asserted in tests.
@@ -25,7 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--demo-dir", default="runs/demo")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--estimators", nargs="+", default=["gae", "grpo", "rloo"])
+    ap.add_argument("--estimators", nargs="+", default=["gae", "grpo", "rloo", "dpo"])
+    ap.add_argument("--dpo-lr", type=float, default=3e-4)
+    ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=40)
     args = ap.parse_args()
@@ -33,6 +36,7 @@ def main() -> None:
     import torch
 
     from rlhfkit.config import (
+        DPOConfig,
         ModelConfig,
         PipelineConfig,
         PPOConfig,
@@ -44,6 +48,7 @@ def main() -> None:
     from rlhfkit.demo import task
     from rlhfkit.demo.run import run_demo
     from rlhfkit.models import PerTokenScalar, load_policy, load_scalar_model, load_tokenizer
+    from rlhfkit.stages.dpo import run_dpo
     from rlhfkit.stages.evaluate import sample_and_score
     from rlhfkit.stages.pipeline import stage_configs
     from rlhfkit.stages.ppo import run_ppo
@@ -67,6 +72,32 @@ def main() -> None:
     gold = task.gold_judge()
     results = {}
     for est in args.estimators:
+        if est == "dpo":
+            t0 = time.perf_counter()
+            final = run_dpo(
+                load_config(
+                    DPOConfig,
+                    None,
+                    [
+                        f"model.name_or_path={out / 'sft' / 'final'}",
+                        f"data.train_file={data / 'rankings.jsonl'}",
+                        "data.max_length=64",
+                        "data.max_prompt_length=16",
+                        "data.eval_fraction=0.15",
+                        f"train.output_dir={out / 'estimators' / 'dpo'}",
+                        "train.batch_size=32",
+                        f"train.lr={args.dpo_lr}",
+                        "train.warmup_steps=5",
+                        "train.log_every=20",
+                        f"train.seed={args.seed}",
+                        f"dpo.beta={args.dpo_beta}",
+                        "log.tensorboard=false",
+                        "log.progress=false",
+                    ],
+                )
+            )
+            results[est] = {"seconds": time.perf_counter() - t0, "dir": str(final)}
+            continue
         n = 1 if est in ("gae", "td", "mc") else args.samples_per_prompt
         tree = to_dict(ppo_cfg)
         tree["ppo"]["estimator"] = est

@@ -111,6 +111,23 @@ def test_cli_sft_rm_ppo_chain_with_example_configs(quick_demo, tmp_path):
             f"run.output_dir={o / 'ppo'}",
             "run.iterations=2",
         ],
+        [  # the same recipe with the critic-free GRPO preset: no critic loaded or written
+            "ppo",
+            "configs/tiny/grpo.yaml",
+            f"model.name_or_path={o / 'sft' / 'final'}",
+            f"reward_model={o / 'rm' / 'final'}",
+            f"data.train_file={data / 'prompts.jsonl'}",
+            f"run.output_dir={o / 'grpo'}",
+            "run.iterations=2",
+        ],
+        [
+            "dpo",
+            "configs/tiny/dpo.yaml",
+            f"model.name_or_path={o / 'sft' / 'final'}",
+            f"data.train_file={data / 'rankings.jsonl'}",
+            f"train.output_dir={o / 'dpo'}",
+            "train.max_steps=4",
+        ],
     ]
     for cmd, config, *overrides in steps:
         r = subprocess.run(
@@ -137,3 +154,43 @@ def test_cli_sft_rm_ppo_chain_with_example_configs(quick_demo, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(
         "score/mean" in r and "kl/seq_mean" in r for r in rows
     )
+    assert (o / "ppo" / "final-critic").is_dir() and not (o / "grpo" / "final-critic").exists()
+    assert [r["step"] for r in read_metrics(o / "grpo")] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(o / "dpo" / "final") is not None
+    assert any("train/accuracy" in r for r in read_metrics(o / "dpo"))
+
+
+@pytest.mark.slow
+def test_pipeline_runs_the_dpo_path_beside_ppo_and_compares_them(quick_demo, tmp_path):
+    """methods: [ppo, dpo] from the finished SFT/RM/PPO stages: DPO runs on the RM's data and
+    the evaluation is redone with all three policies on the same prompts."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.stages.pipeline import run_pipeline
+
+    demo, _ = quick_demo
+    out = tmp_path / "run"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("checkpoints", "tb", "report"))
+    cfg = load_config(
+        PipelineConfig,
+        None,
+        [
+            f"output_dir={out}",
+            "methods=ppo,dpo",
+            f"rm.data.train_file={out / 'data' / 'rankings.jsonl'}",
+            "rm.data.max_length=64",
+            "dpo.train.max_steps=6",
+            "dpo.train.batch_size=16",
+            "dpo.train.lr=1e-4",
+            "dpo.log.progress=false",
+            f"eval.prompts_file={out / 'data' / 'eval_prompts.jsonl'}",
+            "eval.max_prompts=16",
+        ],
+    )
+    result = run_pipeline(cfg)
+    assert set(result) == {"sft", "ppo", "dpo"}
+    assert AutoModelForCausalLM.from_pretrained(out / "dpo" / "final") is not None
+    for name in ("ppo", "dpo"):
+        assert result[name]["kl_to_ref"] > 0 and len(result[name]["samples"]) == 16

@@ -97,8 +97,11 @@ def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
         policies["dpo"] = str(out / "dpo" / "final")
     eval_json = out / "eval" / "eval.json"
     if eval_json.exists():
-        print(f"[pipeline] eval: {eval_json} exists, stage already finished", file=sys.stderr)
-        return json.loads(eval_json.read_text())
+        done = json.loads(eval_json.read_text())
+        if set(done) >= {"sft", *policies}:
+            print(f"[pipeline] eval: {eval_json} exists, stage already finished", file=sys.stderr)
+            return done
+        print("[pipeline] eval: a policy was added since; evaluating again", file=sys.stderr)
     print("[pipeline] eval: running", file=sys.stderr)
     return evaluate_policies(
         str(out / "sft" / "final"),
