@@ -84,7 +84,13 @@ def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, mode):
         for part in w1:
             assert w1[part].keys() == w2[part].keys()
             for k in w1[part]:
-                torch.testing.assert_close(w1[part][k], w2[part][k], rtol=0, atol=2e-5)
+                torch.testing.assert_close(
+                    w1[part][k],
+                    w2[part][k],
+                    rtol=0,
+                    atol=2e-5,
+                    msg=lambda m, w=f"{parallel} {part}.{k}": f"{w}: {m}",
+                )
                 if part == "actor" and k in init:
                     moved += int(not torch.equal(init[k], w1[part][k]))
         assert moved > 0  # the update really changed the actor
