@@ -70,3 +70,17 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def count_calls(monkeypatch, module, name: str, calls: dict | None = None) -> dict:
+    """Replace ``module.name`` by a wrapper that counts its calls in ``calls[name]``."""
+    calls = {} if calls is None else calls
+    calls.setdefault(name, 0)
+    real = getattr(module, name)
+
+    def wrapper(*a, **k):
+        calls[name] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import COLORS, preference_rows, write_jsonl
+from conftest import COLORS, count_calls, preference_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlhfkit.stages.dpo as dpo_stage
@@ -126,17 +126,10 @@ def test_sequence_logprobs_sum_the_completion_tokens_only(tmp_path, tiny_lm):
 def test_dpo_learns_the_rule_moves_samples_and_resumes_with_the_cache(
     tmp_path, tiny_lm, monkeypatch
 ):
-    calls = {"n": 0}
-    real = dpo_stage.compute_reference_logprobs
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(dpo_stage, "compute_reference_logprobs", counting)
+    calls = count_calls(monkeypatch, dpo_stage, "compute_reference_logprobs")
     extra = ["train.epochs=8", "train.save_every=16", "dpo.beta=0.1", "train.lr=3e-3"]
     a = dpo_stage.run_dpo(dpo_cfg(tmp_path / "a", tiny_lm, *extra))
-    assert calls["n"] == 1
+    assert calls["compute_reference_logprobs"] == 1
     evals = [m for m in read_metrics(tmp_path / "a" / "dpo") if "eval/accuracy" in m]
     assert evals[-1]["eval/accuracy"] > 0.9  # held-out pairs: chosen implicit reward larger
     assert evals[-1]["eval/chosen_reward"] > evals[-1]["eval/rejected_reward"]
@@ -152,9 +145,9 @@ def test_dpo_learns_the_rule_moves_samples_and_resumes_with_the_cache(
     assert (ckpts[-1] / dpo_stage.REF_CACHE).exists()
     shutil.rmtree(ckpts[-1])
     shutil.rmtree(out / "final")
-    calls["n"] = 0
+    calls["compute_reference_logprobs"] = 0
     b = dpo_stage.run_dpo(b_cfg)
-    assert calls["n"] == 0  # the reference was not recomputed
+    assert calls["compute_reference_logprobs"] == 0  # the reference was not recomputed
     wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
     wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
     for k in wa:
@@ -192,19 +185,12 @@ def _sample_score(path, judge, n=64) -> float:
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_lm, monkeypatch):
     """With LoRA no second copy is loaded: the reference logprobs equal the base model's."""
-    loads = {"n": 0}
-    real = dpo_stage.load_policy
-
-    def counting(*a, **k):
-        loads["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(dpo_stage, "load_policy", counting)
+    loads = count_calls(monkeypatch, dpo_stage, "load_policy")
     cfg = dpo_cfg(
         tmp_path, tiny_lm, "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=2"
     )
     final = dpo_stage.run_dpo(cfg)
-    assert loads["n"] == 0
+    assert loads["load_policy"] == 0
     cache = torch.load(
         sorted((tmp_path / "dpo" / "checkpoints").iterdir())[-1] / dpo_stage.REF_CACHE,
         weights_only=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_calls
 from test_ppo import count_good, ppo_cfg
 from transformers import AutoModelForCausalLM
 
@@ -92,23 +93,12 @@ def test_rollout_gives_each_prompt_n_responses_in_one_group(tmp_path, tiny_lm):
 def test_critic_free_runs_load_write_and_call_no_critic(tmp_path, tiny_lm, monkeypatch):
     """No critic model is loaded, no value forward runs (counted), no critic is checkpointed
     or exported."""
-    calls = {"critic_values": 0, "actor_critic_outputs": 0, "load_trainable_scalar": 0}
-
-    def counting(module, name):
-        real = getattr(module, name)
-
-        def wrapper(*a, **k):
-            calls[name] += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    counting(critics_module, "critic_values")
-    counting(critics_module, "actor_critic_outputs")
-    counting(forward_module, "critic_values")
     import rlhfkit.stages.ppo as ppo_module
 
-    counting(ppo_module, "load_trainable_scalar")
+    calls = count_calls(monkeypatch, critics_module, "critic_values")
+    count_calls(monkeypatch, forward_module, "critic_values", calls)
+    count_calls(monkeypatch, critics_module, "actor_critic_outputs", calls)
+    count_calls(monkeypatch, ppo_module, "load_trainable_scalar", calls)
     cfg = ppo_cfg(
         tmp_path, tiny_lm, "ppo.estimator=rloo", *GROUP, "run.iterations=2", "run.save_every=1"
     )
