@@ -461,12 +461,11 @@ class PPOAlgoConfig:
     value_clip_eps: float = knob(
         0.2, "value clip around the rollout values (0 = unclipped MSE)", lo=0
     )
-    estimator: Literal[
-        "gae", "td", "mc", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"
-    ] = knob(
+    estimator: str = knob(
         "gae",
-        "advantage estimator: the seed's td, mc, gae (with a critic), or the critic-free grpo, "
-        "dr_grpo, rloo, reinforce++, reinforce++_baseline (docs/algorithms.md)",
+        "advantage estimator, a name in algos.ESTIMATORS: the seed's td, mc, gae (with a critic), "
+        "or the critic-free grpo, dr_grpo, rloo, reinforce++, reinforce++_baseline "
+        "(docs/algorithms.md)",
     )
     gamma: float = knob(1.0, "discount", lo=0, hi=1)
     lam: float = knob(0.95, "GAE lambda", lo=0, hi=1)
@@ -583,9 +582,13 @@ class PPOConfig:
 
     def _validate_estimator(self, prefix: str) -> None:
         """What the estimator cannot provide or use is an error, not a silent no-op."""
-        from rlhfkit.algos import get_estimator
+        from rlhfkit.algos import ESTIMATORS
 
-        est, pc, n = get_estimator(self.ppo.estimator), self.ppo, self.rollout.samples_per_prompt
+        if self.ppo.estimator not in ESTIMATORS:
+            raise ConfigError(
+                f"{prefix}ppo.estimator: {self.ppo.estimator!r} is not one of {sorted(ESTIMATORS)}"
+            )
+        est, pc, n = ESTIMATORS[self.ppo.estimator], self.ppo, self.rollout.samples_per_prompt
         name = f"{prefix}ppo.estimator: '{pc.estimator}'"
         if est.needs_groups and n < 2:
             raise ConfigError(
