@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rlhfkit.config import (
     ConfigError,
@@ -77,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "overrides", nargs="*", help="key.sub=value overrides applied after the file"
         )
+    serve = sub.add_parser(
+        "serve-rm",
+        help="serve a trained reward model over HTTP (POST /score, GET /health)",
+        description="Serve RM_DIR with the reward protocol of docs/rewards.md "
+        "(needs the serve extra: pip install 'rlhfkit[serve]').",
+    )
+    serve.add_argument("rm_dir", help="a reward-model directory (from `rlhfkit rm`)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--batch-size", type=int, default=32, help="responses per forward")
+    serve.add_argument("--max-items", type=int, default=1024, help="largest request accepted")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline offline on a tiny model, with a report",
@@ -125,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         print(_env_report())
         return 0
+    if args.command == "serve-rm":
+        from rlhfkit.rewards.server import serve_rm
+
+        if not Path(args.rm_dir, "config.json").exists():
+            print(f"rlhfkit serve-rm: {args.rm_dir} is not a model directory", file=sys.stderr)
+            return 2
+        serve_rm(args.rm_dir, args.host, args.port, args.batch_size, args.max_items, args.device)
+        return 0
     if args.command == "demo":
         from rlhfkit.demo.run import run_demo
 
@@ -145,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
         return 2
     from rlhfkit.data.readers import DataError
+    from rlhfkit.rewards.http import RewardServerError
+    from rlhfkit.rollout.rewards import RewardFunctionError
     from rlhfkit.train.dist import init_from_env, shutdown
     from rlhfkit.train.guard import StopRequested, TrainingDiverged
 
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:
         print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except TrainingDiverged as e:
+    except (TrainingDiverged, RewardServerError, RewardFunctionError) as e:
         print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
         return 1
     finally:

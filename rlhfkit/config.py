@@ -531,11 +531,56 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RewardSourceConfig:
+    name: str = knob("", "the source's name: its score is logged as score/<name>")
+    weight: float = knob(1.0, "the score is sum_i weight_i x score_i")
+    model: str = knob("", "an RM directory (its own tokenizer is detected and used)")
+    fn: str = knob("", "a Python reward 'module:function(prompts, responses) -> scores'")
+    url: str = knob("", "a reward server: POST {prompts, responses} -> {scores} (docs/rewards.md)")
+    normalize: Literal["none", "running", "rm_stats"] = knob(
+        "none",
+        "this source's own normalisation before weighting: none, running mean/std, or the RM's "
+        "stored reward_stats.json (model sources only)",
+    )
+
+    def validate(self, prefix: str = "") -> None:
+        given = [k for k in ("model", "fn", "url") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"{prefix[:-1]}: set exactly one of model, fn, url (got {given or 'none'})"
+            )
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ConfigError(f"{prefix}name: {self.name!r} must be letters, digits and _")
+        if self.normalize == "rm_stats" and not self.model:
+            raise ConfigError(f"{prefix}normalize: 'rm_stats' needs a model source")
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     model: ModelConfig = sub(ModelConfig, "the SFT checkpoint: actor, critic trunk and reference")
     reward_model: str = knob("", "RM checkpoint directory (from `rlhfkit rm`)")
     reward_fn: str = knob(
         "", "instead of an RM: a Python reward 'module:function(prompts, responses) -> scores'"
+    )
+    reward_url: str = knob(
+        "",
+        "instead of an RM: a reward server URL, e.g. http://127.0.0.1:8000/score (docs/rewards.md)",
+    )
+    reward_batch_size: int = knob(64, "responses per request to a reward server", lo=1)
+    reward_concurrency: int = knob(4, "requests in flight at once to a reward server", lo=1)
+    reward_timeout: float = knob(
+        60.0, "seconds to wait for a reward server's answer", lo=0, lo_open=True
+    )
+    reward_retries: int = knob(
+        3, "retries (exponential backoff) on connection errors, timeouts and 5xx answers", lo=0
+    )
+    reward_token_env: str = knob(
+        "", "name of an environment variable holding a bearer token for the reward server"
+    )
+    rewards: list[RewardSourceConfig] = knob(
+        [],
+        "several reward sources, combined as the weighted sum of their scores; each "
+        "{name, weight, model | fn | url, normalize}. Instead of reward_model / reward_fn / reward_url",
     )
     critic_init: Literal["sft", "rm"] = knob(
         "sft", "critic trunk from SFT (fresh value head) or from the RM"
@@ -561,8 +606,13 @@ class PPOConfig:
                 "(the compiled decode step is not tested on sharded modules); use one of them"
             )
         # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
-        if self.reward_model and self.reward_fn:
-            raise ConfigError(f"{prefix}reward_model / {prefix}reward_fn: set only one of them")
+        singles = [k for k in ("reward_model", "reward_fn", "reward_url") if getattr(self, k)]
+        if len(singles) + bool(self.rewards) > 1:
+            given = [prefix + k for k in singles] + ([prefix + "rewards"] if self.rewards else [])
+            raise ConfigError(f"{' / '.join(given)}: set only one reward source key")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{prefix}rewards: names must differ, got {names}")
         if self.shared_trunk and self.critic_init != "sft":
             raise ConfigError(
                 f"{prefix}critic_init: a shared trunk is the actor's own (SFT) transformer; "

@@ -70,9 +70,10 @@ def rollout_metrics(
     )
 
 
-def check_names(metrics: dict[str, float]) -> dict[str, float]:
-    """Every logged name must be one of ``RL_METRICS`` (a new metric is documented first)."""
-    unknown = sorted(set(metrics) - set(RL_METRICS))
+def check_names(metrics: dict[str, float], sources: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every logged name must be one of ``RL_METRICS`` (a new metric is documented first), or
+    ``score/<name>`` of a configured reward source (``sources``: those names)."""
+    unknown = sorted(set(metrics) - set(RL_METRICS) - set(sources))
     if unknown:
         raise KeyError(f"undocumented metric names {unknown}: add them to RL_METRICS and docs")
     return metrics

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.algos import RunningMeanStd, clip_abs, masked_mean
+from rlhfkit.algos import masked_mean
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import device_of
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import join, policy_logprobs
+from rlhfkit.rollout.rewards import ScoreNormalizer
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.train import dist
 
@@ -53,29 +54,6 @@ class PromptStream:
     def load_state_dict(self, s: dict[str, int]) -> None:
         self.epoch, self.index = s["epoch"], s["index"]
         self._order = self._perm()
-
-
-class ScoreNormalizer:
-    """R_final -> (R - mean) / std with the RM's stored reference statistics or running ones, then clip."""
-
-    def __init__(self, mode: str, rm_stats: dict[str, float] | None, clip: float):
-        self.mode = "running" if (mode == "rm_stats" and rm_stats is None) else mode
-        self.rm_stats, self.clip, self.running = rm_stats, clip, RunningMeanStd()
-
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.mode == "none":
-            x = raw
-        elif self.mode == "rm_stats":
-            x = (raw - self.rm_stats["mean"]) / max(self.rm_stats["std"], 1e-8)
-        else:
-            # moments over all ranks, so every rank keeps the same running statistics
-            r = raw.detach().double()
-            n = dist.all_reduce_sum(torch.tensor(float(r.numel()), dtype=torch.float64))
-            mean = dist.all_reduce_sum(r.sum()) / n
-            var = dist.all_reduce_sum(((r - mean) ** 2).sum()) / n
-            self.running.update_from_moments(float(mean), float(var), float(n))
-            x = self.running.normalize(raw)
-        return clip_abs(x, self.clip or None)
 
 
 @dataclass

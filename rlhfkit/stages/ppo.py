@@ -24,9 +24,7 @@ from rlhfkit.algos import AdaptiveKLController, FixedKLController, get_estimator
 from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.models import (
-    PerTokenScalar,
     load_policy,
-    load_scalar_model,
     load_tokenizer,
     read_reward_stats,
 )
@@ -36,12 +34,11 @@ from rlhfkit.rl.update import advantages, rl_update
 from rlhfkit.rollout.collect import PromptStream, RolloutModels, ScoreNormalizer, collect
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.rewards import (
-    FnReward,
     RewardFn,
-    RMReward,
+    build_reward,
     call_reward_fn,
     decode_texts,
-    load_reward_fn,
+    rm_shares_tokenizer,
 )
 from rlhfkit.stages.common import (
     export_final,
@@ -86,12 +83,14 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     frozen_cfg = dataclasses.replace(cfg.model, lora=LoraConfig(), gradient_checkpointing=False)
     # with LoRA, pi_ref is the actor with its adapters disabled: no second copy of the weights
     ref = None if cfg.model.lora.enabled else load_policy(frozen_cfg, tok, trainable=False)
+    if cfg.critic_init == "rm" and not rm_shares_tokenizer(cfg.reward_model, tok):
+        raise ConfigError(
+            f"critic_init: 'rm' needs the RM to share the actor's tokenizer; {cfg.reward_model} "
+            "has another (vocabulary or special tokens), so its trunk cannot read the actor's "
+            "tokens: use critic_init: sft"
+        )
     learner = load_learner(cfg, actor, tok, ckpt)
-    if cfg.reward_model:
-        rm = load_scalar_model(frozen_cfg, tok, cfg.reward_model, fresh_head=False, trainable=False)
-        reward = RMReward(PerTokenScalar(rm))
-    else:
-        reward = FnReward(reward_fn or load_reward_fn(cfg.reward_fn))
+    reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
         for frozen in (ref, reward.module):
             if frozen is not None:
@@ -115,6 +114,7 @@ def ppo_iteration(
     t_start = time.perf_counter()
     # 1. rollout: n responses per prompt, with log pi, log pi_ref, V(s_t) and R_final per episode
     exp, timings = collect(models, prompts, stream, cfg, normalize)
+    per_source = getattr(models.reward, "pop_metrics", dict)()  # score/<name>, several sources
     # 2-3. rewards r_t = -beta KL_t (+ R_final at the end), advantages (and returns)
     beta = kl_ctl.value
     metrics = advantages(exp, beta, cfg.ppo)
@@ -130,6 +130,7 @@ def ppo_iteration(
         rollout_metrics(exp, timings, beta, guard.skipped, t_end - t_up, t_end - t_start)
     )
     metrics.update(models.learner.lrs())
+    metrics.update(dist.mean_over_ranks(per_source))
     return exp, metrics
 
 
@@ -210,9 +211,10 @@ class RunState:
 
 
 def _check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
-    if not (cfg.reward_model or cfg.reward_fn or reward_fn):
+    if not (cfg.reward_model or cfg.reward_fn or cfg.reward_url or cfg.rewards or reward_fn):
         raise ConfigError(
-            "reward_model / reward_fn: set one of them (an RM directory or a Python reward)"
+            "reward_model / reward_fn / reward_url / rewards: set one of them (an RM directory, "
+            "a Python reward, a reward server, or a list of sources)"
         )
     n, rc = dist.world(), cfg.rollout
     if rc.episodes_per_iteration % (n * rc.samples_per_prompt) or cfg.ppo.minibatch_size % n:
@@ -255,7 +257,8 @@ def run_ppo(
             if monitor is not None:
                 metrics["score/gold"] = float(call_reward_fn(monitor, *_texts(models, exp)).mean())
             warn_if_exploding(metrics, cfg, it + 1)
-            logger.log(it + 1, check_names(metrics), echo=True)
+            sources = tuple(getattr(models.reward, "names", tuple)())
+            logger.log(it + 1, check_names(metrics, sources), echo=True)
             if cfg.run.sample_every and (it + 1) % cfg.run.sample_every == 0:
                 logger.text(it + 1, "samples", _sample_text(models, exp))
             if dist.all_reduce_sum(torch.tensor(float(stop.signum is not None))) > 0:
