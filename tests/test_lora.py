@@ -9,6 +9,7 @@ from test_ppo import count_good, ppo_cfg
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
+from rlhfkit.models.compat import quiet_peft_wrapping
 from rlhfkit.stages.ppo import load_models, run_ppo
 from rlhfkit.stages.sft import run_sft
 
@@ -41,7 +42,8 @@ def test_lora_sft_export_equals_base_plus_adapter(tmp_path, tiny_lm):
     base = AutoModelForCausalLM.from_pretrained(tiny_lm)
     if base.get_input_embeddings().weight.shape[0] != plain.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(plain.get_input_embeddings().weight.shape[0])
-    merged = PeftModel.from_pretrained(base, ckpt / "adapter").merge_and_unload()
+    with quiet_peft_wrapping():
+        merged = PeftModel.from_pretrained(base, ckpt / "adapter").merge_and_unload()
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     torch.testing.assert_close(plain(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
     assert not torch.allclose(

@@ -225,13 +225,14 @@ def test_rm_scores_with_the_prompt_forwarded_once_equal_plain_hf(tiny_lm, k, che
     sequences share nothing but the first token."""
     from rlhfkit.data.build import RankItem
     from rlhfkit.models import PromptSharingScorer
+    from rlhfkit.models.compat import enable_checkpointing
     from rlhfkit.stages.rm import collate_ranked, score_batch
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1)
     model.config.pad_token_id = 0
     if checkpointing:  # no KV cache under checkpointing: the whole-sequence fallback
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     v = model.config.vocab_size
 

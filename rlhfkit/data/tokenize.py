@@ -100,17 +100,6 @@ def fit(
     return prompt_ids, completion_ids[: max(limits.max_length - len(prompt_ids), 1)]
 
 
-def tokenize_prompt_completion(
-    tokenizer, prompt: Text, completion: Text, limits: Limits, where: str
-) -> tuple[list[int], list[int]] | None:
-    """(prompt_ids, completion_ids incl. EOS) after the length limits, or None if dropped."""
-    return fit(
-        encode_prompt(tokenizer, prompt),
-        encode_completion(tokenizer, prompt, completion, where),
-        limits,
-    )
-
-
 def sft_labels(
     prompt_ids: list[int], completion_ids: list[int], train_on_prompt: bool
 ) -> list[int]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from rlhfkit.algos import last_index, token_logprobs
 from rlhfkit.algos import position_ids as positions_of
+from rlhfkit.models.compat import cache_kwargs, output_cache
 from rlhfkit.models.loading import backbone, init_scalar_head, scalar_head
 
 
@@ -152,7 +153,8 @@ class PromptSharingScorer(nn.Module):
             pos = positions_of(prompt_mask)
             cache = body(
                 input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True
-            ).past_key_values
+            )
+            cache = output_cache(cache)
             cache.batch_repeat_interleave(k)  # (B*K, heads, P, d) per layer
             pm = prompt_mask.repeat_interleave(k, dim=0)  # (B*K, P)
             prompt_len, attn = pm.sum(1, keepdim=True), torch.cat([pm, response_mask], dim=1)
@@ -161,7 +163,7 @@ class PromptSharingScorer(nn.Module):
             input_ids=response_ids,
             attention_mask=attn,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(body, cache),
             use_cache=cache is not None,
         ).last_hidden_state  # (B*K, R, H)
         last = last_index(response_mask)  # (B*K,) right padding: the last real token

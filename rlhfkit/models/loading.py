@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rlhfkit.config import ModelConfig
+from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
 
 PAD_TOKEN = "<|pad|>"
 
@@ -107,7 +108,7 @@ def _apply_options(model, cfg: ModelConfig, trainable: bool):
     model.to(resolve_device(cfg.device))
     disable_dropout(model)
     if cfg.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled and trainable:
         from peft import LoraConfig, get_peft_model
@@ -119,7 +120,8 @@ def _apply_options(model, cfg: ModelConfig, trainable: bool):
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM" if hasattr(model, "lm_head") else "SEQ_CLS",
         )
-        model = get_peft_model(model, lcfg)
+        with quiet_peft_wrapping():
+            model = get_peft_model(model, lcfg)
     if not trainable:
         model.requires_grad_(False)
         model.eval()

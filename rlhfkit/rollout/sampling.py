@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from rlhfkit.algos import position_ids
+from rlhfkit.models.compat import cache_kwargs, output_cache
 
 
 @dataclass
@@ -138,7 +139,7 @@ class _Decoder:
             input_ids=tok[:, None],
             attention_mask=self.mask,
             position_ids=position,
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
             cache_position=torch.tensor([col], device=tok.device),
         )
@@ -189,11 +190,11 @@ def generate(
         input_ids=prompt_ids,
         attention_mask=attn,
         position_ids=pos,
-        past_key_values=decoder.cache,
+        **cache_kwargs(model, decoder.cache),
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, next_pos = out.past_key_values, pos[:, -1:] + 1
+    cache, next_pos = output_cache(out), pos[:, -1:] + 1
     logits = out.logits[:, -1]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
@@ -228,10 +229,10 @@ def generate(
                 input_ids=tok[:, None],
                 attention_mask=attn,
                 position_ids=next_pos,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = output_cache(out), out.logits[:, -1]
         next_pos = next_pos + 1
     width = int(lengths.max())
     keep = torch.arange(width, device=device)[None] < lengths[:, None]  # zeros after each end

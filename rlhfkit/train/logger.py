@@ -78,19 +78,6 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [
         ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
     ]
     tmp = path.with_suffix(".tmp")
