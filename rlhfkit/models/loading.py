@@ -5,12 +5,13 @@ with dropout off and the options of ``ModelConfig`` (dtype, device, LoRA, checkp
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhfkit.config import ModelConfig
+from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
 
 PAD_TOKEN = "<|pad|>"
@@ -27,6 +28,17 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def check_source(name: str, key: str) -> None:
+    """A model or tokenizer source must be an existing directory or a hub id ("org/name"): a
+    path that does not exist is a config error naming ``key``, not a hub lookup's traceback."""
+    if not name:
+        raise ConfigError(f"{key}: empty; set a local model directory or a hub id")
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError(f"{key}: {name}: the directory does not exist")
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Tokenizer with a pad token distinct from EOS (with PAD == EOS, masking EOS out of the
     loss means the model never learns to stop). Adds ``<|pad|>`` when needed."""
@@ -34,6 +46,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     _quiet_transformers()
     src = cfg.tokenizer or cfg.name_or_path
+    check_source(src, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -134,6 +147,7 @@ def load_policy(cfg: ModelConfig, tokenizer, path: str | None = None, trainable:
 
     _quiet_transformers()
     src = path or cfg.name_or_path
+    check_source(src, "model.name_or_path")
     model = AutoModelForCausalLM.from_pretrained(src, **_load_kwargs(cfg, src))
     _fit_vocab(model, tokenizer)
     return _apply_options(model, cfg, trainable)
@@ -163,6 +177,7 @@ def load_scalar_model(
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
+    check_source(path, "reward_model" if not fresh_head else "model.name_or_path")
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, **_load_kwargs(cfg, path)
     )
