@@ -1,14 +1,16 @@
-"""Command line: ``rlhfkit sft|rm|ppo|dpo|pipeline|demo --config X.yaml key.sub=value ...``."""
+"""Command line: ``rlhfkit sft|rm|ppo|dpo|eval|pipeline|demo --config X.yaml key.sub=value ...``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from rlhfkit.config import (
     ConfigError,
     DPOConfig,
+    EvalRunConfig,
     PipelineConfig,
     PPOConfig,
     RMConfig,
@@ -22,6 +24,11 @@ STAGES = {
     "rm": (RMConfig, "reward model on {prompt, chosen, rejected} pairs or ranked lists"),
     "ppo": (PPOConfig, "PPO from an SFT checkpoint and a reward model (or a Python reward)"),
     "dpo": (DPOConfig, "DPO / cDPO / IPO from an SFT checkpoint on the RM stage's preference data"),
+    "eval": (
+        EvalRunConfig,
+        "a policy against a reference on held-out prompts: RM and judge scores, KL, diversity, "
+        "win rate, with standard errors; eval.json + eval.html",
+    ),
     "pipeline": (
         PipelineConfig,
         "SFT -> RM -> PPO (and/or SFT -> DPO) -> evaluation from one config, resumable by stage",
@@ -46,9 +53,18 @@ def _run(stage: str, cfg) -> None:
         from rlhfkit.stages.dpo import run_dpo
 
         print(run_dpo(cfg))
-    elif stage == "pipeline":
-        import json
+    elif stage == "eval":
+        from rlhfkit.stages.evaluate import run_eval
 
+        result = run_eval(cfg)
+        print(
+            json.dumps(
+                {k: {m: v for m, v in r.items() if m != "samples"} for k, r in result.items()},
+                indent=2,
+            )
+        )
+        print(f"{cfg.output_dir}/eval.html", file=sys.stderr)
+    elif stage == "pipeline":
         from rlhfkit.stages.pipeline import run_pipeline
 
         result = run_pipeline(cfg)

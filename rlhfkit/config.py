@@ -142,6 +142,17 @@ class LogConfig:
 # --------------------------------------------------------------------------- stage configs
 
 
+def check_unused_data(data: DataConfig, keys: tuple[str, ...], stage: str, prefix: str) -> None:
+    """A data key this stage does not read is an error when set, never silently ignored."""
+    default = DataConfig()
+    for k in keys:
+        if getattr(data, k) != getattr(default, k):
+            raise ConfigError(
+                f"{prefix}data.{k}: `rlhfkit {stage}` does not use this key; remove it "
+                "(docs/config.md says which stage reads which key)"
+            )
+
+
 def check_parallel(model: ModelConfig, parallel: str, key: str) -> None:
     if parallel == "fsdp" and model.lora.enabled:
         raise ConfigError(
@@ -178,6 +189,7 @@ class RMConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
+        check_unused_data(self.data, ("train_on_prompt",), "rm", prefix)
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,7 @@ class DPOConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
+        check_unused_data(self.data, ("train_on_prompt",), "dpo", prefix)
         if self.dpo.label_smoothing and self.dpo.loss != "cdpo":
             raise ConfigError(
                 f"{prefix}dpo.label_smoothing: only used by dpo.loss: cdpo (it is '{self.dpo.loss}')"
@@ -556,8 +569,9 @@ class RewardSourceConfig:
 
 
 @dataclass(frozen=True)
-class PPOConfig:
-    model: ModelConfig = sub(ModelConfig, "the SFT checkpoint: actor, critic trunk and reference")
+class RewardKeys:
+    """Where R_final comes from (docs/rewards.md): the keys PPO and `rlhfkit eval` share."""
+
     reward_model: str = knob("", "RM checkpoint directory (from `rlhfkit rm`)")
     reward_fn: str = knob(
         "", "instead of an RM: a Python reward 'module:function(prompts, responses) -> scores'"
@@ -582,6 +596,45 @@ class PPOConfig:
         "several reward sources, combined as the weighted sum of their scores; each "
         "{name, weight, model | fn | url, normalize}. Instead of reward_model / reward_fn / reward_url",
     )
+
+    def check_reward_keys(self, prefix: str = "") -> None:
+        # "none of them" is checked where a reward is needed: the pipeline fills reward_model in
+        singles = [k for k in ("reward_model", "reward_fn", "reward_url") if getattr(self, k)]
+        if len(singles) + bool(self.rewards) > 1:
+            given = [prefix + k for k in singles] + ([prefix + "rewards"] if self.rewards else [])
+            raise ConfigError(f"{' / '.join(given)}: set only one reward source key")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{prefix}rewards: names must differ, got {names}")
+
+    def has_reward(self) -> bool:
+        return bool(self.reward_model or self.reward_fn or self.reward_url or self.rewards)
+
+
+@dataclass(frozen=True)
+class RLEvalConfig:
+    every: int = knob(
+        0,
+        "evaluate on held-out prompts (data.eval_file, or data.eval_fraction of the prompts) every "
+        "N iterations and at the end (0 = never)",
+        lo=0,
+    )
+    max_prompts: int = knob(64, "held-out prompts sampled per evaluation", lo=1)
+    judge: str = knob(
+        "",
+        "an independent judge 'module:function(prompts, responses) -> scores' for eval/judge_score "
+        "and eval/win_rate (a monitor passed in Python takes its place)",
+    )
+    keep_best: Literal["judge", "rm", "last"] = knob(
+        "last",
+        "also keep output_dir/best/, the policy of the evaluation with the highest held-out judge "
+        "or RM score (last = only final/)",
+    )
+
+
+@dataclass(frozen=True)
+class PPOConfig(RewardKeys):
+    model: ModelConfig = sub(ModelConfig, "the SFT checkpoint: actor, critic trunk and reference")
     critic_init: Literal["sft", "rm"] = knob(
         "sft", "critic trunk from SFT (fresh value head) or from the RM"
     )
@@ -597,22 +650,28 @@ class PPOConfig:
     critic: OptimConfig = knob(OptimConfig(lr=1e-5), "critic optimizer")
     run: RunConfig = sub(RunConfig)
     log: LogConfig = sub(LogConfig)
+    eval: RLEvalConfig = sub(RLEvalConfig, "held-out evaluation during the run")
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.run.parallel, f"{prefix}run.parallel")
+        check_unused_data(self.data, ("max_length", "train_on_prompt"), "ppo", prefix)
+        held_out = self.data.eval_file or self.data.eval_fraction
+        if held_out and not self.eval.every:
+            raise ConfigError(
+                f"{prefix}data.eval_file / eval_fraction: held-out prompts need {prefix}eval.every > 0"
+            )
+        if self.eval.every and not held_out:
+            raise ConfigError(
+                f"{prefix}eval.every: set {prefix}data.eval_file (or data.eval_fraction) to the held-out prompts"
+            )
+        if self.eval.keep_best != "last" and not self.eval.every:
+            raise ConfigError(f"{prefix}eval.keep_best: needs {prefix}eval.every > 0")
         if self.rollout.compile and self.run.parallel == "fsdp":
             raise ConfigError(
                 f"{prefix}rollout.compile: not supported with {prefix}run.parallel: fsdp "
                 "(the compiled decode step is not tested on sharded modules); use one of them"
             )
-        # "neither" is checked when PPO starts: the pipeline fills reward_model in from its RM stage
-        singles = [k for k in ("reward_model", "reward_fn", "reward_url") if getattr(self, k)]
-        if len(singles) + bool(self.rewards) > 1:
-            given = [prefix + k for k in singles] + ([prefix + "rewards"] if self.rewards else [])
-            raise ConfigError(f"{' / '.join(given)}: set only one reward source key")
-        names = [r.name for r in self.rewards]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{prefix}rewards: names must differ, got {names}")
+        self.check_reward_keys(prefix)
         if self.shared_trunk and self.critic_init != "sft":
             raise ConfigError(
                 f"{prefix}critic_init: a shared trunk is the actor's own (SFT) transformer; "
@@ -664,12 +723,43 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    prompts_file: str = knob("", "held-out prompts {prompt}; empty = the PPO prompts")
-    max_prompts: int = knob(64, "prompts evaluated", lo=1)
-    gold_fn: str = knob(
+    prompts_file: str = knob("", "held-out prompts {prompt}, never trained on (required)")
+    max_prompts: int = knob(128, "prompts evaluated", lo=1)
+    judge: str = knob(
         "", "optional independent judge 'module:function(prompts, responses) -> scores'"
     )
-    samples_in_report: int = knob(8, "sample responses shown before/after", lo=0)
+    samples_in_report: int = knob(8, "sample responses shown per policy", lo=0)
+
+
+@dataclass(frozen=True)
+class EvalRunConfig(RewardKeys):
+    policy: str = knob("", "the policy to evaluate: a model directory or hub id")
+    reference: str = knob(
+        "",
+        "the reference policy (usually the SFT checkpoint): KL to it, and its own samples for the win rate",
+    )
+    output_dir: str = knob("runs/eval", "writes eval.json and eval.html here")
+    seed: int = knob(0, "sampling seed (the same for every policy)")
+    eval: EvalConfig = sub(EvalConfig, "held-out prompts, judge and report")
+    max_prompt_length: int = knob(256, "max prompt tokens (prompts are cut from the left)", lo=1)
+    max_new_tokens: int = knob(32, "response length limit", lo=1)
+    temperature: float = knob(1.0, "sampling temperature", lo=0, lo_open=True)
+    top_k: int = knob(0, "sample from the k most likely tokens (0 = off)", lo=0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1 = off)", lo=0, hi=1, lo_open=True)
+
+    def validate(self, prefix: str = "") -> None:
+        self.check_reward_keys(prefix)
+
+    def sampling(self) -> tuple[DataConfig, RolloutConfig]:
+        """The prompt-reading and sampling settings in the form the rollout code takes."""
+        data = DataConfig(max_prompt_length=self.max_prompt_length)
+        rollout = RolloutConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
+        return data, rollout
 
 
 @dataclass(frozen=True)
@@ -711,6 +801,7 @@ def reference_markdown() -> str:
         ("rm", RMConfig),
         ("ppo", PPOConfig),
         ("dpo", DPOConfig),
+        ("eval", EvalRunConfig),
         ("pipeline", PipelineConfig),
     ):
         parts += [f"## `rlhfkit {name}`\n", "```", help_text(cls), "```\n"]

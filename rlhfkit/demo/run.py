@@ -22,6 +22,7 @@ from rlhfkit.config import ModelConfig, PipelineConfig, SFTConfig, load_config
 from rlhfkit.data.tokenize import encode_prompt, pad_left
 from rlhfkit.demo import task
 from rlhfkit.models import device_of, load_policy, load_tokenizer
+from rlhfkit.report import write_report
 from rlhfkit.rollout.rewards import decode_texts
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.stages.pipeline import run_pipeline, stage_configs
@@ -41,22 +42,26 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_data(out: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]:
+    """The pre-training corpus (reviews of every subject, no prompts), SFT pairs and PPO prompts
+    on the training prompts, and the held-out prompts (other subjects) in a file of their own."""
     rng = random.Random(seed)
     d = out / "data"
     corpus = [
         {"prompt": "", "completion": task.review(rng, rng.choice(task.SUBJECTS))}
         for _ in range(sizes["pretrain_docs"])
     ]
+    train = task.train_prompts()
     sft = []
     for _ in range(sizes["sft_examples"]):
-        s = rng.choice(task.SUBJECTS)
-        sft.append({"prompt": task.prompt(s), "completion": task.review(rng, s)})
-    prompts = [{"prompt": task.prompt(s)} for s in task.SUBJECTS for _ in range(8)]
+        text, s, a = rng.choice(train)
+        sft.append({"prompt": text, "completion": task.review(rng, s, a)})
     return {
         "corpus": _jsonl(d / "pretrain.jsonl", corpus),
         "sft": _jsonl(d / "sft.jsonl", sft),
-        "prompts": _jsonl(d / "prompts.jsonl", prompts),
-        "eval_prompts": _jsonl(d / "eval_prompts.jsonl", prompts),
+        "prompts": _jsonl(d / "prompts.jsonl", [{"prompt": t} for t, _, _ in train]),
+        "heldout_prompts": _jsonl(
+            d / "heldout_prompts.jsonl", [{"prompt": t} for t, _, _ in task.held_out_prompts()]
+        ),
     }
 
 
@@ -110,10 +115,11 @@ def make_preferences(
     policy = load_policy(mc, tok, trainable=False)
     g = torch.Generator().manual_seed(seed)
     rows, skipped = [], 0
-    subjects = [rng.choice(task.SUBJECTS) for _ in range(n_prompts)]
+    train = [t for t, _, _ in task.train_prompts()]  # never a held-out prompt
+    chosen = [rng.choice(train) for _ in range(n_prompts)]
     per_chunk = max(1, batch // k)
     for i in range(0, n_prompts, per_chunk):
-        texts = [task.prompt(s) for s in subjects[i : i + per_chunk] for _ in range(k)]
+        texts = [t for t in chosen[i : i + per_chunk] for _ in range(k)]
         ids, mask = pad_left(
             [encode_prompt(tok, t) for t in texts], tok.pad_token_id, device_of(policy)
         )
@@ -188,7 +194,8 @@ def run_demo(
             f"sft.data.train_file={files['sft']}",
             f"rm.data.train_file={prefs}",
             f"ppo.data.train_file={files['prompts']}",
-            f"eval.prompts_file={files['eval_prompts']}",
+            f"eval.prompts_file={files['heldout_prompts']}",
+            f"ppo.data.eval_file={files['heldout_prompts']}",
             f"sft.train.seed={seed}",
             f"rm.train.seed={seed}",
             f"ppo.run.seed={seed}",
@@ -209,9 +216,17 @@ def run_demo(
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
         batch=cfg.ppo.rollout.chunk_size,
     )
-    # 3-5. RM, PPO (gold score logged per iteration), evaluation
-    result = run_pipeline(cfg, gold_fn=task.gold_judge())
-    from rlhfkit.demo.report import write_report
+    # 3-5. RM, PPO (the gold judge on its training batches and on the held-out prompts every
+    # eval.every iterations), evaluation of SFT vs PPO on the held-out prompts, the report
+    result = run_pipeline(cfg, judge=task.gold_judge())
+    timing = {
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "base_model_seconds": round(t_base, 1),
+    }
+    return write_report(out, result, cfg, extra=timing, intro=INTRO)
 
-    summary = write_report(out, result, cfg, seconds=time.perf_counter() - t0, base_seconds=t_base)
-    return summary
+
+INTRO = """<p>The offline demo. Task: <i>write a review</i> of a subject (264 training prompts over 11
+subjects; 72 held-out prompts over 3 other subjects that no SFT, preference or PPO prompt mentions).
+The gold judge (VADER sentiment, independent of the learned reward model) scores each review in
+[-1, 1]; the reward model only saw noisy rankings of SFT samples.</p>"""

@@ -11,7 +11,20 @@ from __future__ import annotations
 import math
 import random
 
-SUBJECTS = ["movie", "film", "book", "show", "album", "game", "play", "series"]
+SUBJECTS = [
+    "movie", "film", "book", "show", "album", "game", "play", "series", "novel", "song", "comic",
+    "podcast", "opera", "musical",
+]  # fmt: skip
+# subjects of the held-out prompts: in no SFT, preference or PPO prompt (the base model read
+# reviews of them in its pre-training text, so it knows the words)
+HELD_OUT_SUBJECTS = ["podcast", "opera", "musical"]
+TEMPLATES = [
+    "write a review of the {s} :",
+    "write a short review of the {s} :",
+    "review the {s} :",
+    "what did you think of the {s} ? :",
+]
+ASPECT_TEMPLATES = ["write a review of the {s} and its {a} :", "tell me about the {a} of the {s} :"]
 ASPECTS = [
     "plot",
     "acting",
@@ -80,6 +93,7 @@ GLUE = [
     "this",
     "is",
 ]
+PROMPT_WORDS = ["short", "what", "did", "you", "think", "?", "tell", "me", "about", "its"]
 
 
 def vocabulary() -> list[str]:
@@ -95,6 +109,7 @@ def vocabulary() -> list[str]:
             + NEG_VERBS
             + NEU_VERBS
             + GLUE
+            + PROMPT_WORDS
         )
     )
 
@@ -125,14 +140,28 @@ def _sentence(rng: random.Random, subject: str, p_pos: float) -> str:
     return "i would recommend it ." if rng.random() < p_pos else "i would not recommend it ."
 
 
-def review(rng: random.Random, subject: str) -> str:
-    """A review of 2-3 sentences; its sentiment leaning is drawn per review."""
+def review(rng: random.Random, subject: str, aspect: str | None = None) -> str:
+    """A review of 2-3 sentences; its sentiment leaning is drawn per review. With an aspect, the
+    first sentence is about it."""
     p_pos = rng.random()
-    return " ".join(_sentence(rng, subject, p_pos) for _ in range(rng.randint(2, 3)))
+    parts = [f"the {aspect} was {_adj(rng, p_pos)} ."] if aspect else []
+    parts += [_sentence(rng, subject, p_pos) for _ in range(rng.randint(2, 3) - len(parts))]
+    return " ".join(parts)
 
 
-def prompt(subject: str) -> str:
-    return f"write a review of the {subject} :"
+def prompts(subjects: list[str]) -> list[tuple[str, str, str | None]]:
+    """Every distinct (prompt, subject, aspect) of the templates over ``subjects``."""
+    out = [(t.format(s=s), s, None) for s in subjects for t in TEMPLATES]
+    out += [(t.format(s=s, a=a), s, a) for s in subjects for a in ASPECTS for t in ASPECT_TEMPLATES]
+    return out
+
+
+def train_prompts() -> list[tuple[str, str, str | None]]:
+    return prompts([s for s in SUBJECTS if s not in HELD_OUT_SUBJECTS])
+
+
+def held_out_prompts() -> list[tuple[str, str, str | None]]:
+    return prompts(HELD_OUT_SUBJECTS)
 
 
 def gold_judge():

@@ -42,6 +42,15 @@ RL_METRICS: dict[str, str] = {
     "time/update": "always",
     "time/iteration": "always",
     "perf/tokens_per_s": "always",
+    # held-out evaluation (eval.every): one sample per held-out prompt, fixed seed
+    "eval/rm_score": "option",
+    "eval/judge_score": "option",
+    "eval/kl": "option",
+    "eval/length": "option",
+    "eval/eos_rate": "option",
+    "eval/distinct": "option",
+    "eval/distinct2": "option",
+    "eval/win_rate": "option",
 }
 
 

@@ -1,43 +1,95 @@
-"""Stage 4: compare the SFT policy with the trained ones (PPO, DPO) on held-out prompts.
+"""Evaluation on held-out prompts: `rlhfkit eval`, the pipeline's last stage, and PPO's periodic
+held-out evaluation share these functions.
 
-For each policy: responses sampled with the rollout settings, their RM score, the gold score of
-an independent judge (when one is given), and the KL to the reference (the SFT policy),
-sum_t log pi(a_t|s_t) - log pi_SFT(a_t|s_t) over the sampled responses (k1: unbiased for the
-sequence KL).
+For each policy, one response per prompt is sampled (the same seed for every policy) and reported
+with standard errors:
+    rm_score      the reward source's raw score (the proxy that RL optimised)
+    judge_score   an independent judge's score (the thing we want)
+    kl_to_ref     sum_t log pi(a_t|s_t) - log ref(a_t|s_t) over the sampled response (k1:
+                  unbiased for the sequence KL), nats per response
+    length, eos_rate
+    distinct      distinct responses / responses (1/n when the policy repeats one answer)
+    distinct2     distinct bigrams / bigrams over all responses (Li et al. 2016)
+    win_rate      against the reference's own samples on the same prompts, under the judge
+                  (ties count half)
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.algos import masked_sum
-from rlhfkit.config import DataConfig, EvalConfig, ModelConfig, RolloutConfig
+from rlhfkit.algos.eval_stats import distinct_n, distinct_share, mean_and_se, win_rate
+from rlhfkit.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    EvalRunConfig,
+    ModelConfig,
+    RolloutConfig,
+)
 from rlhfkit.data.build import load_prompts
 from rlhfkit.data.tokenize import pad_left
-from rlhfkit.models import PerTokenScalar, device_of, load_policy, load_scalar_model, load_tokenizer
-from rlhfkit.rollout.forward import join, policy_logprobs, reward_scores
-from rlhfkit.rollout.rewards import RewardFn, call_reward_fn, decode_texts
+from rlhfkit.models import device_of, load_policy, load_tokenizer
+from rlhfkit.rollout.forward import join, policy_logprobs
+from rlhfkit.rollout.rewards import (
+    RewardFn,
+    build_reward,
+    call_reward_fn,
+    decode_texts,
+    load_reward_fn,
+)
 from rlhfkit.rollout.sampling import generate
+from rlhfkit.train.checkpoint import write_atomic_dir
+
+
+@dataclass
+class Samples:
+    """One sampled response per prompt, with everything measured on it."""
+
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    length: list[float] = field(default_factory=list)
+    stopped: list[float] = field(default_factory=list)
+    rm: list[float] = field(default_factory=list)
+    judge: list[float] = field(default_factory=list)
+
+
+def _reference_forward(policy, ref):
+    """A context in which ``ref`` computes the reference logprobs: the reference model, or (None)
+    the LoRA policy with its adapters off."""
+    if ref is None:
+        return policy, policy.disable_adapter()
+    return ref, contextlib.nullcontext()
 
 
 @torch.no_grad()
-def sample_and_score(
+def sample_policy(
     policy,
     ref,
-    rm,
     tok,
     prompt_ids: list[list[int]],
     rollout: RolloutConfig,
-    gold_fn: RewardFn | None,
     seed: int,
+    reward=None,
+    judge: RewardFn | None = None,
     chunk: int = 32,
-) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    rm_scores, gold, kls, lengths, texts = [], [], [], [], []
+) -> Samples:
+    """Sample ``policy`` on ``prompt_ids`` with a fixed seed and measure each response.
+    ``reward``: a rollout reward source (``rollout.rewards``) or None; ``judge``: a reward function."""
+    was_training = policy.training
+    policy.eval()
+    g = torch.Generator(device=device_of(policy)).manual_seed(seed)
+    out = Samples()
     for i in range(0, len(prompt_ids), chunk):
         ids, mask = pad_left(prompt_ids[i : i + chunk], tok.pad_token_id, device_of(policy))
         gen = generate(
@@ -54,65 +106,244 @@ def sample_and_score(
         )
         seq = join(ids, mask, gen.tokens, gen.mask)
         lp, _ = policy_logprobs(policy, seq, rollout.temperature)
-        lp_ref, _ = policy_logprobs(ref, seq, rollout.temperature)
-        kls.append(masked_sum(lp - lp_ref, gen.mask, dim=1))
-        lengths.append(gen.lengths.float())
-        if rm is not None:
-            rm_scores.append(reward_scores(rm, seq))
+        model, ctx = _reference_forward(policy, ref)
+        with ctx:
+            lp_ref, _ = policy_logprobs(model, seq, rollout.temperature)
         p_text, r_text = decode_texts(tok, ids, mask, gen.tokens, gen.mask)
-        texts += list(zip(p_text, r_text, strict=True))
-        if gold_fn is not None:
-            gold.append(call_reward_fn(gold_fn, p_text, r_text))
-    out: dict[str, Any] = {
-        "kl_to_ref": float(torch.cat(kls).mean()),
-        "length": float(torch.cat(lengths).mean()),
-    }
-    per_sample: dict[str, list[float]] = {}
-    if rm_scores:
-        r = torch.cat(rm_scores)
-        out.update(rm_score=float(r.mean()), rm_score_std=float(r.std()))
-        per_sample["rm"] = r.tolist()
-    if gold:
-        gs = torch.cat(gold)
-        out.update(gold_score=float(gs.mean()), gold_score_std=float(gs.std()))
-        per_sample["gold"] = gs.tolist()
-    out["samples"] = [
-        {"prompt": p, "response": r, **{k: v[j] for k, v in per_sample.items()}}
-        for j, (p, r) in enumerate(texts)
-    ]
+        out.prompts += p_text
+        out.responses += r_text
+        out.tokens += [t[m].tolist() for t, m in zip(gen.tokens, gen.mask, strict=True)]
+        out.kl += masked_sum(lp - lp_ref, gen.mask, dim=1).tolist()
+        out.length += gen.lengths.float().tolist()
+        out.stopped += gen.stopped.float().tolist()
+        if reward is not None:
+            out.rm += reward(seq, tok).float().tolist()
+        if judge is not None:
+            out.judge += call_reward_fn(judge, p_text, r_text).tolist()
+    policy.train(was_training)
     return out
 
 
+def summarize(s: Samples, reference: Samples | None = None) -> dict[str, float]:
+    """Means with standard errors (``<name>_se``), diversity, and the win rate against the
+    reference's samples of the same prompts (when both have judge scores)."""
+    out: dict[str, float] = {}
+    for name, values in (
+        ("rm_score", s.rm),
+        ("judge_score", s.judge),
+        ("kl_to_ref", s.kl),
+        ("length", s.length),
+        ("eos_rate", s.stopped),
+    ):
+        if values:
+            out[name], out[f"{name}_se"] = mean_and_se(values)
+    out["distinct"] = distinct_share(s.responses)
+    out["distinct2"] = distinct_n(s.tokens, 2)
+    if reference is not None and s.judge and reference.judge:
+        out["win_rate"], out["win_rate_se"] = win_rate(s.judge, reference.judge)
+    return out
+
+
+def sample_records(s: Samples) -> list[dict[str, Any]]:
+    rows = []
+    for j, (p, r) in enumerate(zip(s.prompts, s.responses, strict=True)):
+        row: dict[str, Any] = {"prompt": p, "response": r, "kl": s.kl[j]}
+        if s.rm:
+            row["rm"] = s.rm[j]
+        if s.judge:
+            row["judge"] = s.judge[j]
+        rows.append(row)
+    return rows
+
+
 def evaluate_policies(
-    sft_dir: str,
+    reference_dir: str,
     policies: dict[str, str],
-    rm_dir: str | None,
+    reward,
     prompts_file: str,
     data: DataConfig,
     rollout: RolloutConfig,
     cfg: EvalConfig,
-    gold_fn: RewardFn | None,
+    judge: RewardFn | None,
     seed: int,
     out_dir: Path,
+    reference_name: str = "sft",
 ) -> dict[str, Any]:
-    """Writes out_dir/eval.json: {'sft': {...}, 'ppo': {...}, 'dpo': {...}} (the policies given,
-    name -> directory) with scores, KL and samples, all on the same prompts and sampling seed."""
-    mc = ModelConfig(name_or_path=sft_dir)
+    """The reference (its own samples: the baseline of the win rates) and every policy of
+    ``policies`` (name -> directory) on the same prompts and seed. Writes out_dir/eval.json
+    ({name: {metrics..., "samples": [...]}}, the reference first) and out_dir/eval.html."""
+    if not prompts_file:
+        raise ConfigError("eval.prompts_file: set the held-out prompts to evaluate on")
+    mc = ModelConfig(name_or_path=reference_dir)
     tok = load_tokenizer(mc)
     prompts, _ = load_prompts(prompts_file, tok, data)
     prompt_ids = [p.prompt_ids for p in prompts[: cfg.max_prompts]]
     ref = load_policy(mc, tok, trainable=False)
-    rm = (
-        PerTokenScalar(load_scalar_model(mc, tok, rm_dir, fresh_head=False, trainable=False))
-        if rm_dir
+    base = sample_policy(ref, ref, tok, prompt_ids, rollout, seed, reward, judge)
+    result = {reference_name: {**summarize(base), "samples": sample_records(base)}}
+    for name, path in policies.items():
+        policy = load_policy(mc, tok, path=path, trainable=False)
+        s = sample_policy(policy, ref, tok, prompt_ids, rollout, seed, reward, judge)
+        result[name] = {**summarize(s, base), "samples": sample_records(s)}
+    write_atomic_dir(out_dir, lambda d: _write(d, result, cfg.samples_in_report))
+    return result
+
+
+def _write(d: Path, result: dict[str, Any], n_samples: int) -> None:
+    (d / "eval.json").write_text(json.dumps(result, indent=2))
+    (d / "eval.html").write_text(eval_html(result, n_samples), encoding="utf-8")
+
+
+def _cell(m: dict[str, Any], key: str) -> str:
+    if key not in m:
+        return "-"
+    se = m.get(f"{key}_se")
+    return f"{m[key]:.3f}" + (f" &plusmn; {se:.3f}" if se is not None else "")
+
+
+METRIC_ROWS = [
+    ("judge_score", "judge score (independent)"),
+    ("win_rate", "win rate vs the reference's samples (judge; ties half)"),
+    ("rm_score", "RM score (the proxy optimised)"),
+    ("kl_to_ref", "KL to the reference (nats / response)"),
+    ("length", "response length (tokens)"),
+    ("eos_rate", "EOS rate"),
+    ("distinct", "distinct responses / responses"),
+    ("distinct2", "distinct bigrams / bigrams"),
+]
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    names = list(result)
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in ["", *names])
+    rows = "".join(
+        f"<tr><td>{html.escape(title)}</td>"
+        + "".join(f"<td>{_cell(result[n], key)}</td>" for n in names)
+        + "</tr>"
+        for key, title in METRIC_ROWS
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def samples_table(result: dict[str, Any], n: int) -> str:
+    names = list(result)
+    head = "".join(f"<th>{html.escape(x)}</th>" for x in ["prompt", *names])
+    rows = []
+    for j in range(min(n, len(result[names[0]]["samples"]))):
+        cells = [html.escape(result[names[0]]["samples"][j]["prompt"])]
+        for name in names:
+            smp = result[name]["samples"][j]
+            score = f"<br><small>judge {smp['judge']:.3f}</small>" if "judge" in smp else ""
+            cells.append(html.escape(smp["response"]) + score)
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}img{margin:4px}"
+)
+
+
+def eval_html(result: dict[str, Any], n_samples: int) -> str:
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>rlhfkit eval</title>
+<style>{STYLE}</style></head><body><h1>Held-out evaluation</h1>
+<p>One sample per held-out prompt and policy, the same seed for all; mean &plusmn; standard error.</p>
+{metrics_table(result)}<h2>Samples</h2>{samples_table(result, n_samples)}</body></html>"""
+
+
+def run_eval(cfg: EvalRunConfig, judge: RewardFn | None = None) -> dict[str, Any]:
+    """`rlhfkit eval`: a policy against a reference on held-out prompts."""
+    if not cfg.policy or not cfg.reference:
+        raise ConfigError("policy / reference: both are needed (model directories or hub ids)")
+    data, rollout = cfg.sampling()
+    tok = load_tokenizer(ModelConfig(name_or_path=cfg.reference))
+    reward = (
+        build_reward(cfg, ModelConfig(name_or_path=cfg.reference), tok)
+        if cfg.has_reward()
         else None
     )
-    result = {}
-    for name, path in {"sft": sft_dir, **policies}.items():
-        policy = ref if name == "sft" else load_policy(mc, tok, path=path, trainable=False)
-        result[name] = sample_and_score(policy, ref, rm, tok, prompt_ids, rollout, gold_fn, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "eval.json")
-    return result
+    if judge is None and cfg.eval.judge:
+        judge = load_reward_fn(cfg.eval.judge)
+    return evaluate_policies(
+        cfg.reference,
+        {"policy": cfg.policy},
+        reward,
+        cfg.eval.prompts_file,
+        data,
+        rollout,
+        cfg.eval,
+        judge,
+        cfg.seed,
+        Path(cfg.output_dir),
+        reference_name="reference",
+    )
+
+
+class HeldOutEval:
+    """PPO's periodic evaluation on held-out prompts (``eval.every``): the current actor sampled
+    with a fixed seed, logged as ``eval/*``; with ``eval.keep_best`` it tracks the best
+    evaluation so far (its state is part of a checkpoint). The reference's own samples, the
+    baseline of the win rate, are drawn once."""
+
+    def __init__(
+        self,
+        prompt_ids,
+        tokenizer,
+        rollout: RolloutConfig,
+        judge,
+        reward,
+        seed: int,
+        keep_best: str,
+    ):
+        self.prompt_ids, self.tok, self.rollout = prompt_ids, tokenizer, rollout
+        self.judge, self.reward, self.seed, self.keep_best = judge, reward, seed, keep_best
+        self.reference: Samples | None = None
+        self.best: dict[str, float] = {}  # {"value": ..., "iteration": ...}
+
+    def __call__(self, actor, ref) -> dict[str, float]:
+        if self.reference is None:
+            base, ctx = _reference_forward(actor, ref)
+            with ctx:
+                self.reference = sample_policy(
+                    base, base, self.tok, self.prompt_ids, self.rollout, self.seed, None, self.judge
+                )
+        s = sample_policy(
+            actor, ref, self.tok, self.prompt_ids, self.rollout, self.seed, self.reward, self.judge
+        )
+        # a combined reward source counts its scores per iteration: these are not the rollout's
+        getattr(self.reward, "pop_metrics", dict)()
+        m = summarize(s, self.reference)
+        names = {"kl_to_ref": "eval/kl"}
+        keys = (
+            "rm_score",
+            "judge_score",
+            "kl_to_ref",
+            "length",
+            "eos_rate",
+            "distinct",
+            "distinct2",
+            "win_rate",
+        )
+        return {names.get(k, f"eval/{k}"): m[k] for k in keys if k in m}
+
+    def improved(self, metrics: dict[str, float], iteration: int) -> bool:
+        """Whether this evaluation is the best so far by ``keep_best`` (judge or rm)."""
+        if self.keep_best == "last":
+            return False
+        key = "eval/judge_score" if self.keep_best == "judge" else "eval/rm_score"
+        if key not in metrics:
+            raise ConfigError(
+                f"eval.keep_best: '{self.keep_best}' needs {key}, which this run has not"
+            )
+        if self.best and metrics[key] <= self.best["value"]:
+            return False
+        self.best = {"value": metrics[key], "iteration": iteration}
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.best)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best = dict(state)

@@ -14,8 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from rlhfkit.config import PipelineConfig
-from rlhfkit.rollout.rewards import RewardFn, load_reward_fn
+from rlhfkit.config import ModelConfig, PipelineConfig
+from rlhfkit.models import load_tokenizer
+from rlhfkit.report import write_report
+from rlhfkit.rollout.rewards import RewardFn, build_reward, load_reward_fn
 from rlhfkit.stages.dpo import run_dpo
 from rlhfkit.stages.evaluate import evaluate_policies
 from rlhfkit.stages.ppo import run_ppo
@@ -77,19 +79,19 @@ def _done(final: Path, name: str) -> bool:
     return False
 
 
-def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
+def run_pipeline(cfg: PipelineConfig, judge: RewardFn | None = None) -> dict:
     out = Path(cfg.output_dir)
     sft, rm, ppo = stage_configs(cfg)
     if not _done(out / "sft" / "final", "sft"):
         run_sft(sft)
-    if gold_fn is None and cfg.eval.gold_fn:
-        gold_fn = load_reward_fn(cfg.eval.gold_fn)
+    if judge is None and cfg.eval.judge:
+        judge = load_reward_fn(cfg.eval.judge)
     policies = {}
     if "ppo" in cfg.methods:
         if not cfg.ppo.reward_fn and not _done(out / "rm" / "final", "rm"):
             run_rm(rm)
         if not _done(out / "ppo" / "final", "ppo"):
-            run_ppo(ppo, monitor=gold_fn)
+            run_ppo(ppo, monitor=judge)
         policies["ppo"] = str(out / "ppo" / "final")
     if "dpo" in cfg.methods:
         if not _done(out / "dpo" / "final", "dpo"):
@@ -103,15 +105,21 @@ def run_pipeline(cfg: PipelineConfig, gold_fn: RewardFn | None = None) -> dict:
             return done
         print("[pipeline] eval: a policy was added since; evaluating again", file=sys.stderr)
     print("[pipeline] eval: running", file=sys.stderr)
-    return evaluate_policies(
+    tok = load_tokenizer(ModelConfig(name_or_path=str(out / "sft" / "final")))
+    reward = None
+    if ppo.has_reward() and (ppo.reward_fn or (out / "rm" / "final").is_dir()):
+        reward = build_reward(ppo, ModelConfig(name_or_path=str(out / "sft" / "final")), tok)
+    result = evaluate_policies(
         str(out / "sft" / "final"),
         policies,
-        (ppo.reward_model or None) if (out / "rm" / "final").is_dir() else None,
-        cfg.eval.prompts_file or ppo.data.train_file,
+        reward,
+        cfg.eval.prompts_file,
         ppo.data,
         ppo.rollout,
         cfg.eval,
-        gold_fn,
+        judge,
         ppo.run.seed + 12345,
         out / "eval",
     )
+    write_report(out, result, cfg)
+    return result

@@ -13,6 +13,7 @@ Each iteration reads like the seed:
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import sys
 import time
@@ -22,8 +23,9 @@ import torch
 
 from rlhfkit.algos import AdaptiveKLController, FixedKLController, get_estimator
 from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
-from rlhfkit.data.build import PromptItem, load_prompts
+from rlhfkit.data.build import PromptItem, load_prompts, train_eval
 from rlhfkit.models import (
+    export_model,
     load_policy,
     load_tokenizer,
     read_reward_stats,
@@ -38,6 +40,7 @@ from rlhfkit.rollout.rewards import (
     build_reward,
     call_reward_fn,
     decode_texts,
+    load_reward_fn,
     rm_shares_tokenizer,
 )
 from rlhfkit.stages.common import (
@@ -47,8 +50,9 @@ from rlhfkit.stages.common import (
     load_trainable_scalar,
     setup_run,
 )
+from rlhfkit.stages.evaluate import HeldOutEval
 from rlhfkit.train import dist
-from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state, write_atomic_dir
 from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
 from rlhfkit.train.logger import MetricLogger
 
@@ -170,10 +174,12 @@ def _sample_text(models: Models, exp: Experience, n: int = 3) -> str:
 
 class RunState:
     """Everything a checkpoint holds besides the weights: the optimizers, the KL controller, the
-    running score statistics, the prompt stream's position and every rank's RNG."""
+    running score statistics, the prompt stream's position, the best held-out evaluation and
+    every rank's RNG."""
 
-    def __init__(self, models: Models, kl_ctl, normalize: ScoreNormalizer, stream: PromptStream):
+    def __init__(self, models: Models, kl_ctl, normalize, stream: PromptStream, held_out=None):
         self.models, self.kl_ctl, self.normalize, self.stream = models, kl_ctl, normalize, stream
+        self.held_out = held_out
 
     def restore(self, state: dict | None) -> int:
         """Load a checkpoint's state; returns the iteration to start from."""
@@ -183,6 +189,8 @@ class RunState:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.normalize.running.load_state_dict(state["running_scores"])
         self.stream.load_state_dict(state["stream"])
+        if self.held_out is not None:
+            self.held_out.load_state_dict(state.get("best_eval", {}))
         set_rng_state(state["rng"][dist.rank()])
         return state["iteration"]
 
@@ -195,6 +203,7 @@ class RunState:
             kl_ctl=self.kl_ctl.state_dict(),
             running_scores=self.normalize.running.state_dict(),
             stream=self.stream.state_dict(),
+            best_eval=self.held_out.state_dict() if self.held_out is not None else {},
             rng=dist.gather_objects(rng_state()),  # one per rank
             iteration=iteration,
         )
@@ -224,6 +233,32 @@ def _check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
         )
 
 
+def held_out_eval(cfg: PPOConfig, models: Models, prompts: list[PromptItem], monitor):
+    """The periodic held-out evaluation (``eval.every``), or None. Its judge is the monitor passed
+    in Python, else ``eval.judge``."""
+    if not cfg.eval.every:
+        return None
+    judge = monitor or (load_reward_fn(cfg.eval.judge) if cfg.eval.judge else None)
+    ids = [p.prompt_ids for p in prompts[: cfg.eval.max_prompts]]
+    seed = cfg.run.seed + 4242
+    return HeldOutEval(
+        ids, models.tokenizer, cfg.rollout, judge, models.reward, seed, cfg.eval.keep_best
+    )
+
+
+def export_best(models: Models, out: Path, cfg: PPOConfig, best: dict) -> None:
+    """output_dir/best: the actor of the best held-out evaluation so far, a plain HF directory."""
+    weights = dist.full_state_dict(models.actor)  # every rank, when sharded
+
+    def write(d: Path) -> None:
+        export_model(models.actor, models.tokenizer, d, weights)
+        (d / "best.json").write_text(json.dumps({"by": cfg.eval.keep_best, **best}))
+
+    if dist.is_main():
+        write_atomic_dir(out / "best", write)
+    dist.barrier()
+
+
 def kl_controller(cfg: PPOConfig):
     pc = cfg.ppo
     if pc.adaptive_kl:
@@ -241,13 +276,17 @@ def run_ppo(
     ckpt, state = find_resume(cfg.run)
     models = load_models(cfg, ckpt, reward_fn)
     torch.manual_seed(cfg.run.seed + 1000 * dist.rank())  # ranks sample different responses
-    prompts, report = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    print(report.line(), file=sys.stderr)
+    prompts, held_out_prompts, reports = train_eval(
+        load_prompts, models.tokenizer, cfg.data, cfg.run.seed
+    )  # held-out: data.eval_file, or an eval_fraction split never trained on
+    for report in reports:
+        print(report.line(), file=sys.stderr)
     stream = PromptStream(len(prompts), cfg.run.seed)
+    held_out = held_out_eval(cfg, models, held_out_prompts, monitor)
     kl_ctl = kl_controller(cfg)
     rm_stats = read_reward_stats(cfg.reward_model) if cfg.reward_model else None
     normalize = ScoreNormalizer(cfg.ppo.reward_norm, rm_stats, cfg.ppo.reward_clip)
-    run_state = RunState(models, kl_ctl, normalize, stream)
+    run_state = RunState(models, kl_ctl, normalize, stream, held_out)
     start = run_state.restore(state)
     logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
     guard = NonFiniteGuard(cfg.run.max_bad_steps)
@@ -256,6 +295,13 @@ def run_ppo(
             exp, metrics = ppo_iteration(models, prompts, stream, cfg, normalize, kl_ctl, guard, it)
             if monitor is not None:
                 metrics["score/gold"] = float(call_reward_fn(monitor, *_texts(models, exp)).mean())
+            if held_out is not None and (
+                (it + 1) % cfg.eval.every == 0 or it + 1 == cfg.run.iterations
+            ):
+                with dist.full_weights(models.learner.generator):  # FSDP: sampling, as in rollouts
+                    metrics.update(held_out(models.actor, models.ref))
+                if held_out.improved(metrics, it + 1):
+                    export_best(models, out, cfg, held_out.best)
             warn_if_exploding(metrics, cfg, it + 1)
             sources = tuple(getattr(models.reward, "names", tuple)())
             logger.log(it + 1, check_names(metrics, sources), echo=True)

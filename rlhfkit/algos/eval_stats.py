@@ -1,0 +1,42 @@
+"""Statistics of an evaluation: means with standard errors, win rates, and diversity.
+
+Pure Python/torch on per-sample values; the sampling lives in ``stages/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Sample mean and its standard error s / sqrt(n) (s with n - 1; 0 for n < 2)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> tuple[float, float]:
+    """Share of paired comparisons where ours scores higher, ties counting half, with its
+    standard error (of the mean of the per-pair outcomes 1, 0.5, 0)."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"win_rate: {len(ours)} scores against {len(theirs)}")
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+    return mean_and_se(outcomes)
+
+
+def distinct_share(texts: Sequence[str]) -> float:
+    """Distinct responses / responses: 1 when no two are the same, 1/n when all are."""
+    return len(set(texts)) / len(texts) if texts else float("nan")
+
+
+def distinct_n(token_lists: Sequence[Sequence], n: int = 2) -> float:
+    """Distinct n-grams / n-grams over all responses (Li et al. 2016, "A Diversity-Promoting
+    Objective Function for Neural Conversation Models", distinct-n)."""
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
