@@ -114,7 +114,8 @@ def test_ranked_lists_with_ranking_or_scores(tmp_path, tok):
     items, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", rows)), tok, cfg())
     assert items[0].sequences == items[1].sequences
     words = [
-        tok.decode(s[items[0].prompt_len :], skip_special_tokens=True) for s in items[0].sequences
+        tok.decode(s[n:], skip_special_tokens=True)
+        for s, n in zip(items[0].sequences, items[0].prompt_lens, strict=True)
     ]
     assert words == ["good red", "ok red", "bad red"]
 
