@@ -9,7 +9,10 @@ from test_ppo import count_good, ppo_cfg
 from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import SFTConfig, load_config
+from rlhfkit.data.build import load_prompts
 from rlhfkit.models.compat import quiet_peft_wrapping
+from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect
+from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.stages.ppo import load_models, run_ppo
 from rlhfkit.stages.sft import run_sft
 
@@ -59,10 +62,29 @@ def test_lora_ppo_reference_is_disabled_adapters_and_resume_is_exact(tmp_path, t
         "ppo.epochs=1",
         "actor.lr=1e-2",
     ]
-    models = load_models(ppo_cfg(tmp_path / "m", tiny_lm, *extra), None, count_good)
+    cfg_m = ppo_cfg(tmp_path / "m", tiny_lm, *extra)
+    models = load_models(cfg_m, None, count_good)
     assert models.ref is None and hasattr(
         models.actor, "disable_adapter"
     )  # no second copy of the weights
+    # the reference logprobs are the base model's, not the adapted actor's: give the adapters
+    # weights (LoRA's B starts at 0, where adapters on and off agree), then roll out
+    with torch.no_grad():
+        for name, w in models.actor.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.5)
+    prompts, _ = load_prompts(cfg_m.data.train_file, models.tokenizer, cfg_m.data)
+    exp, _ = collect(
+        models, prompts, PromptStream(len(prompts), 0), cfg_m, ScoreNormalizer("none", None, 0)
+    )
+    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    base.resize_token_embeddings(models.actor.get_input_embeddings().weight.shape[0])
+    with torch.no_grad():
+        base_logp, _ = policy_logprobs(base, seq, cfg_m.rollout.temperature)
+    m = exp.response_mask
+    torch.testing.assert_close(exp.ref_logprobs[m], base_logp[m], rtol=0, atol=1e-5)
+    assert (exp.logprobs[m] - exp.ref_logprobs[m]).abs().max() > 1e-2  # the adapters act
     a = run_ppo(ppo_cfg(tmp_path / "a", tiny_lm, *extra), reward_fn=count_good)
     b_cfg = ppo_cfg(tmp_path / "b", tiny_lm, *extra, "run.save_every=1")
     run_ppo(b_cfg, reward_fn=count_good)

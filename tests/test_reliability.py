@@ -261,11 +261,19 @@ def test_ppo_skips_non_finite_rewards_then_aborts(tmp_path, tiny_lm):
         calls.append(1)
         return [math.nan if len(calls) == 2 else 1.0] * len(responses)
 
-    cfg = ppo_cfg(tmp_path / "a", tiny_lm, "run.iterations=3", "rollout.episodes_per_iteration=16")
+    # the adaptive controller moves beta after every update, so a skipped update must leave it
+    # (with the fixed one, equal betas would hold whatever the guard did)
+    adaptive = ["ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=100"]
+    cfg = ppo_cfg(
+        tmp_path / "a", tiny_lm, "run.iterations=4", "rollout.episodes_per_iteration=16", *adaptive
+    )
     run_ppo(cfg, reward_fn=flaky)
     rows = read_metrics(tmp_path / "a" / "ppo")
-    assert [r["nonfinite/skipped"] for r in rows] == [0, 1, 1] and "loss/policy" not in rows[1]
-    assert rows[1]["kl/beta"] == rows[2]["kl/beta"]
+    assert [r["nonfinite/skipped"] for r in rows] == [0, 1, 1, 1] and "loss/policy" not in rows[1]
+    beta = [r["kl/beta"] for r in rows]
+    assert beta[0] != beta[1]  # iteration 1's update moved beta
+    assert beta[1] == beta[2]  # iteration 2 was skipped: beta unchanged
+    assert beta[2] != beta[3]  # iteration 3 updated again
     cfg = ppo_cfg(tmp_path / "b", tiny_lm, "run.iterations=5", "rollout.episodes_per_iteration=16")
     with pytest.raises(TrainingDiverged, match="reward/value at iteration 3"):
         run_ppo(cfg, reward_fn=lambda p, r: [math.nan] * len(r))

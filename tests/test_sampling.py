@@ -93,8 +93,32 @@ def test_stops_at_eos_and_stop_sequences_and_pads_after(policy):
         stop_sequences=[[red]],
         generator=g,
     )
+    assert out.stopped.any(), "no row stopped: the stop-sequence branch went untested"
     for row, n, stopped in zip(out.tokens, out.lengths, out.stopped, strict=True):
-        assert not stopped or row[int(n) - 1] == red
+        n = int(n)
+        if stopped:  # ends exactly at the first 'red', padded after
+            assert row[n - 1] == red and (row[: n - 1] != red).all()
+            assert (row[n:] == tok.pad_token_id).all()
+        else:
+            assert n == 12 and (row != red).all()
+    # a two-token stop sequence ends a row only where both tokens follow each other
+    blue = tok.convert_tokens_to_ids("blue")
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=24,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        temperature=3.0,
+        stop_sequences=[[red, blue]],
+        generator=g,
+    )  # ~3 expected stops over 64 rows x 23 pairs from a near-uniform 22-word vocabulary
+    assert out.stopped.any()
+    for row, n, stopped in zip(out.tokens, out.lengths, out.stopped, strict=True):
+        n = int(n)
+        pairs = [i for i in range(1, n) if row[i - 1] == red and row[i] == blue]
+        assert pairs == ([n - 1] if stopped else [])
 
 
 TEXTS = ["copy : red blue :", "say gold", "copy : green :"]

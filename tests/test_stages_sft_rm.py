@@ -115,10 +115,20 @@ def test_rm_learns_rule_and_reloads(tmp_path, sft_run):
     # plain transformers gives the same scores as our last-token reader
     from rlhfkit.algos import last_index
     from rlhfkit.config import ModelConfig
+    from rlhfkit.data.build import load_preferences, train_eval
     from rlhfkit.models import PerTokenScalar, load_scalar_model
 
     tok = AutoTokenizer.from_pretrained(final)
     plain = AutoModelForSequenceClassification.from_pretrained(final)
+    # the stored statistics are the mean and std of the final RM's scores on the training
+    # responses (both of each of the 120 training pairs), recomputed here with plain transformers
+    train, _, _ = train_eval(load_preferences, tok, cfg.data, cfg.train.seed)
+    with torch.no_grad():
+        scores = torch.tensor(
+            [plain(torch.tensor([s])).logits[0, 0].item() for it in train for s in it.sequences]
+        )
+    assert stats["mean"] == pytest.approx(scores.mean().item(), abs=1e-5)
+    assert stats["std"] == pytest.approx(scores.std().item(), abs=1e-5)
     ours = load_scalar_model(ModelConfig(), tok, str(final), fresh_head=False, trainable=False)
     batch = tok(
         ["say red : good red </s>", "say blue : bad </s>"], return_tensors="pt", padding=True
