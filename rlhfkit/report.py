@@ -107,6 +107,12 @@ def frontier_plot(rows: list[dict], result: dict[str, Any], path: Path) -> Path 
         ax2.plot(xs, [p[2] for p in pts], "^--", color="C3", markersize=3, label="RM score")
         ax2.set_ylabel("RM score (proxy)", fontsize=8, color="C3")
         ax2.tick_params(labelsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if any(p[2] is not None for p in pts):
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="lower right")
     ax.set_title("over-optimisation: judge and RM score against sqrt(KL)", fontsize=10)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
