@@ -59,12 +59,24 @@ def write_atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every generator a resumed run draws from: Python's, torch's CPU one, and the CUDA
+    generator of every visible device (sampling and dropout-free training still draw from it)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            raise RuntimeError(
+                f"the checkpoint holds the CUDA RNG of {len(state['cuda'])} devices, this machine "
+                f"has {torch.cuda.device_count()}: an exact resume needs the same devices"
+            )
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_run_config(directory: Path, config: dict[str, Any]) -> None:
