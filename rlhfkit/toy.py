@@ -55,7 +55,9 @@ def build_tiny_lm(
     """Write a random-init LlamaForCausalLM and its tokenizer to ``directory``; returns it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" is noise in a user's terminal
     tok = build_tokenizer(words, chat_template)
     config = LlamaConfig(
         vocab_size=len(tok),

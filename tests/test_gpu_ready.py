@@ -2,12 +2,8 @@
 (the recompute equals no recompute), and, on a CUDA machine only (`gpu` marker), an exact resume
 with the CUDA RNG in the checkpoint."""
 
-import shutil
-
 import pytest
 import torch
-from test_ppo import count_good, ppo_cfg
-from transformers import AutoModelForCausalLM
 
 from rlhfkit.algos import pairwise_loss
 from rlhfkit.config import ModelConfig
@@ -101,22 +97,28 @@ def test_gradient_checkpointing_equals_no_recompute(tiny_lm, stage):
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _gpu_checks():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_checks.py"
+    spec = importlib.util.spec_from_file_location("gpu_checks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rng_state_has_cuda_generators_exactly_when_cuda_exists():
+    assert ("cuda" in rng_state()) == torch.cuda.is_available()
+
+
 @pytest.mark.gpu
 @gpu
 def test_cuda_rng_is_in_the_checkpoint_and_a_resume_is_exact_on_cuda(tmp_path, tiny_lm):
-    from rlhfkit.stages.ppo import run_ppo
+    _gpu_checks().check_exact_resume_on_cuda(tmp_path, tiny_lm)
 
-    assert "cuda" in rng_state()
-    extra = ["model.device=cuda", "run.iterations=4", "rollout.episodes_per_iteration=16"]
-    a = run_ppo(ppo_cfg(tmp_path / "a", tiny_lm, *extra), reward_fn=count_good)
-    b_cfg = ppo_cfg(tmp_path / "b", tiny_lm, *extra, "run.save_every=2")
-    run_ppo(b_cfg, reward_fn=count_good)
-    out = tmp_path / "b" / "ppo"
-    shutil.rmtree(out / "checkpoints" / "step-000004")
-    shutil.rmtree(out / "final")
-    torch.cuda.manual_seed_all(12345)  # a resume that did not restore the CUDA RNG would diverge
-    b = run_ppo(b_cfg, reward_fn=count_good)
-    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_decoding_equals_the_eager_loop(tiny_lm):
+    _gpu_checks().check_cuda_graph_decoding(tiny_lm)

@@ -125,16 +125,23 @@ class _Decoder:
         self.mask = torch.zeros(b, width, dtype=torch.long, device=prompt_mask.device)
         self.mask[:, :p] = prompt_mask
         self.p, self.model = p, model
+        # on CUDA the compiled step replays as a CUDA graph (mode "reduce-overhead": one launch
+        # per step instead of one per kernel); the bucketed cache width and the fixed batch of a
+        # rollout chunk keep the number of graphs to a handful
+        self.graphs = prompt_mask.is_cuda
         # compiled once per model object (kept on it, so it dies with the model); a new batch
         # size or cache width recompiles, up to torch's recompile limit, then runs eager
         if getattr(model, "_rlhfkit_compiled_forward", None) is None:
-            model._rlhfkit_compiled_forward = torch.compile(model.forward, dynamic=False)
+            mode = "reduce-overhead" if self.graphs else None
+            model._rlhfkit_compiled_forward = torch.compile(model.forward, dynamic=False, mode=mode)
         self.forward = model._rlhfkit_compiled_forward
 
     def step(self, tok: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         """Feed token t (B,) at ``position`` (B, 1); returns the next logits (B, V)."""
         col = self.p + t
         self.mask[:, col] = 1
+        if self.graphs:  # a new replay: the previous step's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.forward(
             input_ids=tok[:, None],
             attention_mask=self.mask,
@@ -143,7 +150,8 @@ class _Decoder:
             use_cache=True,
             cache_position=torch.tensor([col], device=tok.device),
         )
-        return out.logits[:, -1]
+        # a graph's output buffer is reused by the next replay: keep a copy
+        return out.logits[:, -1].clone() if self.graphs else out.logits[:, -1]
 
 
 def _ends_with(history: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
