@@ -64,8 +64,11 @@ class ModelConfig:
     tokenizer: str = knob("", "tokenizer id/path; empty = same as name_or_path")
     gguf_file: str = knob("", "load this GGUF file inside name_or_path (dequantized)")
     device: str = knob("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-    dtype: Literal["fp32", "bf16"] = knob(
-        "fp32", "weights/compute dtype; fp32 is the exact default"
+    dtype: Literal["fp32", "bf16", "bf16-mixed"] = knob(
+        "fp32",
+        "fp32 (the exact default); bf16 (weights, compute and AdamW state in bf16); bf16-mixed "
+        "(fp32 master weights and AdamW state, forwards and backwards under bf16 autocast, "
+        "logprobs and losses in fp32: what GPU users want, docs/decisions.md)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
     allow_pickle: bool = knob(

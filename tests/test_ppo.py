@@ -235,8 +235,9 @@ def test_sampling_logprobs_fast_path_equals_the_recompute_path(tmp_path, tiny_lm
 
 def test_auto_old_logprobs_recomputes_in_bf16_only():
     """bf16 logprobs depend on the batch layout (issue 6), so `auto` must not reuse the sampler's."""
-    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    fp32, bf16 = "fp32", "bf16"
     assert sampler_logprobs_usable("auto", fp32) and not sampler_logprobs_usable("auto", bf16)
+    assert not sampler_logprobs_usable("auto", "bf16-mixed")
     assert sampler_logprobs_usable("sampling", bf16) and not sampler_logprobs_usable(
         "recompute", fp32
     )
@@ -259,7 +260,7 @@ def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_
     )
     torch.manual_seed(0)
     models = load_models(cfg, None, count_good)
-    assert fixed_layout(models.actor)
+    assert fixed_layout(cfg.model.dtype)
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     norm = ScoreNormalizer("none", None, 0)
     exp, _ = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)

@@ -34,6 +34,7 @@ from rlhfkit.models.io import (
 from rlhfkit.models.loading import (
     DTYPES,
     PAD_TOKEN,
+    autocast,
     backbone,
     device_of,
     disable_dropout,
@@ -51,6 +52,7 @@ __all__ = [
     "REWARD_STATS_FILE",
     "VALUE_HEAD_FILE",
     "ActorCritic",
+    "autocast",
     "LabelledLogprobs",
     "PerTokenScalar",
     "PromptSharingScorer",

@@ -17,7 +17,16 @@ from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
 PAD_TOKEN = "<|pad|>"
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}  # weights
+
+
+def autocast(dtype: str, device) -> torch.autocast:
+    """The compute precision of ``model.dtype`` around a forward: bf16 autocast for
+    ``bf16-mixed`` (matmuls in bf16, the fp32 master weights cast per op), nothing otherwise.
+    Logprobs are reduced in fp32 whatever the logits' dtype (``algos.logprobs``)."""
+    return torch.autocast(
+        device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16-mixed"
+    )
 
 
 def _quiet_transformers() -> None:

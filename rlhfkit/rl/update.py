@@ -30,6 +30,7 @@ from rlhfkit.algos import (
     value_loss,
 )
 from rlhfkit.config import PPOAlgoConfig, PPOConfig
+from rlhfkit.models import autocast
 from rlhfkit.rollout.collect import fixed_layout
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.forward import join
@@ -95,13 +96,16 @@ def micro_step(
     kl_coef: float,
     update_actor: bool,
     denom: torch.Tensor,
+    dtype: str = "fp32",
 ) -> dict[str, float]:
     """Forward + backward of one micro-batch: the policy loss (after the critic warm-up), with the
-    entropy bonus and, with ``kl_in: loss``, beta KL_t; plus the value loss if there is a critic."""
+    entropy bonus and, with ``kl_in: loss``, beta KL_t; plus the value loss if there is a critic.
+    ``dtype``: ``model.dtype``; bf16-mixed runs the forward under autocast, the losses in fp32."""
     seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
     m = mb.response_mask
     with_entropy = update_actor and pc.ent_coef > 0
-    logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)
+    with autocast(dtype, m.device):
+        logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)
     loss, stats = torch.zeros((), device=m.device), {}
     if v is not None:
         vf, vstats = value_loss(
@@ -154,7 +158,7 @@ def rl_update(
     acc: dict[str, list[float]] = {}
     per_rank_mb = pc.minibatch_size // dist.world()
     per_rank_micro = max(pc.micro_batch_size // dist.world(), 1)
-    trim = not fixed_layout(learner.actor)  # below fp32 keep the rollout's layout
+    trim = not fixed_layout(cfg.model.dtype)  # below fp32 keep the rollout's layout
     for _ in range(pc.epochs):
         perm = torch.randperm(len(exp))
         for start in range(0, len(exp), per_rank_mb):
@@ -163,7 +167,9 @@ def rl_update(
             sums: dict[str, float] = {}
             for j in range(0, len(mb_idx), per_rank_micro):
                 mb = exp.select(mb_idx[j : j + per_rank_micro], trim)
-                stats = micro_step(learner, mb, pc, temperature, kl_coef, update_actor, denom)
+                stats = micro_step(
+                    learner, mb, pc, temperature, kl_coef, update_actor, denom, cfg.model.dtype
+                )
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
             n_micro = math.ceil(len(mb_idx) / per_rank_micro)

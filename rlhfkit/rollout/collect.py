@@ -18,7 +18,7 @@ from rlhfkit.algos import masked_mean
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
-from rlhfkit.models import device_of
+from rlhfkit.models import autocast, device_of
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import ScoreNormalizer
@@ -70,21 +70,22 @@ class Timings:
         return self
 
 
-def fixed_layout(actor) -> bool:
-    """Below fp32, logprobs depend on the padding around a sequence (up to ~0.1 nats per token in
-    bf16, issue 6), so the rollout's and the update's forwards must see each row in the same
-    layout: prompts padded to the longest prompt of the data set, responses to max_new_tokens,
-    and minibatches not trimmed. In fp32 the layout changes results only by rounding (~1e-6)."""
-    return next(actor.parameters()).dtype != torch.float32
+def fixed_layout(dtype: str) -> bool:
+    """Below fp32 (``model.dtype`` bf16 or bf16-mixed), logprobs depend on the padding around a
+    sequence (up to ~0.1 nats per token in bf16, issue 6), so the rollout's and the update's
+    forwards must see each row in the same layout: prompts padded to the longest prompt of the
+    data set, responses to max_new_tokens, and minibatches not trimmed. In fp32 the layout
+    changes results only by rounding (~1e-6)."""
+    return dtype != "fp32"
 
 
-def sampler_logprobs_usable(choice: str, actor) -> bool:
+def sampler_logprobs_usable(choice: str, dtype: str) -> bool:
     """``rollout.old_logprobs``: fp32 logprobs from the KV-cache sampler equal a full forward's to
     rounding; bf16 ones can differ by ~0.1 nats with the layout, which would bias the PPO ratio
     (issue 6), so ``auto`` recomputes them below fp32."""
     if choice != "auto":
         return choice == "sampling"
-    return not fixed_layout(actor)
+    return not fixed_layout(dtype)
 
 
 def _pad_generation(gen, width: int, pad_id: int):
@@ -152,7 +153,9 @@ def rollout_chunk(
         gen = _pad_generation(gen, rc.max_new_tokens, tok.pad_token_id)
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
     sampled = (
-        (gen.logprobs, gen.entropy) if sampler_logprobs_usable(rc.old_logprobs, actor) else None
+        (gen.logprobs, gen.entropy)
+        if sampler_logprobs_usable(rc.old_logprobs, cfg.model.dtype)
+        else None
     )
     logprobs, entropy, values = learner.rollout_outputs(seq, rc.temperature, sampled)  # (B, T)
     if models.ref is None:
@@ -197,7 +200,7 @@ def collect(
     actor = models.learner.actor
     actor.eval()
     world, r, n = dist.world(), dist.rank(), cfg.rollout.samples_per_prompt
-    width = max(len(p.prompt_ids) for p in prompts) if fixed_layout(actor) else None
+    width = max(len(p.prompt_ids) for p in prompts) if fixed_layout(cfg.model.dtype) else None
     chunks, total, taken = [], Timings(), 0
     left = cfg.rollout.episodes_per_iteration // (world * n)  # prompts for this rank
     while left > 0:
@@ -205,7 +208,8 @@ def collect(
         mine = stream.take(k * world)[r * k : (r + 1) * k]
         ids = torch.arange(taken + r * k, taken + (r + 1) * k).repeat_interleave(n)  # (k n,)
         chosen = [prompts[i] for i in mine for _ in range(n)]
-        exp, t = rollout_chunk(models, chosen, ids, cfg, normalize, width)
+        with autocast(cfg.model.dtype, device_of(actor)):  # bf16-mixed: bf16 compute
+            exp, t = rollout_chunk(models, chosen, ids, cfg, normalize, width)
         chunks.append(exp)
         total += t
         taken += k * world

@@ -22,7 +22,14 @@ from rlhfkit.algos import dpo_loss
 from rlhfkit.config import DPOConfig, LoraConfig, to_dict
 from rlhfkit.data.build import RankItem, load_preferences, train_eval
 from rlhfkit.data.tokenize import pad_right
-from rlhfkit.models import LabelledLogprobs, device_of, load_policy, load_tokenizer, write_trainable
+from rlhfkit.models import (
+    LabelledLogprobs,
+    autocast,
+    device_of,
+    load_policy,
+    load_tokenizer,
+    write_trainable,
+)
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.loop import fit, to_device
@@ -115,7 +122,7 @@ def reference_cache(model, tokenizer, cfg, train, evals, ckpt: Path | None) -> s
         module = LabelledLogprobs(load_policy(frozen, tokenizer, trainable=False))
     was_training = model.training
     model.eval()
-    with ctx:
+    with ctx, autocast(cfg.model.dtype, device_of(model)):  # the precision training uses
         compute_reference_logprobs(module, pairs, tokenizer.pad_token_id, cfg.train.batch_size)
     model.train(was_training)
     return "computed"
@@ -179,6 +186,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,
+        dtype=cfg.model.dtype,
         forward_module=forward,
     )
     logger.close()

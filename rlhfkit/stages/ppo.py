@@ -25,6 +25,8 @@ from rlhfkit.algos import AdaptiveKLController, FixedKLController, get_estimator
 from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts, train_eval
 from rlhfkit.models import (
+    autocast,
+    device_of,
     export_model,
     load_policy,
     load_tokenizer,
@@ -298,7 +300,10 @@ def run_ppo(
             if held_out is not None and (
                 (it + 1) % cfg.eval.every == 0 or it + 1 == cfg.run.iterations
             ):
-                with dist.full_weights(models.learner.generator):  # FSDP: sampling, as in rollouts
+                with (
+                    dist.full_weights(models.learner.generator),  # FSDP: as in rollouts
+                    autocast(cfg.model.dtype, device_of(models.actor)),
+                ):
                     metrics.update(held_out(models.actor, models.ref))
                 if held_out.improved(metrics, it + 1):
                     export_best(models, out, cfg, held_out.best)

@@ -156,6 +156,7 @@ def run_rm(cfg: RMConfig) -> Path:
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,
+        dtype=cfg.model.dtype,
         forward_module=scorer,
     )
     logger.close()

@@ -75,6 +75,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         run_config=to_dict(cfg),
         resume_state=state,
         show_progress=cfg.log.progress,
+        dtype=cfg.model.dtype,
         forward_module=forward,
     )
     logger.close()

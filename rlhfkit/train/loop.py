@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from rlhfkit.config import TrainConfig
+from rlhfkit.models import autocast
 from rlhfkit.train import dist
 from rlhfkit.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rlhfkit.train.guard import NonFiniteGuard, StopOnSignal, StopRequested, finite
@@ -75,12 +76,15 @@ def fit(
     resume_state: dict[str, Any] | None = None,
     show_progress: bool = True,
     forward_module: torch.nn.Module | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, float]:
     """Train ``model`` on ``items``; returns the final eval metrics.
 
     ``loss_fn(module, batch)`` gets ``forward_module`` (default: the model), DDP-wrapped or
     FSDP-sharded when the run is data-parallel. ``write_model(directory, weights)`` writes the
-    model; ``weights`` is its consolidated state dict when sharded, else None. Each optimizer step then consumes ``batch_size`` examples per rank of a
+    model; ``weights`` is its consolidated state dict when sharded, else None. ``dtype``:
+    ``model.dtype``; bf16-mixed runs ``loss_fn`` and ``evaluate`` under bf16 autocast (the
+    backward follows the forward's casts; weights and AdamW state stay fp32). Each optimizer step then consumes ``batch_size`` examples per rank of a
     global micro-batch of ``batch_size * world`` (the last incomplete one is dropped)."""
     n_ranks, my_rank = dist.world(), dist.rank()
     steps = total_steps(
@@ -139,7 +143,8 @@ def fit(
                 ]
             while pos.micro < len(batches) and pos.step < steps:
                 batch = to_device(collate([items[i] for i in batches[pos.micro]]), device)
-                loss, stats = loss_fn(train_module, batch)
+                with autocast(dtype, device):
+                    loss, stats = loss_fn(train_module, batch)
                 loss_ok &= finite(loss)
                 (loss / cfg.grad_accum_steps).backward()
                 acc.append({"loss": loss.detach(), **stats})
@@ -178,7 +183,9 @@ def fit(
                     logger.log(pos.step, metrics, echo=not show_progress)
                     acc = []
                 if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < steps:
-                    logger.log(pos.step, {f"eval/{k}": v for k, v in evaluate().items()})
+                    with autocast(dtype, device):
+                        evals = evaluate()
+                    logger.log(pos.step, {f"eval/{k}": v for k, v in evals.items()})
                     model.train()
                 if (
                     dist.all_reduce_sum(torch.tensor(float(stop.signum is not None))) > 0
@@ -190,7 +197,8 @@ def fit(
             if pos.micro >= len(batches):
                 pos.epoch, pos.micro = pos.epoch + 1, 0
     bar.close()
-    final = evaluate()
+    with autocast(dtype, device):
+        final = evaluate()
     logger.log(pos.step, {f"eval/{k}": v for k, v in final.items()})
     checkpoint()
     return final
