@@ -103,6 +103,12 @@ class DataConfig:
     train_on_prompt: bool = knob(
         False, "SFT: put loss on prompt tokens too (default: completion only)"
     )
+    packing: bool = knob(
+        False,
+        "SFT/RM: padding-free batches, several examples per row of at most max_length tokens "
+        "(position ids restart per example, attention stays within it; loss and gradients equal "
+        "the padded batch's)",
+    )
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ class DPOConfig:
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.train.parallel, f"{prefix}train.parallel")
-        check_unused_data(self.data, ("train_on_prompt",), "dpo", prefix)
+        check_unused_data(self.data, ("train_on_prompt", "packing"), "dpo", prefix)
         if self.dpo.label_smoothing and self.dpo.loss != "cdpo":
             raise ConfigError(
                 f"{prefix}dpo.label_smoothing: only used by dpo.loss: cdpo (it is '{self.dpo.loss}')"
@@ -657,7 +663,7 @@ class PPOConfig(RewardKeys):
 
     def validate(self, prefix: str = "") -> None:
         check_parallel(self.model, self.run.parallel, f"{prefix}run.parallel")
-        check_unused_data(self.data, ("max_length", "train_on_prompt"), "ppo", prefix)
+        check_unused_data(self.data, ("max_length", "train_on_prompt", "packing"), "ppo", prefix)
         held_out = self.data.eval_file or self.data.eval_fraction
         if held_out and not self.eval.every:
             raise ConfigError(

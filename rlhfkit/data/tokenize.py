@@ -132,3 +132,52 @@ def pad_left(
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Which sequences share each row of a padding-free batch: first fit, in order, rows of at most
+    ``capacity`` tokens (a longer sequence gets a row of its own). Returns indices per row."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    return rows
+
+
+def packed_batch(
+    seqs: list[list[int]], capacity: int, pad_id: int, labels: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Several sequences per row, no attention mask: position ids restart at 0 for each sequence,
+    which is how transformers (>= 4.53 masking_utils) keeps attention within each one, for every
+    attention implementation. The padding at a row's end is a sequence of its own (positions from
+    0, label -100). Returns input_ids, position_ids (R, L), labels (R, L) when given (the first
+    token of each sequence is never a target: nothing before it in its sequence predicts it), and
+    ``ends`` (N, 2): the (row, column) of each sequence's last token, in input order."""
+    rows = pack_rows([len(s) for s in seqs], capacity)
+    width = max(sum(len(seqs[i]) for i in r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    ends = torch.zeros((len(seqs), 2), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            n = len(seqs[i])
+            ids[r, col : col + n] = torch.tensor(seqs[i])
+            pos[r, col : col + n] = torch.arange(n)
+            if labels is not None:
+                lab[r, col + 1 : col + n] = torch.tensor(labels[i][1:], dtype=torch.long)
+            ends[i] = torch.tensor([r, col + n - 1])
+            col += n
+        pos[r, col:] = torch.arange(width - col)  # the padding: a sequence of its own
+    out = {"input_ids": ids, "position_ids": pos, "ends": ends}
+    if labels is not None:
+        out["labels"] = lab
+    return out

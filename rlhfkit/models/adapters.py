@@ -57,16 +57,16 @@ class LabelledLogprobs(nn.Module):
         self.model, self.ignore_index = model, ignore_index
         self.plain_head = logit_transform(model.config) is None
 
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, position_ids=None) -> torch.Tensor:
+        """``attention_mask`` None with ``position_ids`` that restart: a packed batch."""
         target = labels[:, 1:]  # (B, L-1): the token that position t predicts is labels[t+1]
         keep = target != self.ignore_index
+        kw = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
         if self.plain_head:
-            hidden = backbone(self.model)(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # (B, L, H)
+            hidden = backbone(self.model)(input_ids=input_ids, **kw).last_hidden_state  # (B, L, H)
             logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
         else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.model(input_ids=input_ids, **kw)
             logits = out.logits[:, :-1][keep]  # (N, V)
         return token_logprobs(logits[None], target[keep][None])[0]
 
@@ -135,8 +135,16 @@ class PromptSharingScorer(nn.Module):
             return False
         return not any(isinstance(p, DTensor) for p in self.model.parameters())
 
-    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    def forward(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, position_ids=None, ends=None
+    ) -> torch.Tensor:
         body = backbone(self.model)
+        if position_ids is not None:  # a packed batch: whole sequences, read at ``ends`` (N, 2)
+            hidden = body(
+                input_ids=response_ids, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (R, L, H)
+            h = hidden[ends[:, 0], ends[:, 1]]  # (N, H)
+            return scalar_head(self.model)(h).sum(-1).float()
         k = response_ids.shape[0] // max(prompt_ids.shape[0], 1)
         cache, prompt_len = None, torch.zeros_like(response_mask[:, :1])
         attn = response_mask

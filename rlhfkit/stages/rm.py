@@ -14,7 +14,7 @@ import torch
 from rlhfkit.algos import pairwise_loss, ranking_loss
 from rlhfkit.config import RMConfig, to_dict
 from rlhfkit.data.build import RankItem, load_preferences, train_eval
-from rlhfkit.data.tokenize import pad_left, pad_right
+from rlhfkit.data.tokenize import packed_batch, pad_left, pad_right
 from rlhfkit.models import (
     PromptSharingScorer,
     device_of,
@@ -37,10 +37,15 @@ def shared_prefix(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_ranked(
+    items: list[RankItem], pad_id: int, pack_to: int | None = None
+) -> dict[str, torch.Tensor]:
     """K sequences per item, split into the prefix they share (forwarded once, left-padded) and
-    their K remainders (right-padded): the inputs of ``PromptSharingScorer``."""
+    their K remainders (right-padded): the inputs of ``PromptSharingScorer``. With ``pack_to``
+    (``data.packing``): the whole sequences in padding-free rows of at most that many tokens."""
     k = max(len(it.sequences) for it in items)
+    if pack_to:
+        return collate_ranked_packed(items, pad_id, pack_to, k)
     prompts, rests, valid = [], [], torch.zeros(len(items), k, dtype=torch.bool)
     for b, it in enumerate(items):
         p = shared_prefix(it.sequences)
@@ -67,11 +72,34 @@ def collate_ranked(items: list[RankItem], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
+def collate_ranked_packed(items: list[RankItem], pad_id: int, pack_to: int, k: int):
+    seqs, valid = [], torch.zeros(len(items), k, dtype=torch.bool)
+    for b, it in enumerate(items):
+        for j in range(k):  # rows beyond a prompt's K repeat its last response, masked out
+            seqs.append(it.sequences[min(j, len(it.sequences) - 1)])
+            valid[b, j] = j < len(it.sequences)
+    packed = packed_batch(seqs, pack_to, pad_id)
+    empty = torch.zeros(len(items), 0, dtype=torch.long)
+    margins = torch.tensor([it.margin if it.margin is not None else 0.0 for it in items])
+    return {
+        "prompt_ids": empty,
+        "prompt_mask": empty,
+        "response_ids": packed["input_ids"],
+        "response_mask": None,
+        "position_ids": packed["position_ids"],
+        "ends": packed["ends"],
+        "valid": valid,
+        "margin": margins,
+        "has_margin": any(it.margin is not None for it in items),
+    }
+
+
 def score_batch(scorer, batch) -> torch.Tensor:
     """(B, K) scores. ``scorer``: the RM's ``PromptSharingScorer`` (maybe DDP/FSDP-wrapped)."""
     b, k = batch["valid"].shape
     parts = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-    return scorer(*(batch[p] for p in parts)).view(b, k)
+    packed = {p: batch[p] for p in ("position_ids", "ends") if p in batch}
+    return scorer(*(batch[p] for p in parts), **packed).view(b, k)
 
 
 def rm_loss(scorer, batch, use_margin: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -147,7 +175,7 @@ def run_rm(cfg: RMConfig) -> Path:
     fit(
         model,
         train,
-        lambda b: collate_ranked(b, pad),
+        lambda b: collate_ranked(b, pad, cfg.data.max_length if cfg.data.packing else None),
         lambda m, b: rm_loss(m, b, cfg.use_margin),
         cfg.train,
         logger,

@@ -10,14 +10,28 @@ import torch
 
 from rlhfkit.config import SFTConfig, to_dict
 from rlhfkit.data.build import SFTItem, load_sft, train_eval
-from rlhfkit.data.tokenize import IGNORE_INDEX, pad_right
+from rlhfkit.data.tokenize import IGNORE_INDEX, packed_batch, pad_right
 from rlhfkit.models import LabelledLogprobs, device_of, load_tokenizer, write_trainable
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.loop import fit, to_device
 
 
-def collate_sft(items: list[SFTItem], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sft(
+    items: list[SFTItem], pad_id: int, pack_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded (B, L) rows, or with ``pack_to`` padding-free rows of at most that many tokens
+    (``data.packing``; ``tokenize.packed_batch``)."""
+    if pack_to:
+        b = packed_batch(
+            [it.input_ids for it in items], pack_to, pad_id, [it.labels for it in items]
+        )
+        return {
+            "input_ids": b["input_ids"],
+            "attention_mask": None,
+            "labels": b["labels"],
+            "position_ids": b["position_ids"],
+        }
     ids, mask = pad_right([it.input_ids for it in items], pad_id)  # (B, L)
     labels, _ = pad_right(
         [it.labels for it in items], IGNORE_INDEX
@@ -62,11 +76,12 @@ def run_sft(cfg: SFTConfig) -> Path:
         out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
     )
     pad = tokenizer.pad_token_id
+    pack_to = cfg.data.max_length if cfg.data.packing else None  # padding-free rows
     forward = LabelledLogprobs(model, IGNORE_INDEX)
     fit(
         model,
         train,
-        lambda b: collate_sft(b, pad),
+        lambda b: collate_sft(b, pad, pack_to),
         sft_loss,
         cfg.train,
         logger,
