@@ -33,8 +33,6 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=40)
     args = ap.parse_args()
 
-    import torch
-
     from rlhfkit.config import (
         DPOConfig,
         ModelConfig,
@@ -44,12 +42,12 @@ def main() -> None:
         load_config,
         to_dict,
     )
-    from rlhfkit.data.build import load_prompts
     from rlhfkit.demo import task
     from rlhfkit.demo.run import run_demo
-    from rlhfkit.models import PerTokenScalar, load_policy, load_scalar_model, load_tokenizer
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.rewards import build_reward
     from rlhfkit.stages.dpo import run_dpo
-    from rlhfkit.stages.evaluate import sample_and_score
+    from rlhfkit.stages.evaluate import evaluate_policies
     from rlhfkit.stages.pipeline import stage_configs
     from rlhfkit.stages.ppo import run_ppo
 
@@ -64,6 +62,7 @@ def main() -> None:
             f"output_dir={out}",
             f"base_model={out / 'base' / 'final'}",
             f"ppo.data.train_file={data / 'prompts.jsonl'}",
+            f"ppo.data.eval_file={data / 'heldout_prompts.jsonl'}",
             f"ppo.run.seed={args.seed}",
             f"ppo.run.iterations={args.iterations}",
         ],
@@ -109,28 +108,39 @@ def main() -> None:
         final = run_ppo(run_cfg, monitor=gold)
         results[est] = {"seconds": time.perf_counter() - t0, "dir": str(final)}
 
-    # evaluation: every policy on the same prompts, seed and sampling settings
-    sft_dir, rm_dir = str(out / "sft" / "final"), str(out / "rm" / "final")
-    mc = ModelConfig(name_or_path=sft_dir)
-    tok = load_tokenizer(mc)
-    prompts, _ = load_prompts(str(data / "eval_prompts.jsonl"), tok, ppo_cfg.data)
-    ids = [p.prompt_ids for p in prompts[: cfg.eval.max_prompts]]
-    ref = load_policy(mc, tok, trainable=False)
-    rm = PerTokenScalar(load_scalar_model(mc, tok, rm_dir, fresh_head=False, trainable=False))
-    rows = {"sft": {"dir": sft_dir}} | results
-    for name, row in rows.items():
-        policy = ref if name == "sft" else load_policy(mc, tok, path=row["dir"], trainable=False)
-        torch.manual_seed(0)
-        ev = sample_and_score(policy, ref, rm, tok, ids, ppo_cfg.rollout, gold, seed=1)
-        responses = [s["response"] for s in ev.pop("samples")]
-        row.update(ev, distinct=len(set(responses)) / len(responses), example=responses[:3])
-    (out / "estimators").mkdir(parents=True, exist_ok=True)
+    # evaluation: every policy on the held-out prompts (subjects no training prompt mentions),
+    # the same seed and sampling settings; win rate against the SFT policy's own samples
+    sft_dir = str(out / "sft" / "final")
+    tok = load_tokenizer(ModelConfig(name_or_path=sft_dir))
+    reward = build_reward(ppo_cfg, ModelConfig(name_or_path=sft_dir), tok)
+    result = evaluate_policies(
+        sft_dir,
+        {name: r["dir"] for name, r in results.items()},
+        reward,
+        str(data / "heldout_prompts.jsonl"),
+        ppo_cfg.data,
+        ppo_cfg.rollout,
+        cfg.eval,
+        gold,
+        seed=1,
+        out_dir=out / "estimators" / "eval",
+    )
+    rows = {}
+    for name, m in result.items():
+        rows[name] = {k: v for k, v in m.items() if k != "samples"}
+        rows[name]["seconds"] = results.get(name, {}).get("seconds", 0.0)
+        rows[name]["example"] = [s["response"] for s in m["samples"][:3]]
     (out / "estimators" / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'policy':<8} {'gold':>6} {'RM':>6} {'KL':>6} {'len':>5} {'distinct':>8} {'time':>6}")
+    print(
+        f"\n{'policy':<8} {'judge':>14} {'win rate':>14} {'RM':>6} {'KL':>6} {'len':>5} "
+        f"{'distinct':>8} {'dist-2':>6} {'time s':>7}"
+    )
     for name, r in rows.items():
+        win = f"{r['win_rate']:.3f}+-{r['win_rate_se']:.3f}" if "win_rate" in r else "-"
         print(
-            f"{name:<8} {r['gold_score']:6.3f} {r['rm_score']:6.2f} {r['kl_to_ref']:6.2f} "
-            f"{r['length']:5.1f} {r['distinct']:8.2f} {r.get('seconds', 0):6.0f}"
+            f"{name:<8} {r['judge_score']:6.3f}+-{r['judge_score_se']:.3f} {win:>14} "
+            f"{r['rm_score']:6.2f} {r['kl_to_ref']:6.2f} {r['length']:5.1f} {r['distinct']:8.2f} "
+            f"{r['distinct2']:6.3f} {r['seconds']:7.0f}"
         )
     for name, r in rows.items():
         print(f"{name}: {r['example']}")
