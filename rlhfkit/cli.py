@@ -36,6 +36,15 @@ STAGES = {
 }
 
 
+def _print_metrics(result: dict) -> None:
+    """An evaluation's metrics per policy, without the samples."""
+    print(
+        json.dumps(
+            {k: {m: v for m, v in r.items() if m != "samples"} for k, r in result.items()}, indent=2
+        )
+    )
+
+
 def _run(stage: str, cfg) -> None:
     if stage == "sft":
         from rlhfkit.stages.sft import run_sft
@@ -56,24 +65,12 @@ def _run(stage: str, cfg) -> None:
     elif stage == "eval":
         from rlhfkit.stages.evaluate import run_eval
 
-        result = run_eval(cfg)
-        print(
-            json.dumps(
-                {k: {m: v for m, v in r.items() if m != "samples"} for k, r in result.items()},
-                indent=2,
-            )
-        )
+        _print_metrics(run_eval(cfg))
         print(f"{cfg.output_dir}/eval.html", file=sys.stderr)
     elif stage == "pipeline":
         from rlhfkit.stages.pipeline import run_pipeline
 
-        result = run_pipeline(cfg)
-        print(
-            json.dumps(
-                {k: {m: v for m, v in r.items() if m != "samples"} for k, r in result.items()},
-                indent=2,
-            )
-        )
+        _print_metrics(run_pipeline(cfg))
 
 
 def build_parser() -> argparse.ArgumentParser:

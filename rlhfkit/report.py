@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.stages.evaluate import STYLE, metrics_table, samples_table
+from rlhfkit.stages.evaluate import EVAL_METRICS, STYLE, metrics_table, samples_table
 from rlhfkit.train.logger import read_metrics
 
 CURVES = [  # (metric, title) against RL iteration
@@ -28,16 +28,6 @@ CURVES = [  # (metric, title) against RL iteration
     ("response/length", "response length (tokens)"),
     ("loss/value", "value loss"),
 ]
-SUMMARY_KEYS = (
-    "judge_score",
-    "rm_score",
-    "kl_to_ref",
-    "length",
-    "eos_rate",
-    "distinct",
-    "distinct2",
-    "win_rate",
-)
 
 
 def _figure():
@@ -56,8 +46,12 @@ def _curve(rows: list[dict], key: str, title: str, path: Path) -> Path | None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
     ax.plot(xs, [r[key] for r in rows if key in r], marker="o", markersize=2.5, linewidth=1.4)
-    ax.set_title(title, fontsize=10)
     ax.set_xlabel("RL iteration", fontsize=8)
+    return _finish(plt, fig, ax, title, path)
+
+
+def _finish(plt, fig, ax, title: str, path: Path) -> Path:
+    ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -113,13 +107,7 @@ def frontier_plot(rows: list[dict], result: dict[str, Any], path: Path) -> Path 
         handles, labels = handles + h2, labels + l2
     if handles:
         ax.legend(handles, labels, fontsize=7, loc="lower right")
-    ax.set_title("over-optimisation: judge and RM score against sqrt(KL)", fontsize=10)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, "over-optimisation: judge and RM score against sqrt(KL)", path)
 
 
 def summarize(out: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +116,7 @@ def summarize(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     rm_rows = [r for r in read_metrics(out / "rm") if "eval/accuracy" in r]
     s: dict[str, Any] = {"rm_heldout_accuracy": rm_rows[-1]["eval/accuracy"] if rm_rows else None}
     for name, m in result.items():
-        for k in SUMMARY_KEYS:
+        for k in EVAL_METRICS:
             if k in m:
                 s[f"{name}_{k}"] = m[k]
     for name in result:

@@ -49,6 +49,18 @@ from rlhfkit.rollout.rewards import (
 from rlhfkit.rollout.sampling import generate
 from rlhfkit.train.checkpoint import write_atomic_dir
 
+# what ``summarize`` reports per policy (each mean also with ``<name>_se``)
+EVAL_METRICS = (
+    "judge_score",
+    "rm_score",
+    "kl_to_ref",
+    "length",
+    "eos_rate",
+    "distinct",
+    "distinct2",
+    "win_rate",
+)
+
 
 @dataclass
 class Samples:
@@ -316,17 +328,7 @@ class HeldOutEval:
         getattr(self.reward, "pop_metrics", dict)()
         m = summarize(s, self.reference)
         names = {"kl_to_ref": "eval/kl"}
-        keys = (
-            "rm_score",
-            "judge_score",
-            "kl_to_ref",
-            "length",
-            "eos_rate",
-            "distinct",
-            "distinct2",
-            "win_rate",
-        )
-        return {names.get(k, f"eval/{k}"): m[k] for k in keys if k in m}
+        return {names.get(k, f"eval/{k}"): m[k] for k in EVAL_METRICS if k in m}
 
     def improved(self, metrics: dict[str, float], iteration: int) -> bool:
         """Whether this evaluation is the best so far by ``keep_best`` (judge or rm)."""
