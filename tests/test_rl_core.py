@@ -175,3 +175,24 @@ def test_a_new_estimator_is_one_function_and_one_registry_line(tmp_path, tiny_lm
     run_ppo(cfg, reward_fn=count_good)
     assert "loss/policy" in read_metrics(tmp_path / "ppo")[0]
     assert not (tmp_path / "ppo" / "final-critic").exists()  # no critic: the registry said so
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_outcome_estimators_see_the_reward_side_kl_penalty(tmp_path, tiny_lm, kl_in):
+    """grpo reads per-response scores: with kl_in: reward they are R_final - beta sum_t KL_t (as
+    TRL's RLOO and OpenRLHF), so the penalty regularises it; with kl_in: loss, R_final alone."""
+    from rlhfkit.algos import grpo_advantages, kl_penalty, masked_sum
+
+    cfg = ppo_cfg(tmp_path, tiny_lm, "ppo.estimator=grpo", *GROUP, f"ppo.kl_in={kl_in}")
+    torch.manual_seed(0)
+    models = load_models(cfg, None, count_good)
+    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    exp, _ = collect(
+        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
+    )
+    exp.ref_logprobs = exp.ref_logprobs - 0.3 * torch.rand_like(exp.ref_logprobs)  # a moved policy
+    advantages(exp, 0.5, cfg.ppo)
+    kl = masked_sum(kl_penalty(exp.logprobs, exp.ref_logprobs, "k1"), exp.response_mask, dim=1)
+    seq = exp.scores - 0.5 * kl if kl_in == "reward" else exp.scores
+    want, _ = grpo_advantages(seq, exp.group, exp.response_mask)
+    torch.testing.assert_close(exp.advantages, want, rtol=0, atol=1e-5)

@@ -44,6 +44,11 @@ def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, 
     kl = kl_penalty(exp.logprobs, exp.ref_logprobs, pc.kl_estimator)  # (B, T)
     reward_kl_coef = kl_coef if pc.kl_in == "reward" else 0.0
     exp.rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
+    # an estimator that reads only per-response scores gets the sequence reward sum_t r_t =
+    # R_final - beta sum_t KL_t, so the reward-side KL penalty reaches it (TRL's RLOO and
+    # OpenRLHF do the same); with kl_in: loss that is R_final alone
+    outcome_only = "rewards" not in est.inputs
+    scores = exp.rewards.sum(1) if outcome_only else exp.scores  # (B,)
     adv, exp.returns = compute_advantages(
         pc.estimator,
         exp.rewards,
@@ -51,7 +56,7 @@ def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, 
         m,
         pc.gamma,
         pc.lam,
-        scores=exp.scores,
+        scores=scores,
         group=exp.group,
     )
     whiten = pc.whiten_advantages if est.whiten is None else est.whiten
