@@ -14,6 +14,7 @@ from conftest import COLORS, preference_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 HERE = Path(__file__).parent
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
@@ -32,6 +33,12 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": str(HERE),
     }  # tests/ for the toy reward
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0 and TEARDOWN_ABORT in out.stderr:
+        # gloo's threads can abort a rank in teardown (pytorch/pytorch#179291), rarely (once in
+        # this suite's CI runs of session 4, after the run's last log line): run it once more.
+        # Every run resumes from its checkpoints, and the test checks what the rerun wrote.
+        print(f"gloo teardown abort, rerunning once:\n{out.stderr[-1500:]}", file=sys.stderr)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 

@@ -30,9 +30,12 @@ def init_from_env() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group. Exiting with it still up let gloo's threads abort a rank at exit
-    now and then ("terminate called without an active exception", seen in the 2-process tests)."""
+    """Leave the process group: every rank first waits for the others (no rank tears its gloo
+    pairs down while another still sends), then destroys it. Exiting with it still up let gloo's
+    threads abort a rank at exit now and then ("terminate called without an active exception",
+    seen in the 2-process tests; pytorch/pytorch#179291 describes the interpreter-teardown race)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
