@@ -142,6 +142,43 @@ def test_rm_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
         ]
 
 
+@pytest.mark.slow
+def test_dpo_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+    """DPO in the shared training loop: the same global batch over 1 and 2 ranks gives the same
+    losses and weights; every rank computes the same reference cache."""
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
+    common = [
+        "-m",
+        "rlhfkit",
+        "dpo",
+        f"model.name_or_path={tiny_lm}",
+        f"data.train_file={data}",
+        "train.lr=1e-3",
+        "train.max_steps=5",
+        "dpo.beta=0.5",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.log_every=1",
+    ]
+    torchrun(1, *common, f"train.output_dir={tmp_path / 'n1'}", "train.batch_size=8")
+    for parallel in ("ddp", "fsdp"):
+        torchrun(
+            2,
+            *common,
+            f"train.output_dir={tmp_path / parallel}",
+            "train.batch_size=4",
+            f"train.parallel={parallel}",
+        )
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "n1" / "final").state_dict()
+    la = _losses(tmp_path / "n1")
+    assert len(la) == 5 and la[0] == pytest.approx(0.6931, abs=1e-4)  # log 2 at step 0
+    for parallel in ("ddp", "fsdp"):
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / parallel / "final").state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"{parallel} {k}")
+        assert la == pytest.approx(_losses(tmp_path / parallel), abs=1e-5)
+
+
 def _losses(run: Path) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
