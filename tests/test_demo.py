@@ -54,8 +54,8 @@ def test_quick_demo_raises_the_held_out_judge_score_without_collapse(quick_demo)
     assert len(held) >= 50 and len(prompts("prompts.jsonl")) >= 200 and not held & trained
     assert not any(s in p.split() for s in task.HELD_OUT_SUBJECTS for p in trained)
     # the policy improves on them by the independent judge, and does not collapse
-    assert summary["ppo_judge_score"] > summary["sft_judge_score"] + 0.15, summary
-    assert summary["ppo_win_rate"] > 0.55
+    assert summary["ppo_judge_score"] > summary["sft_judge_score"] + 0.3, summary  # measured 0.70
+    assert summary["ppo_win_rate"] > 0.75  # measured 0.92
     assert summary["ppo_rm_score"] > summary["sft_rm_score"]
     assert summary["ppo_distinct"] >= 0.8, summary  # a collapsed policy repeats one answer
     assert summary["rm_heldout_accuracy"] > 0.6  # labels are noisy: the Bayes rate is about 0.8
