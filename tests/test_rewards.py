@@ -372,3 +372,18 @@ def test_reward_source_keys_are_exclusive():
         load_config(PPOConfig, None, ["reward_model=x", "reward_url=http://127.0.0.1:1/score"])
     with pytest.raises(ConfigError, match="exactly one of model, fn, url"):
         load_config(PPOConfig, None, ['rewards=[{"name": "a"}]'])
+
+
+def test_running_score_statistics_never_absorb_a_non_finite_score():
+    """A NaN/inf score goes to the non-finite guard; the running mean/std are those of the
+    finite scores (before, one NaN made every later normalised score NaN)."""
+    from rlhfkit.rollout.rewards import ScoreNormalizer
+
+    norm = ScoreNormalizer("running", None, 0.0)
+    out = norm(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))
+    finite = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    assert norm.running.mean == pytest.approx(finite.mean().item())
+    assert norm.running.var == pytest.approx(finite.var(unbiased=False).item())
+    assert torch.isfinite(out[[0, 2]]).all() and not torch.isfinite(out[[1, 3]]).any()
+    later = norm(torch.tensor([2.0, 2.0]))
+    assert torch.isfinite(later).all()
