@@ -170,3 +170,12 @@ def test_a_model_path_that_does_not_exist_is_a_config_error(tmp_path):
         "config error: model.name_or_path: /nonexistent: the directory does not exist" in r.stderr
     )
     assert "Traceback" not in r.stderr
+
+
+def test_keep_best_by_judge_without_a_judge_is_a_config_error(tmp_path, tiny_lm):
+    held = _prompts(tmp_path)
+    cfg = ppo_cfg(
+        tmp_path, tiny_lm, f"data.eval_file={held}", "eval.every=2", "eval.keep_best=judge"
+    )
+    with pytest.raises(ConfigError, match="eval.keep_best: 'judge' needs eval.judge"):
+        run_ppo(cfg, reward_fn=count_good)

@@ -241,6 +241,8 @@ def held_out_eval(cfg: PPOConfig, models: Models, prompts: list[PromptItem], mon
     if not cfg.eval.every:
         return None
     judge = monitor or (load_reward_fn(cfg.eval.judge) if cfg.eval.judge else None)
+    if cfg.eval.keep_best == "judge" and judge is None:
+        raise ConfigError("eval.keep_best: 'judge' needs eval.judge (module:function)")
     ids = [p.prompt_ids for p in prompts[: cfg.eval.max_prompts]]
     seed = cfg.run.seed + 4242
     return HeldOutEval(
