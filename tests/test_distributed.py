@@ -104,6 +104,37 @@ def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, mode):
 
 
 @pytest.mark.slow
+def test_groups_never_span_ranks_and_ids_are_global(tmp_path, tiny_lm):
+    """With 2 ranks and samples_per_prompt = 4, each group's 4 episodes sit on one rank with the
+    same prompt, group ids differ across ranks, and the ranks together took the first 8 prompts
+    of the stream, as one process would."""
+    p = prompts_file(tmp_path)
+    torchrun(
+        2, str(HERE / "dist_collect_groups.py"), str(tiny_lm), str(p), str(tmp_path / "g.json")
+    )
+    ranks = json.loads((tmp_path / "g.json").read_text())
+    assert len(ranks) == 2 and all(len(r["group"]) == 16 for r in ranks)
+    owner: dict[int, int] = {}
+    for r, part in enumerate(ranks):
+        for g in part["group"]:
+            assert owner.setdefault(g, r) == r  # a group lives on one rank
+        for g in set(part["group"]):
+            rows = [pr for gg, pr in zip(part["group"], part["prompt"], strict=True) if gg == g]
+            assert len(rows) == 4 and all(x == rows[0] for x in rows)  # 4 samples of one prompt
+    assert sorted(owner) == list(range(8))  # 8 distinct global ids: 8 prompts, 4 per rank
+    from rlhfkit.config import DataConfig, ModelConfig
+    from rlhfkit.data.build import load_prompts
+    from rlhfkit.models import load_tokenizer
+    from rlhfkit.rollout.collect import PromptStream
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_lm)))
+    items, _ = load_prompts(str(p), tok, DataConfig())
+    order = PromptStream(len(items), 0).take(8)  # what one process would take, in order
+    by_id = {g: pr for part in ranks for g, pr in zip(part["group"], part["prompt"], strict=True)}
+    assert [by_id[g] for g in range(8)] == [items[i].prompt_ids for i in order]
+
+
+@pytest.mark.slow
 def test_rm_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
     data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
     common = [
