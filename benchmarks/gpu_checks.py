@@ -115,6 +115,71 @@ def check_cuda_graph_decoding(lm: Path, device: str = "cuda") -> None:
         torch.testing.assert_close(graphs.logprobs[m], eager.logprobs[m], rtol=0, atol=1e-5)
 
 
+def check_bf16_mixed_ratio(root: Path, lm: Path, device: str = "cuda") -> float:
+    """bf16-mixed on the device: the update's first forwards reproduce the rollout's old logprobs
+    (the fixed layout), so the PPO ratio is 1 before the first step. Returns |ratio_mean - 1|.
+    On the CPU this is 0 (tests/test_precision.py); a GPU may pick other bf16 kernels for the
+    rollout's chunk and the update's micro-batches, so the bound is 1e-3: a fourth of bf16's
+    relative rounding (2^-8), averaged over every token."""
+    from rlhfkit.data.build import load_prompts
+    from rlhfkit.rl.update import advantages, rl_update
+    from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect
+    from rlhfkit.stages.ppo import load_models
+
+    cfg = _ppo_cfg(
+        root,
+        lm,
+        f"model.device={device}",
+        "model.dtype=bf16-mixed",
+        "rollout.episodes_per_iteration=16",
+        "ppo.epochs=1",
+    )
+    torch.manual_seed(0)
+    models = load_models(cfg, None, count_good)
+    assert next(models.actor.parameters()).dtype == torch.float32, "master weights not fp32"
+    items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    exp, _ = collect(
+        models, items, PromptStream(len(items), 0), cfg, ScoreNormalizer("none", None, 0)
+    )
+    advantages(exp, 0.05, cfg.ppo)
+    stats = rl_update(models.learner, exp, cfg, 0.05, update_actor=True)
+    gap = abs(stats["policy/ratio_mean"] - 1)
+    print(f"bf16-mixed on {device}: |ratio - 1| before the update = {gap:.2e}")
+    assert gap < 1e-3, f"bf16-mixed ratio before the update is off by {gap:.2e}"
+    return gap
+
+
+def check_collectives(device: str = "cuda") -> None:
+    """The process group a torchrun on GPUs joins (``dist.backend()``) reduces the CPU tensors
+    that training all-reduces (stop flags, metric means, score statistics) and CUDA ones alike;
+    with nccl alone the CPU ones raise. One rank: a GPU machine here has one GPU, and nccl allows
+    one rank per GPU."""
+    import socket
+
+    import torch.distributed as tdist
+
+    from rlhfkit.train import dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    tdist.init_process_group(
+        dist.backend(), init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0
+    )
+    try:
+        for where in ("cpu", device):
+            x = torch.arange(4.0, device=where)
+            assert torch.equal(dist.all_reduce_sum(x), x), where
+        assert dist.mean_over_ranks({"a": 1.5, "b": -2.0}) == {"a": 1.5, "b": -2.0}
+        assert dist.gather_objects({"rank": 0}) == [{"rank": 0}]
+        stop = dist.all_reduce_sum(torch.tensor(1.0))  # the stop flag, as the recipes send it
+        assert float(stop) == 1.0
+    finally:
+        tdist.destroy_process_group()
+
+
 def main() -> int:
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -125,10 +190,15 @@ def main() -> int:
     for name, fn in (
         ("exact resume", lambda: check_exact_resume_on_cuda(root / "resume", lm, device)),
         ("compiled decoding equals eager", lambda: check_cuda_graph_decoding(lm, device)),
+        (
+            "bf16-mixed ratio is 1 before the update",
+            lambda: check_bf16_mixed_ratio(root / "mixed", lm, device),
+        ),
+        ("CPU and CUDA tensors reduce in one process group", lambda: check_collectives(device)),
     ):
         fn()
         print(f"PASS {name}")
-    print("2 passed, 0 failed")
+    print("4 passed, 0 failed")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""One PPO iteration on a GPU, per phase: fp32 vs bf16, eager vs CUDA-graph decoding.
+"""One PPO iteration on a GPU, per phase: fp32 vs bf16-mixed, eager vs CUDA-graph decoding.
 
 A random-init Llama-shaped model of ~0.5B parameters (hidden 1280, 24 layers, 32k vocabulary)
 is built locally (no network), with an RM of the same shape. For each setting the script runs
@@ -10,8 +10,11 @@ per trained forward-backward; attention FLOPs left out).
     python benchmarks/gpu_ppo.py --size 0.5b --iters 3           # on a CUDA machine
     python benchmarks/gpu_ppo.py --size tiny --device cpu --iters 1  # a dry run
 
-bf16 here is `model.dtype: bf16` (pure bf16 weights); bf16 autocast with fp32 master weights
-(`bf16-mixed`) is not built yet (issue 16).
+`bf16-mixed` is `model.dtype: bf16-mixed` (fp32 master weights and AdamW state, bf16 autocast);
+`--dtypes fp32 bf16-mixed bf16` adds pure bf16 weights. The settings run in the order that matters
+most (eager fp32, eager bf16-mixed, then the CUDA-graph runs), each row printed when it is done; a
+setting that raises is reported and the next one runs (the exit status is then 1). `--budget-s`
+skips the settings that start after that many seconds, so a caller's time limit never cuts a row.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -162,26 +166,45 @@ def main() -> None:
     ap.add_argument("--size", choices=list(SIZES), default="0.5b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["fp32", "bf16-mixed", "bf16"],
+        default=["fp32", "bf16-mixed"],
+    )
+    ap.add_argument("--budget-s", type=float, default=float("inf"))
     args = ap.parse_args()
+    t_start = time.perf_counter()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     peak = bf16_peak_tflops(args.device)
     print(f"device: {name}; measured bf16 matmul peak {peak:.1f} TFLOP/s", flush=True)
     dirs = build(Path(tempfile.mkdtemp()), args.size)
-    rows = []
-    for dtype in args.dtypes:
-        for compiled in (False, True):
-            r = run(dirs, args.device, dtype, compiled, args.iters)
+    rows, failed = [], 0
+    for compiled in (False, True):
+        for dtype in args.dtypes:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"skipped {dtype} compiled={compiled}: past --budget-s", flush=True)
+                continue
+            try:
+                r = run(dirs, args.device, dtype, compiled, args.iters)
+            except Exception as e:  # report it and measure the other settings
+                failed += 1
+                print(f"FAILED {dtype} compiled={compiled}: {type(e).__name__}: {e}", flush=True)
+                traceback.print_exc()
+                continue
             r["mfu"] = r["tflops"] / peak
             rows.append(r)
             print(json.dumps(r), flush=True)
-    head = f"{'dtype':<6} {'decode':<11} {'gen tok/s':>10} {'score tok/s':>12} {'update tok/s':>13} {'iter s':>7} {'peak GB':>8} {'MFU':>6}"
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    head = f"{'dtype':<10} {'decode':<11} {'gen tok/s':>10} {'score tok/s':>12} {'update tok/s':>13} {'iter s':>7} {'peak GB':>8} {'MFU':>6}"
     print(head)
     for r in rows:
         print(
-            f"{r['dtype']:<6} {r['decode']:<11} {r['gen_tok_s']:>10.0f} {r['score_tok_s']:>12.0f} "
+            f"{r['dtype']:<10} {r['decode']:<11} {r['gen_tok_s']:>10.0f} {r['score_tok_s']:>12.0f} "
             f"{r['update_tok_s']:>13.0f} {r['iter_s']:>7.2f} {r['peak_mem_GB']:>8.2f} {r['mfu']:>6.1%}"
         )
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

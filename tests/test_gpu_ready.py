@@ -122,3 +122,15 @@ def test_cuda_rng_is_in_the_checkpoint_and_a_resume_is_exact_on_cuda(tmp_path, t
 @gpu
 def test_cuda_graph_decoding_equals_the_eager_loop(tiny_lm):
     _gpu_checks().check_cuda_graph_decoding(tiny_lm)
+
+
+@pytest.mark.gpu
+@gpu
+def test_bf16_mixed_ratio_is_one_before_the_update_on_cuda(tmp_path, tiny_lm):
+    _gpu_checks().check_bf16_mixed_ratio(tmp_path, tiny_lm)
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_gpu_process_group_reduces_cpu_and_cuda_tensors():
+    _gpu_checks().check_collectives()

@@ -210,3 +210,52 @@ def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
         for compiled in (True, False)
     )
     assert torch.equal(short.tokens, plain.tokens)
+
+
+def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):
+    """bf16-mixed with rollout.compile: under bf16 autocast a Llama's keys leave the rotary
+    embedding in fp32 and its values leave v_proj in bf16. The compiled path's static cache stores
+    each in its own dtype (the GPU image's transformers 5.17 allocated both in the keys' dtype and
+    the first value write raised), and a prefill plus decode steps through it (eager here; the
+    graph is the same forward) give the growing dynamic cache's logits."""
+    from rlhfkit.algos import position_ids
+    from rlhfkit.models.compat import cache_kwargs, output_cache
+
+    tok, model = policy
+    ids, mask = pad_left([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id)
+    b, p = ids.shape
+    steps = torch.randint(4, len(tok), (b, 3), generator=torch.Generator().manual_seed(0))
+    pos = position_ids(mask)
+    width = p + steps.shape[1]
+    logits = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for kind in ("static", "dynamic"):
+            cache = sampling.static_cache(model, width) if kind == "static" else None
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **({} if cache is None else cache_kwargs(model, cache)),
+            )
+            cache, seen = output_cache(out), [out.logits[:, -1].float()]
+            full = torch.cat([mask, torch.zeros(b, steps.shape[1], dtype=mask.dtype)], dim=1)
+            for t in range(steps.shape[1]):
+                full[:, p + t] = 1
+                out = model(
+                    input_ids=steps[:, t : t + 1],
+                    attention_mask=full if kind == "static" else full[:, : p + t + 1],
+                    position_ids=pos[:, -1:] + 1 + t,
+                    use_cache=True,
+                    cache_position=torch.tensor([p + t]),
+                    **cache_kwargs(model, cache),
+                )
+                cache = output_cache(out)
+                seen.append(out.logits[:, -1].float())
+            logits[kind] = torch.stack(seen)
+            if kind == "static":
+                layer = cache.layers[0]
+                assert layer.values.dtype == torch.bfloat16, layer.values.dtype
+                assert layer.keys.shape[2] == width
+    assert torch.isfinite(logits["static"]).all()
+    torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=0, atol=1e-6)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from rlhfkit.algos import position_ids
 from rlhfkit.models.compat import cache_kwargs, output_cache
@@ -102,6 +102,31 @@ def preallocated_cache(model, capacity: int) -> DynamicCache | None:
     return cache
 
 
+class _OwnDtypeStaticLayer(StaticLayer):
+    """HF's ``StaticLayer``, with the values stored in their own dtype. Under bf16 autocast
+    (``bf16-mixed``) a Llama's keys leave the rotary embedding in fp32 and its values leave
+    ``v_proj`` in bf16; some transformers 5.x releases (5.17, the GPU image's) allocate both
+    buffers in the keys' dtype, and the first value write then fails in ``index_copy_``."""
+
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+        super().lazy_initialization(key_states, value_states, *args, **kwargs)
+        if self.values.dtype != value_states.dtype:
+            self.values = torch.zeros_like(self.values, dtype=value_states.dtype)
+            if not torch.compiler.is_compiling():  # a fixed address, as HF marks its own
+                torch._dynamo.mark_static_address(self.values)
+
+
+def static_cache(model, capacity: int) -> StaticCache:
+    """HF's ``StaticCache`` of ``capacity`` columns, its plain layers replaced by
+    ``_OwnDtypeStaticLayer`` (other layer types, sliding windows, are kept as HF builds them)."""
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    cache.layers = [
+        _OwnDtypeStaticLayer(max_cache_len=capacity) if type(layer) is StaticLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
 _BUCKET = 64  # static cache lengths are rounded up to this, so new prompt widths rarely recompile
 
 
@@ -117,11 +142,9 @@ class _Decoder:
         if not compiled:
             self.cache = preallocated_cache(model, prompt_mask.shape[1] + max_new_tokens)
             return
-        from transformers import StaticCache
-
         b, p = prompt_mask.shape
         width = -(-(p + max_new_tokens) // _BUCKET) * _BUCKET
-        self.cache = StaticCache(config=model.config, max_cache_len=width)
+        self.cache = static_cache(model, width)
         self.mask = torch.zeros(b, width, dtype=torch.long, device=prompt_mask.device)
         self.mask[:, :p] = prompt_mask
         self.p, self.model = p, model

@@ -2,7 +2,8 @@
 few all-reduces that make statistics global. Every helper is a no-op in a single process, so the
 stage recipes read the same with one process or many.
 
-Launch: ``torchrun --nproc_per_node N -m rlhfkit <stage> ...`` (gloo on CPU, nccl on GPU).
+Launch: ``torchrun --nproc_per_node N -m rlhfkit <stage> ...`` (gloo on CPU; on GPUs nccl for
+CUDA tensors and gloo for the CPU ones, see ``backend``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ import torch
 import torch.distributed as dist
 
 
+def backend() -> str:
+    """gloo without CUDA. With CUDA, nccl for CUDA tensors and gloo for CPU ones: the stop flags,
+    the metric means and the score statistics are small CPU tensors, which nccl alone refuses
+    ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_from_env() -> None:
     """Join the process group that torchrun describes in the environment (no-op without it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         # N processes on the same cores: one thread each, or they slow each other down ~10x
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend())
 
 
 def shutdown() -> None:
