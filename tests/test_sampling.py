@@ -195,7 +195,9 @@ def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
     )
     _assert_same_samples(fast, eager, atol=1e-5)
     assert eager.lengths.min() > 1  # the compiled steps really ran
-    # one prompt column fewer: the same cache-width bucket, so the compiled graph is reused
+    kept = model._rlhfkit_static_cache[1]
+    # one prompt column fewer: the same cache-width bucket, so the compiled graph and the cache
+    # (reset in place: the fixed addresses a CUDA graph reads) are reused
     short, plain = (
         generate(
             model,
@@ -210,6 +212,7 @@ def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
         for compiled in (True, False)
     )
     assert torch.equal(short.tokens, plain.tokens)
+    assert model._rlhfkit_static_cache[1] is kept
 
 
 def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):

@@ -127,6 +127,29 @@ def static_cache(model, capacity: int) -> StaticCache:
     return cache
 
 
+def _reused_static_cache(model, batch: int, width: int, device: torch.device) -> StaticCache:
+    """The compiled decoder's cache, kept on the model and reset between rollouts while the
+    batch, width and autocast dtype stay the same. A CUDA graph reads the cache at fixed
+    addresses: a new cache per rollout would re-record the graphs every time (and torch stops
+    using graphs for a function after ``cudagraph_unexpected_rerecord_limit`` re-records on some
+    releases). The price is that the cache's memory stays allocated between rollouts."""
+    kind = device.type
+    key = (
+        batch,
+        width,
+        str(device),
+        torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind),
+    )
+    kept = getattr(model, "_rlhfkit_static_cache", None)
+    if kept is not None and kept[0] == key:
+        kept[1].reset()  # zeroes keys, values and the filled length in place
+        return kept[1]
+    model._rlhfkit_static_cache = None  # free the old one before allocating
+    cache = static_cache(model, width)
+    model._rlhfkit_static_cache = (key, cache)
+    return cache
+
+
 _BUCKET = 64  # static cache lengths are rounded up to this, so new prompt widths rarely recompile
 
 
@@ -144,7 +167,7 @@ class _Decoder:
             return
         b, p = prompt_mask.shape
         width = -(-(p + max_new_tokens) // _BUCKET) * _BUCKET
-        self.cache = static_cache(model, width)
+        self.cache = _reused_static_cache(model, b, width, prompt_mask.device)
         self.mask = torch.zeros(b, width, dtype=torch.long, device=prompt_mask.device)
         self.mask[:, :p] = prompt_mask
         self.p, self.model = p, model

@@ -106,7 +106,7 @@ def reference_cache(model, tokenizer, cfg, train, evals, ckpt: Path | None) -> s
     """Load the cached reference logprobs from the checkpoint, or compute them; returns which."""
     pairs = train + evals
     if ckpt is not None and (ckpt / REF_CACHE).exists():
-        cache = torch.load(ckpt / REF_CACHE, weights_only=True)  # (n, 2)
+        cache = torch.load(ckpt / REF_CACHE, weights_only=True, map_location="cpu")  # (n, 2)
         if cache.shape[0] == len(pairs):
             for p, (c, r) in zip(pairs, cache.tolist(), strict=True):
                 p.ref_chosen, p.ref_rejected = c, r

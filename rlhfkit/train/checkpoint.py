@@ -124,5 +124,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    # weights_only: tensors, numbers, strings and containers only; no arbitrary pickle
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    """weights_only: tensors, numbers, strings and containers only; no arbitrary pickle. Onto the
+    CPU: rank 0 wrote its optimizer state from cuda:0, and every rank of a multi-GPU resume would
+    otherwise load a full copy onto cuda:0; ``Optimizer.load_state_dict`` moves each state to its
+    parameter's device, and the RNG states are CPU tensors anyway."""
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
