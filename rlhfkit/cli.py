@@ -146,11 +146,42 @@ def _env_report() -> str:
     return "\n".join(f"{k}: {v}" for k, v in rows.items())
 
 
+STAGE_KEYS = ("sft", "rm", "ppo", "dpo")  # a pipeline config's stages
+
+
+def needed_extras(command: str, cfg=None) -> list[tuple[str, str]]:
+    """(extra, what needs it) for a command and its config: checked before any work starts."""
+    needs = {"demo": [("demo", "rlhfkit demo")], "serve-rm": [("serve", "rlhfkit serve-rm")]}
+    out = list(needs.get(command, []))
+    if command == "pipeline":
+        out.append(("report", "rlhfkit pipeline (its report's plots)"))
+    # a stage's own log, or the pipeline's stages' (sft.log.wandb, ...)
+    for prefix, part in [("", cfg)] + [(f"{k}.", getattr(cfg, k, None)) for k in STAGE_KEYS]:
+        log = getattr(part, "log", None)
+        if log is not None and log.wandb:
+            out.append(("wandb", f"{prefix}log.wandb"))
+    return out
+
+
+def _check_extras(command: str, cfg=None) -> bool:
+    from rlhfkit.extras import MissingExtra, require
+
+    try:
+        for extra, what in needed_extras(command, cfg):
+            require(extra, what)
+    except MissingExtra as e:
+        print(f"rlhfkit {command}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env":
         print(_env_report())
         return 0
+    if args.command in ("serve-rm", "demo") and not _check_extras(args.command):
+        return 2
     if args.command == "serve-rm":
         from rlhfkit.rewards.server import serve_rm
 
@@ -177,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as e:
         print(f"rlhfkit {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    if not _check_extras(args.command, cfg):
         return 2
     from rlhfkit.data.readers import DataError
     from rlhfkit.rewards.http import RewardServerError

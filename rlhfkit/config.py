@@ -726,6 +726,13 @@ class PPOConfig(RewardKeys):
                 f"{prefix}rollout.samples_per_prompt ({n}) must divide "
                 f"{prefix}rollout.episodes_per_iteration and {prefix}rollout.chunk_size"
             )
+        if pc.clip_eps_high is not None and pc.clip_eps_high < pc.clip_eps:
+            # clip-higher (DAPO) widens the upper bound; a tighter one makes exploration harder
+            # and is almost always a swapped pair of keys (docs/decisions.md)
+            raise ConfigError(
+                f"{prefix}ppo.clip_eps_high: {pc.clip_eps_high} is below {prefix}ppo.clip_eps "
+                f"({pc.clip_eps}); the upper epsilon must be >= the lower one"
+            )
         if pc.dual_clip and pc.dual_clip <= 1:
             raise ConfigError(f"{prefix}ppo.dual_clip: {pc.dual_clip} must be > 1 (or 0 = off)")
 

@@ -179,3 +179,30 @@ def test_keep_best_by_judge_without_a_judge_is_a_config_error(tmp_path, tiny_lm)
     )
     with pytest.raises(ConfigError, match="eval.keep_best: 'judge' needs eval.judge"):
         run_ppo(cfg, reward_fn=count_good)
+
+
+def test_a_reward_model_path_that_is_a_file_names_the_key(tmp_path, tiny_lm):
+    held = _prompts(tmp_path)
+    cfg = ppo_cfg(tmp_path, tiny_lm, "reward_fn=", f"reward_model={held}")
+    with pytest.raises(ConfigError, match=r"^reward_model: .*heldout.jsonl: is a file"):
+        run_ppo(cfg)
+    assert not (tmp_path / "ppo" / "checkpoints").exists()
+
+
+def test_an_unimportable_judge_names_eval_judge(tmp_path, tiny_lm):
+    held = _prompts(tmp_path)
+    cfg = ppo_cfg(
+        tmp_path, tiny_lm, f"data.eval_file={held}", "eval.every=2", "eval.judge=nomod:fn"
+    )
+    with pytest.raises(ConfigError, match=r"^eval\.judge: cannot import 'nomod:fn'"):
+        run_ppo(cfg, reward_fn=count_good)
+
+
+@pytest.mark.parametrize("high, ok", [("0.05", False), ("0.2", True), ("0.28", True)])
+def test_clip_eps_high_below_clip_eps_is_a_config_error(high, ok):
+    args = ["ppo.clip_eps=0.2", f"ppo.clip_eps_high={high}"]
+    if ok:
+        assert load_config(PPOConfig, None, args).ppo.clip_eps_high == float(high)
+    else:
+        with pytest.raises(ConfigError, match=r"ppo.clip_eps_high: 0.05 is below ppo.clip_eps"):
+            load_config(PPOConfig, None, args)

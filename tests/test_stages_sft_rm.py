@@ -1,5 +1,6 @@
 """SFT and RM stages end to end on a tiny local model: learning, checkpoints, resume, CLI."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,26 @@ def test_sft_resume_matches_uninterrupted_run(tmp_path, tiny_lm):
     wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("eval_fraction", ["0", "0.1"])
+def test_metrics_log_has_no_empty_row_and_a_rerun_after_the_last_checkpoint_keeps_it(
+    tmp_path, tiny_lm, eval_fraction
+):
+    """Without held-out data the final evaluation is {}: it writes no row. A run killed after its
+    final checkpoint (before final/ was exported) and rerun writes its log once, not the final
+    evaluation twice (issue 21)."""
+    cfg = sft_cfg(tmp_path, tiny_lm, "train.max_steps=4", f"data.eval_fraction={eval_fraction}")
+    run_sft(cfg)
+    log = Path(cfg.train.output_dir) / "metrics.jsonl"
+    first = log.read_text()
+    rows = [json.loads(x) for x in first.splitlines()]
+    assert len(rows) == 4 + (eval_fraction != "0")  # a train row per step (log_every 1)
+    assert all(len(r) > 1 for r in rows)  # every row has a metric besides its step
+    assert ("eval/loss" in rows[-1]) == (eval_fraction != "0")
+    shutil.rmtree(Path(cfg.train.output_dir) / "final")  # killed after the last checkpoint
+    run_sft(cfg)
+    assert log.read_text() == first
 
 
 def rm_cfg(tmp_path, sft_final, data, *extra):

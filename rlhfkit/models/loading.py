@@ -42,7 +42,10 @@ def check_source(name: str, key: str) -> None:
     path that does not exist is a config error naming ``key``, not a hub lookup's traceback."""
     if not name:
         raise ConfigError(f"{key}: empty; set a local model directory or a hub id")
-    if Path(name).expanduser().exists():
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ConfigError(f"{key}: {name}: is a file; a model directory is needed")
+    if path.exists():
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         raise ConfigError(f"{key}: {name}: the directory does not exist")

@@ -48,18 +48,18 @@ class ScoreNormalizer:
         return clip_abs(x, self.clip or None)
 
 
-def load_reward_fn(spec: str) -> RewardFn:
+def load_reward_fn(spec: str, key: str = "reward_fn") -> RewardFn:
     """'package.module:function' -> the function. It gets decoded prompts and responses and
-    returns one float per response."""
+    returns one float per response. ``key``: the config key that named it, for the error."""
     if ":" not in spec:
-        raise ConfigError(f"reward_fn: {spec!r} is not of the form 'module:function'")
+        raise ConfigError(f"{key}: {spec!r} is not of the form 'module:function'")
     mod, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward_fn: cannot import {spec!r} ({e})") from None
+        raise ConfigError(f"{key}: cannot import {spec!r} ({e})") from None
     if not callable(fn):
-        raise ConfigError(f"reward_fn: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return fn
 
 
@@ -188,11 +188,14 @@ def decode_texts(
 # --------------------------------------------------------------------------- building sources
 
 
-def model_reward(path: str, model_cfg, tokenizer):
+def model_reward(path: str, model_cfg, tokenizer, key: str = "reward_model"):
     """An RM directory as a reward source: token ids straight through when its tokenizer is the
-    actor's (the fast path), else scored as text with its own tokenizer and template."""
-    from rlhfkit.models import PerTokenScalar, load_scalar_model
+    actor's (the fast path), else scored as text with its own tokenizer and template. ``key``:
+    the config key that named it, for the error on a bad path."""
+    from rlhfkit.models import PerTokenScalar, check_source, load_scalar_model
     from rlhfkit.rewards.text_rm import TextRM
+
+    check_source(path, key)
 
     if rm_shares_tokenizer(path, tokenizer):
         rm = load_scalar_model(model_cfg, tokenizer, path, fresh_head=False, trainable=False)
@@ -231,13 +234,13 @@ def build_reward(cfg, model_cfg, tokenizer, reward_fn: RewardFn | None = None):
 
     if cfg.rewards:
         parts = []
-        for r in cfg.rewards:
+        for i, r in enumerate(cfg.rewards):
             if r.model:
-                source = model_reward(r.model, model_cfg, tokenizer)
+                source = model_reward(r.model, model_cfg, tokenizer, f"rewards[{i}].model")
             elif r.url:
                 source = url_reward(r.url, cfg)
             else:
-                source = FnReward(load_reward_fn(r.fn))
+                source = FnReward(load_reward_fn(r.fn, f"rewards[{i}].fn"))
             stats = read_reward_stats(r.model) if r.normalize == "rm_stats" else None
             parts.append((r.name, r.weight, source, ScoreNormalizer(r.normalize, stats, 0.0)))
         return CombinedReward(parts)

@@ -277,7 +277,7 @@ def run_eval(cfg: EvalRunConfig, judge: RewardFn | None = None) -> dict[str, Any
         else None
     )
     if judge is None and cfg.eval.judge:
-        judge = load_reward_fn(cfg.eval.judge)
+        judge = load_reward_fn(cfg.eval.judge, "eval.judge")
     return evaluate_policies(
         cfg.reference,
         {"policy": cfg.policy},

@@ -85,7 +85,7 @@ def run_pipeline(cfg: PipelineConfig, judge: RewardFn | None = None) -> dict:
     if not _done(out / "sft" / "final", "sft"):
         run_sft(sft)
     if judge is None and cfg.eval.judge:
-        judge = load_reward_fn(cfg.eval.judge)
+        judge = load_reward_fn(cfg.eval.judge, "eval.judge")
     policies = {}
     if "ppo" in cfg.methods:
         if not cfg.ppo.reward_fn and not _done(out / "rm" / "final", "rm"):

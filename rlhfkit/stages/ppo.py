@@ -240,7 +240,7 @@ def held_out_eval(cfg: PPOConfig, models: Models, prompts: list[PromptItem], mon
     in Python, else ``eval.judge``."""
     if not cfg.eval.every:
         return None
-    judge = monitor or (load_reward_fn(cfg.eval.judge) if cfg.eval.judge else None)
+    judge = monitor or (load_reward_fn(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None)
     if cfg.eval.keep_best == "judge" and judge is None:
         raise ConfigError("eval.keep_best: 'judge' needs eval.judge (module:function)")
     ids = [p.prompt_ids for p in prompts[: cfg.eval.max_prompts]]

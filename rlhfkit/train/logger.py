@@ -42,7 +42,9 @@ class MetricLogger:
             )
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
-        if not self.enabled:
+        """One row ``{"step": step, **metrics}``; nothing when ``metrics`` is empty (a run
+        without held-out data evaluates to {}: no row without metrics)."""
+        if not self.enabled or not metrics:
             return
         clean = {k: float(v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")

@@ -199,6 +199,9 @@ def fit(
     bar.close()
     with autocast(dtype, device):
         final = evaluate()
+    if resume_state is not None and resume_state["position"]["step"] >= steps:
+        # a rerun of a finished run: its final evaluation is logged and checkpointed already
+        return final
     logger.log(pos.step, {f"eval/{k}": v for k, v in final.items()})
     checkpoint()
     return final
