@@ -1,8 +1,10 @@
 """Worker for the 1-vs-2-process equivalence test (run under torchrun): one PPO update on a fixed
-rollout. Every rank builds the same 16-episode buffer, keeps its own slice, and trains on it; rank 0
-saves the updated (consolidated) weights and the logged losses to OUT.
+rollout, for each of several modes in one process group (one launch, not one per mode). Every
+rank builds the same 16-episode buffer, keeps its own slice, and trains on it; rank 0 saves the
+updated (consolidated) weights and the logged losses to OUT/MODE.
 
-usage: dist_ppo_update.py LM PROMPTS OUT [key=value overrides, e.g. run.parallel=fsdp]"""
+usage: dist_ppo_update.py LM PROMPTS OUT MODES_JSON [key=value overrides for every mode]
+MODES_JSON: {"mode name": ["key=value", ...], ...}"""
 
 import json
 import sys
@@ -21,9 +23,15 @@ from rlhfkit.stages.ppo import load_models  # noqa: E402
 from rlhfkit.train import dist  # noqa: E402
 
 
-def main(lm: str, prompts: str, out: str, *overrides: str) -> None:
+def main(lm: str, prompts: str, out: str, modes_json: str, *overrides: str) -> None:
     dist.init_from_env()
     torch.set_num_threads(1)
+    for name, mode in json.loads(modes_json).items():
+        update_once(lm, prompts, str(Path(out) / name), *mode, *overrides)
+    dist.shutdown()
+
+
+def update_once(lm: str, prompts: str, out: str, *overrides: str) -> None:
     cfg = load_config(
         PPOConfig,
         None,
@@ -72,7 +80,6 @@ def main(lm: str, prompts: str, out: str, *overrides: str) -> None:
         metrics["sharded"] = float(sharded)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
     dist.barrier()
-    dist.shutdown()
 
 
 if __name__ == "__main__":

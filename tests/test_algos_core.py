@@ -52,6 +52,7 @@ def test_logprobs_and_entropy_match_reference_values_and_gradients(temperature, 
     torch.testing.assert_close(only_lp, lp.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.cpu_isa
 def test_logprobs_bf16_logits_give_float32_outputs_and_grads_in_input_dtype():
     logits = torch.randn(3, 4, 17).bfloat16().requires_grad_()
     tokens = torch.randint(0, 17, (3, 4))

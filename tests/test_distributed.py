@@ -64,28 +64,35 @@ MODES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(MODES))
-def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, mode):
+def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+    """Every learner mode (separate critic, shared trunk, critic-free with batch-wide and with
+    group whitening): one update on 1 process equals the same update on 2 (DDP and FSDP). The
+    modes run one after another in each launch: 3 launches, not 3 per mode (issue 21)."""
     p = prompts_file(tmp_path)
-    extra = MODES[mode]
-    shared, critic = mode == "shared_trunk", mode in ("separate_critic", "shared_trunk")
     worker = [str(HERE / "dist_ppo_update.py"), str(tiny_lm), str(p)]
-    torchrun(1, *worker, str(tmp_path / "n1"), *extra)
+    modes = json.dumps(MODES)
+    torchrun(1, *worker, str(tmp_path / "n1"), modes)
     for parallel in ("ddp", "fsdp"):
-        torchrun(2, *worker, str(tmp_path / parallel), *extra, f"run.parallel={parallel}")
-    m1 = json.loads((tmp_path / "n1" / "metrics.json").read_text())
-    w1 = torch.load(tmp_path / "n1" / "w.pt", weights_only=True)
+        torchrun(2, *worker, str(tmp_path / parallel), modes, f"run.parallel={parallel}")
     init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    for mode in MODES:
+        _same_update(tmp_path, mode, init)
+
+
+def _same_update(tmp_path: Path, mode: str, init: dict) -> None:
+    shared, critic = mode == "shared_trunk", mode in ("separate_critic", "shared_trunk")
+    m1 = json.loads((tmp_path / "n1" / mode / "metrics.json").read_text())
+    w1 = torch.load(tmp_path / "n1" / mode / "w.pt", weights_only=True)
     keys = ["loss/policy", "loss/entropy", "kl/seq_mean", "reward/total"]
     keys += ["grad_norm/actor"] + (["loss/value"] if critic else [])
     keys += ["grad_norm/critic"] if critic and not shared else []
-    assert ("loss/value" in m1) == critic
+    assert ("loss/value" in m1) == critic, mode
     for parallel in ("ddp", "fsdp"):
-        m2 = json.loads((tmp_path / parallel / "metrics.json").read_text())
+        m2 = json.loads((tmp_path / parallel / mode / "metrics.json").read_text())
         assert m2["sharded"] == float(parallel == "fsdp")  # FSDP really split the weights
         for k in keys:
-            assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (parallel, k)
-        w2 = torch.load(tmp_path / parallel / "w.pt", weights_only=True)
+            assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (mode, parallel, k)
+        w2 = torch.load(tmp_path / parallel / mode / "w.pt", weights_only=True)
         moved = 0
         assert w1.keys() == w2.keys() == ({"actor", "critic"} if critic else {"actor"})
         for part in w1:
@@ -96,11 +103,11 @@ def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm, mode):
                     w2[part][k],
                     rtol=0,
                     atol=2e-5,
-                    msg=lambda m, w=f"{parallel} {part}.{k}": f"{w}: {m}",
+                    msg=lambda m, w=f"{mode} {parallel} {part}.{k}": f"{w}: {m}",
                 )
                 if part == "actor" and k in init:
                     moved += int(not torch.equal(init[k], w1[part][k]))
-        assert moved > 0  # the update really changed the actor
+        assert moved > 0, mode  # the update really changed the actor
 
 
 @pytest.mark.slow
@@ -135,79 +142,54 @@ def test_groups_never_span_ranks_and_ids_are_global(tmp_path, tiny_lm):
 
 
 @pytest.mark.slow
-def test_rm_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+def test_rm_and_dpo_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+    """RM and DPO in the shared training loop: the same global batch over 1 and 2 ranks gives the
+    same losses and weights; every rank computes the same DPO reference cache. Both stages run
+    in each launch (3 launches, issue 21)."""
     data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
     common = [
-        "-m",
-        "rlhfkit",
-        "rm",
         f"model.name_or_path={tiny_lm}",
         f"data.train_file={data}",
         "train.lr=1e-3",
-        "train.max_steps=6",
         "log.progress=false",
         "log.tensorboard=false",
         "train.log_every=1",
     ]
-    torchrun(1, *common, f"train.output_dir={tmp_path / 'n1'}", "train.batch_size=8")
+
+    def runs(name: str, *extra: str) -> list[str]:
+        rm = ["rm", *common, "train.max_steps=6", f"train.output_dir={tmp_path / name / 'rm'}"]
+        dpo = ["dpo", *common, "train.max_steps=5", "dpo.beta=0.5"]
+        dpo += [f"train.output_dir={tmp_path / name / 'dpo'}"]
+        return [*rm, *extra, "--", *dpo, *extra]
+
+    worker = str(HERE / "dist_train.py")
+    torchrun(1, worker, *runs("n1", "train.batch_size=8"))
     for parallel in ("ddp", "fsdp"):  # the same global batch over 2 ranks
-        torchrun(
-            2,
-            *common,
-            f"train.output_dir={tmp_path / parallel}",
-            "train.batch_size=4",
-            f"train.parallel={parallel}",
-        )
-    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "n1" / "final").state_dict()
-    la = _losses(tmp_path / "n1")
+        torchrun(2, worker, *runs(parallel, "train.batch_size=4", f"train.parallel={parallel}"))
+    # RM
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "n1/rm/final").state_dict()
+    la = _losses(tmp_path / "n1" / "rm")
     assert len(la) == 6
     for parallel in ("ddp", "fsdp"):
-        final = tmp_path / parallel / "final"
+        final = tmp_path / parallel / "rm" / "final"
         b = AutoModelForSequenceClassification.from_pretrained(final).state_dict()
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"{parallel} {k}")
-        assert la == pytest.approx(_losses(tmp_path / parallel), abs=1e-5)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"rm {parallel} {k}")
+        assert la == pytest.approx(_losses(tmp_path / parallel / "rm"), abs=1e-5)
         assert json.loads((final / "config.json").read_text())["architectures"] == [
             "LlamaForSequenceClassification"
         ]
-
-
-@pytest.mark.slow
-def test_dpo_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
-    """DPO in the shared training loop: the same global batch over 1 and 2 ranks gives the same
-    losses and weights; every rank computes the same reference cache."""
-    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
-    common = [
-        "-m",
-        "rlhfkit",
-        "dpo",
-        f"model.name_or_path={tiny_lm}",
-        f"data.train_file={data}",
-        "train.lr=1e-3",
-        "train.max_steps=5",
-        "dpo.beta=0.5",
-        "log.progress=false",
-        "log.tensorboard=false",
-        "train.log_every=1",
-    ]
-    torchrun(1, *common, f"train.output_dir={tmp_path / 'n1'}", "train.batch_size=8")
-    for parallel in ("ddp", "fsdp"):
-        torchrun(
-            2,
-            *common,
-            f"train.output_dir={tmp_path / parallel}",
-            "train.batch_size=4",
-            f"train.parallel={parallel}",
-        )
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "n1" / "final").state_dict()
-    la = _losses(tmp_path / "n1")
+    # DPO
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "n1" / "dpo" / "final").state_dict()
+    la = _losses(tmp_path / "n1" / "dpo")
     assert len(la) == 5 and la[0] == pytest.approx(0.6931, abs=1e-4)  # log 2 at step 0
     for parallel in ("ddp", "fsdp"):
-        b = AutoModelForCausalLM.from_pretrained(tmp_path / parallel / "final").state_dict()
+        final = tmp_path / parallel / "dpo" / "final"
+        b = AutoModelForCausalLM.from_pretrained(final).state_dict()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"{parallel} {k}")
-        assert la == pytest.approx(_losses(tmp_path / parallel), abs=1e-5)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=f"dpo {parallel} {k}")
+        assert la == pytest.approx(_losses(tmp_path / parallel / "dpo"), abs=1e-5)
 
 
 def _losses(run: Path) -> list[float]:

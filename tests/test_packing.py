@@ -50,6 +50,7 @@ def _same(a, b):
         )
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_packed_sft_batch_equals_the_padded_one(tmp_path, tiny_lm, train_on_prompt):
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_lm)))
@@ -68,6 +69,7 @@ def test_packed_sft_batch_equals_the_padded_one(tmp_path, tiny_lm, train_on_prom
     )
 
 
+@pytest.mark.cpu_isa
 def test_packed_rm_batch_equals_the_padded_one(tmp_path, tiny_lm):
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_lm)))
     data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(10, seed=2))

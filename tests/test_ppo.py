@@ -243,6 +243,7 @@ def test_auto_old_logprobs_recomputes_in_bf16_only():
     )
 
 
+@pytest.mark.cpu_isa
 def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_lm):
     """Below fp32 the logprobs depend on the padding around a row, so the rollout pads to a fixed
     layout (longest prompt of the data, max_new_tokens) and the update does not trim minibatches:

@@ -182,6 +182,7 @@ def test_preallocated_cache_refuses_overflow_and_sliding_windows():
     assert sampling.preallocated_cache(MistralForCausalLM(conf), 8) is None
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.slow
 def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
     """rollout.compile: torch.compile'd decode step over a StaticCache against the plain eager
@@ -215,12 +216,19 @@ def test_compiled_static_cache_decoding_equals_the_eager_loop(policy):
     assert model._rlhfkit_static_cache[1] is kept
 
 
+@pytest.mark.cpu_isa
 def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):
     """bf16-mixed with rollout.compile: under bf16 autocast a Llama's keys leave the rotary
     embedding in fp32 and its values leave v_proj in bf16. The compiled path's static cache stores
     each in its own dtype (the GPU image's transformers 5.17 allocated both in the keys' dtype and
     the first value write raised), and a prefill plus decode steps through it (eager here; the
-    graph is the same forward) give the growing dynamic cache's logits."""
+    graph is the same forward) give the growing dynamic cache's logits within bf16 rounding.
+
+    Why not exactly: the two caches hand attention key/value tensors of different widths, and
+    CPUs without AVX-512 bf16 instructions run bf16 matmuls in kernels whose summation order
+    follows the width (issue 21: one bf16 step, 2^-10 at logits of ~0.3, on an AVX2 EPYC). The
+    bound is the format's, not a CPU's: each path must be as close to the fp32 forward as the
+    dynamic cache's bf16 error allows, plus one bf16 rounding step of the largest logit."""
     from rlhfkit.algos import position_ids
     from rlhfkit.models.compat import cache_kwargs, output_cache
 
@@ -231,8 +239,8 @@ def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):
     pos = position_ids(mask)
     width = p + steps.shape[1]
     logits = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for kind in ("static", "dynamic"):
+    for kind in ("static", "dynamic", "fp32"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind != "fp32"):
             cache = sampling.static_cache(model, width) if kind == "static" else None
             out = model(
                 input_ids=ids,
@@ -256,9 +264,17 @@ def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):
                 cache = output_cache(out)
                 seen.append(out.logits[:, -1].float())
             logits[kind] = torch.stack(seen)
-            if kind == "static":
+            if kind == "static":  # the point of the test: each buffer in its tensor's dtype
                 layer = cache.layers[0]
+                assert layer.keys.dtype == torch.float32, layer.keys.dtype
                 assert layer.values.dtype == torch.bfloat16, layer.values.dtype
                 assert layer.keys.shape[2] == width
+    ref = logits["fp32"]
     assert torch.isfinite(logits["static"]).all()
-    torch.testing.assert_close(logits["static"], logits["dynamic"], rtol=0, atol=1e-6)
+    bf16_step = torch.finfo(torch.bfloat16).eps * ref.abs().max()  # one rounding of the largest
+    dynamic_err = (logits["dynamic"] - ref).abs().max()
+    static_err = (logits["static"] - ref).abs().max()
+    assert dynamic_err > 0  # autocast really ran in bf16
+    assert static_err <= dynamic_err + bf16_step, (static_err, dynamic_err, bf16_step)
+    # and the two bf16 paths differ by at most that much from each other
+    assert (logits["static"] - logits["dynamic"]).abs().max() <= 2 * dynamic_err + bf16_step

@@ -40,3 +40,18 @@ def distinct_n(token_lists: Sequence[Sequence], n: int = 2) -> float:
     Objective Function for Neural Conversation Models", distinct-n)."""
     grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one problem from n samples of which c are correct (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), the
+    chance that k of the n samples drawn without replacement hold at least one correct one.
+    Computed as a product, 1 - prod_{i=n-c+1}^{n} (1 - k / i), which stays exact in floats."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod

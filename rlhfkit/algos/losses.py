@@ -135,3 +135,96 @@ def entropy_bonus(
     """S = E[-sum_a pi(a|s_t) log pi(a|s_t)], aggregated like the other losses. Add ``-ent_coef * S``."""
     zero = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
     return aggregate(torch.where(mask.bool(), entropy, zero), mask, aggregation, denominator)
+
+
+def gspo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    aggregation: Aggregation = "sequence",
+    denominator: float | torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO, sequence-level clipped surrogate (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", eqs. 5-7 and the GSPO-token form, eq. 13):
+
+        s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t log rho_{i,t})
+        L   = -E[min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)]
+
+    The ratio is one per response, clipped as a whole, with its own (much smaller) epsilons: the
+    paper uses 3e-4 and 4e-4. Written in the GSPO-token form, s_{i,t} = sg[s_i] pi_theta(y_t) /
+    sg[pi_theta(y_t)]: its value is s_i at every token, and with an advantage constant over the
+    response (every outcome estimator) its gradient is GSPO's; the per-token terms are then
+    aggregated like the other losses ("sequence" is the paper's 1/G sum_i of a response mean).
+
+    logprobs (B, T) with grad; old_logprobs, advantages (B, T). stats: clip_frac (share of
+    responses clipped), ratio_mean (mean s_i over responses), approx_kl (token k3, as ppo's).
+    """
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    m = mask.bool()
+    log_ratio = torch.where(m, logprobs - old_logprobs, zero)  # (B, T)
+    n = m.sum(1).clamp(min=1)  # (B,)
+    seq_log_ratio = log_ratio.sum(1) / n  # (B,) log s_i
+    # value s_i at every token, gradient through each token's own logprob: d s_{i,t} = s_i d log pi_t
+    token_log_s = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()  # (B, T)
+    s = torch.exp(token_log_s)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = s * advantages
+    clipped = torch.clamp(s, 1.0 - clip_eps, 1.0 + high) * advantages
+    per_token = -torch.min(unclipped, clipped)
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation, denominator)
+    with torch.no_grad():
+        rows = m.any(1)
+        seq_s = torch.exp(seq_log_ratio)
+        seq_clipped = (seq_s < 1.0 - clip_eps) | (seq_s > 1.0 + high)
+        stats = {
+            "clip_frac": seq_clipped[rows].to(logprobs.dtype).mean()
+            if rows.any()
+            else zero.detach(),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": seq_s[rows].mean() if rows.any() else zero.detach() + 1,
+        }
+    return loss, stats
+
+
+def cispo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_high: float,
+    aggregation: Aggregation = "token",
+    denominator: float | torch.Tensor | None = None,
+    clip_eps: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO, the clipped importance-sampling-weight policy gradient (MiniMax, 2025, "MiniMax-M1",
+    sec. 3.1, eq. 4):
+
+        L = -E[ sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_t log pi_theta(a_t|s_t) ]
+
+    Unlike the clipped surrogate, no token loses its gradient: the weight is clipped and held
+    constant, the log-probability still moves. MiniMax sets no lower bound (``clip_eps`` None)
+    and tunes only the upper one. The gradient is sg(w_t) A_t grad log pi_t, which at rho = 1
+    equals the clipped surrogate's.
+
+    logprobs (B, T) with grad; old_logprobs, advantages (B, T). stats: clip_frac (share of tokens
+    whose weight was capped), approx_kl, ratio_mean.
+    """
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    m = mask.bool()
+    log_ratio = torch.where(m, logprobs - old_logprobs, zero)
+    ratio = torch.exp(log_ratio)
+    low = 0.0 if clip_eps is None else 1.0 - clip_eps
+    weight = torch.clamp(ratio, low, 1.0 + clip_eps_high).detach()
+    per_token = -weight * advantages * torch.where(m, logprobs, zero)
+    loss = aggregate(torch.where(m, per_token, zero), mask, aggregation, denominator)
+    with torch.no_grad():
+        capped = (ratio > 1.0 + clip_eps_high) | (ratio < low)
+        stats = {
+            "clip_frac": masked_mean(capped.to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
