@@ -137,3 +137,90 @@ def test_split_batch_with_whole_batch_denominator_sums_to_the_whole(aggregation)
     )
     assert parts.item() == pytest.approx(whole.item(), abs=1e-12)
     assert aggregate(x, mask, aggregation, count).item() == pytest.approx(whole.item(), abs=1e-15)
+
+
+# --------------------------------------------------------------------------- GSPO, CISPO (issue 23)
+
+
+def _rl_batch(seed: int, b: int = 5, t: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    lp = (-torch.rand(b, t, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = lp.detach() + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv_seq = torch.randn(b, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 1, 5, 0])[:b]
+    mask = torch.arange(t)[None] < lengths[:, None]
+    adv = adv_seq[:, None].expand(b, t).clone()  # an outcome advantage: one per response
+    return lp, old, adv, adv_seq, mask
+
+
+@pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.05, 0.3), (3e-4, 4e-4)])
+def test_gspo_matches_the_sequence_level_objective_in_float64(eps_low, eps_high):
+    """GSPO eq. 5-7 written per sequence: s_i = exp(mean_t log rho), the loss
+    -1/G sum_i min(s_i A_i, clip(s_i) A_i) over non-empty responses; loss and gradient."""
+    from rlhfkit.algos.losses import gspo_loss
+
+    lp, old, adv, adv_seq, mask = _rl_batch(0)
+    loss, stats = gspo_loss(lp, old, adv, mask, eps_low, "sequence", clip_eps_high=eps_high)
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref_lp = lp.detach().clone().requires_grad_()
+    terms, clipped = [], 0
+    for i in range(lp.shape[0]):
+        n = int(mask[i].sum())
+        if n == 0:
+            continue
+        s = torch.exp(sum(ref_lp[i, t] - old[i, t] for t in range(n)) / n)
+        a = adv_seq[i]
+        terms.append(torch.min(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a))
+        clipped += int(not (1 - eps_low <= float(s.detach()) <= 1 + eps_high))
+    ref = -torch.stack(terms).mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_lp)
+    assert float(loss) == pytest.approx(float(ref), abs=1e-9)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-9)
+    assert float(stats["clip_frac"]) == pytest.approx(clipped / len(terms), abs=1e-12)
+    assert (grad[~mask] == 0).all()
+
+
+def test_gspo_ignores_garbage_in_padded_positions():
+    from rlhfkit.algos.losses import gspo_loss
+
+    lp, old, adv, _, mask = _rl_batch(1)
+    a, _ = gspo_loss(lp, old, adv, mask, 0.2, "sequence")
+    garbage = torch.where(mask, old, torch.full_like(old, 1e6))
+    b, _ = gspo_loss(lp, garbage, adv, mask, 0.2, "sequence")
+    assert float(a) == float(b)
+
+
+@pytest.mark.parametrize("eps_low", [None, 0.2])
+def test_cispo_matches_its_equation_in_float64(eps_low):
+    """MiniMax-M1 eq. 4: -1/N sum_{i,t} sg(clip(rho)) A log pi over the response tokens; the
+    gradient of a token is -sg(w) A / N, whatever the ratio (no token loses its gradient)."""
+    from rlhfkit.algos.losses import cispo_loss
+
+    lp, old, adv, _, mask = _rl_batch(2)
+    eps_high = 0.25
+    loss, stats = cispo_loss(lp, old, adv, mask, eps_high, "token", clip_eps=eps_low)
+    (grad,) = torch.autograd.grad(loss, lp)
+    n = int(mask.sum())
+    ref, ref_grad, capped = 0.0, torch.zeros_like(old), 0
+    for i, t in mask.nonzero().tolist():
+        r = math.exp(float(lp[i, t]) - float(old[i, t]))
+        w = min(max(r, 0.0 if eps_low is None else 1 - eps_low), 1 + eps_high)
+        capped += int(w != r)
+        ref -= w * float(adv[i, t]) * float(lp[i, t]) / n
+        ref_grad[i, t] = -w * float(adv[i, t]) / n
+    assert float(loss) == pytest.approx(ref, abs=1e-9)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-9)
+    assert float(stats["clip_frac"]) == pytest.approx(capped / n, abs=1e-12)
+    assert 0 < capped < n  # the batch exercises the cap
+
+
+def test_cispo_and_ppo_have_the_same_gradient_on_policy():
+    """At rho = 1 (the first minibatch of an iteration) CISPO's gradient is the clipped
+    surrogate's: sg(1) A grad log pi."""
+    from rlhfkit.algos.losses import cispo_loss
+
+    lp, _, adv, _, mask = _rl_batch(3)
+    old = lp.detach().clone()
+    (g1,) = torch.autograd.grad(cispo_loss(lp, old, adv, mask, 0.2)[0], lp)
+    (g2,) = torch.autograd.grad(policy_loss(lp, old, adv, mask, 0.2)[0], lp)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)

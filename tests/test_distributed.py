@@ -197,57 +197,77 @@ def _losses(run: Path) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
+PPO_E2E = [
+    "reward_fn=test_reliability:toy_reward",
+    "run.iterations=3",
+    "run.save_every=2",
+    "rollout.episodes_per_iteration=16",
+    "rollout.max_new_tokens=8",
+    "ppo.minibatch_size=8",
+    "ppo.micro_batch_size=8",
+    "ppo.reward_norm=running",
+    "actor.lr=1e-3",
+    "critic.lr=1e-3",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "parallel, shared", [("ddp", False), ("fsdp", False), ("fsdp", True)], ids=str
-)
-def test_two_process_ppo_end_to_end_and_exact_resume(tmp_path, tiny_lm, parallel, shared):
+def test_two_process_ppo_cli_end_to_end_and_exact_resume_ddp(tmp_path, tiny_lm):
+    """`rlhfkit ppo` under torchrun (DDP, separate critic): a whole run, then a rerun after
+    dropping the step-3 checkpoint and the exports resumes to the same metrics and weights."""
     p = prompts_file(tmp_path)
     out = tmp_path / "ppo"
-    args = [
-        "-m",
-        "rlhfkit",
-        "ppo",
-        f"model.name_or_path={tiny_lm}",
-        "reward_fn=test_reliability:toy_reward",
-        f"data.train_file={p}",
-        f"run.output_dir={out}",
-        f"run.parallel={parallel}",
-        f"shared_trunk={str(shared).lower()}",
-        "run.iterations=3",
-        "run.save_every=2",
-        "rollout.episodes_per_iteration=16",
-        "rollout.max_new_tokens=8",
-        "ppo.minibatch_size=8",
-        "ppo.micro_batch_size=8",
-        "ppo.reward_norm=running",
-        "actor.lr=1e-3",
-        "critic.lr=1e-3",
-        "log.progress=false",
-        "log.tensorboard=false",
-    ]
+    args = ["-m", "rlhfkit", "ppo", f"model.name_or_path={tiny_lm}", f"data.train_file={p}"]
+    args += [f"run.output_dir={out}", "run.parallel=ddp", *PPO_E2E]
     torchrun(2, *args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.copytree(out / "final", out / "final-first")
+    for d in ("checkpoints/step-000003", "final", "final-critic"):
+        shutil.rmtree(out / d)
+    torchrun(2, *args)
+    _check_end_to_end(out, rows, tiny_lm)
+
+
+@pytest.mark.slow
+def test_two_process_ppo_fsdp_end_to_end_and_exact_resume(tmp_path, tiny_lm):
+    """The same under FSDP, with a separate critic and with a shared trunk: both configs and
+    their resumes in one launch (``dist_ppo_runs.py``)."""
+    p = prompts_file(tmp_path)
+    common = [f"model.name_or_path={tiny_lm}", f"data.train_file={p}", "run.parallel=fsdp"]
+    configs = {"separate": ["shared_trunk=false"], "shared": ["shared_trunk=true"]}
+    torchrun(
+        2,
+        str(HERE / "dist_ppo_runs.py"),
+        str(tmp_path),
+        json.dumps(configs),
+        json.dumps(common + PPO_E2E),
+    )
+    for name in configs:
+        out = tmp_path / name
+        rows = [json.loads(x) for x in (out / "metrics-first.jsonl").read_text().splitlines()]
+        _check_end_to_end(out, rows, tiny_lm)
+
+
+def _check_end_to_end(out: Path, rows: list[dict], tiny_lm: Path) -> None:
+    """``rows``/final-first: the whole run's log and export; metrics.jsonl/final: the resumed run's.
+    The export is the trained actor (a plain HF Llama, equal to the step-3 checkpoint), logged
+    once by rank 0, with both ranks' RNG states checkpointed, and the resume reproduces both."""
     assert [r["step"] for r in rows] == [1, 2, 3]  # logged once, by rank 0
-    config = json.loads((out / "final" / "config.json").read_text())
+    config = json.loads((out / "final-first" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDPLlamaForCausalLM
-    first = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    first = AutoModelForCausalLM.from_pretrained(out / "final-first").state_dict()
     init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
     last = out / "checkpoints" / "step-000003" / "actor" / "model"
-    saved = AutoModelForCausalLM.from_pretrained(last).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(last).state_dict()  # the resumed run's step 3
     assert any(not torch.equal(first[k], init[k]) for k in init)  # trained, not a stale copy
-    for k in first:
-        torch.testing.assert_close(first[k], saved[k], rtol=0, atol=0, msg=k)
     critic = AutoModelForSequenceClassification.from_pretrained(out / "final-critic").state_dict()
     assert all(torch.isfinite(v).all() for v in critic.values())
     state = torch.load(out / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(
         state["rng"][0]["torch"], state["rng"][1]["torch"]
     )
-    # resume from step 2 (drop step 3 and the exports): the same metrics and the same weights
-    for d in ("checkpoints/step-000003", "final", "final-critic"):
-        shutil.rmtree(out / d)
-    torchrun(2, *args)
     again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3]
     assert again[2]["score/mean"] == rows[2]["score/mean"]
@@ -255,3 +275,4 @@ def test_two_process_ppo_end_to_end_and_exact_resume(tmp_path, tiny_lm, parallel
     resumed = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     for k in first:
         torch.testing.assert_close(resumed[k], first[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(saved[k], resumed[k], rtol=0, atol=0, msg=k)

@@ -206,3 +206,20 @@ def test_clip_eps_high_below_clip_eps_is_a_config_error(high, ok):
     else:
         with pytest.raises(ConfigError, match=r"ppo.clip_eps_high: 0.05 is below ppo.clip_eps"):
             load_config(PPOConfig, None, args)
+
+
+@pytest.mark.parametrize(
+    "n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 4), (10, 3, 2), (16, 5, 8), (100, 2, 50)]
+)
+def test_pass_at_k_is_the_unbiased_closed_form(n, c, k):
+    """Chen et al. 2021, eq. 1: 1 - C(n - c, k) / C(n, k), here with exact integers."""
+    from fractions import Fraction
+
+    from rlhfkit.algos.eval_stats import pass_at_k
+
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12)
+    if k == 1:
+        assert pass_at_k(n, c, 1) == pytest.approx(c / n, abs=1e-15)  # pass@1 is the mean
+    with pytest.raises(ValueError, match="pass_at_k"):
+        pass_at_k(n, n + 1, k)
