@@ -60,6 +60,8 @@ class PromptItem:
     prompt: object = field(
         repr=False, default=None
     )  # the original text/messages (for reward functions)
+    columns: dict = field(repr=False, default_factory=dict)  # the row's other fields
+    where: str = ""  # "data/x.jsonl:17", for errors that name the row
 
 
 def _limits(cfg: DataConfig) -> Limits:
@@ -172,7 +174,7 @@ def load_prompts(source: str, tokenizer, cfg: DataConfig) -> tuple[list[PromptIt
             raise DataError(
                 f"{ex.where}: field 'prompt': renders to zero tokens; generation needs a prompt"
             )
-        items.append(PromptItem(ids, ex.prompt))
+        items.append(PromptItem(ids, ex.prompt, ex.columns, ex.where))
     report.kept = len(items)
     return items, report
 

@@ -10,7 +10,7 @@ A string prompt/completion is plain text; a message list goes through the chat t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfkit.data.readers import DataError, Record
@@ -45,6 +45,7 @@ class RankedExample:
 class PromptExample:
     prompt: Text
     where: str
+    columns: dict = field(default_factory=dict)  # the row's other fields (answer, task id, ...)
 
 
 def _fail(rec: Record, field: str, msg: str) -> DataError:
@@ -140,7 +141,10 @@ def parse_ranked(rec: Record) -> RankedExample:
 
 
 def parse_prompt(rec: Record) -> PromptExample:
-    return PromptExample(_text(rec, "prompt"), rec.where)
+    """A prompt row: ``prompt`` (text or messages), every other field kept as a column for
+    reward functions and environments (``fn(prompts, responses, **columns)``)."""
+    columns = {k: v for k, v in rec.fields.items() if k != "prompt"}
+    return PromptExample(_text(rec, "prompt"), rec.where, columns)
 
 
 def detect_preference_format(records: list[Record]) -> str:

@@ -84,11 +84,14 @@ class RewardClient:
             )
         return {"Authorization": f"Bearer {token}"}
 
-    def _post(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _post(self, prompts: list[str], responses: list[str], columns: dict) -> list[float]:
+        body = {"prompts": prompts, "responses": responses}
+        if columns:
+            body["columns"] = columns
         try:
             r = self.session.post(
                 self.url,
-                json={"prompts": prompts, "responses": responses},
+                json=body,
                 headers=self._headers(),
                 timeout=self.timeout,
             )
@@ -104,11 +107,20 @@ class RewardClient:
             )
         return parse_scores(r.text, len(responses), self.url)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One float per response, in order; batches sent concurrently."""
+    def score(
+        self, prompts: list[str], responses: list[str], columns: dict | None = None
+    ) -> list[float]:
+        """One float per response, in order; batches sent concurrently. ``columns``: the rows'
+        other fields, sent as the optional "columns" object (docs/rewards.md)."""
         starts = range(0, len(responses), self.batch_size)
+        b = self.batch_size
         parts = [
-            (prompts[i : i + self.batch_size], responses[i : i + self.batch_size]) for i in starts
+            (
+                prompts[i : i + b],
+                responses[i : i + b],
+                {k: v[i : i + b] for k, v in (columns or {}).items()},
+            )
+            for i in starts
         ]
         if len(parts) <= 1 or self.concurrency <= 1:
             results = [self._post(*p) for p in parts]

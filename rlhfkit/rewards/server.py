@@ -1,7 +1,7 @@
 """`rlhfkit serve-rm RM_DIR --host 127.0.0.1 --port N`: a trained RM behind the reward protocol
 (``rewards.http``), so it can run on another machine or GPU, or serve another framework.
 
-    POST /score   {"prompts": [...], "responses": [...]} -> {"scores": [...]}
+    POST /score   {"prompts": [...], "responses": [...], "columns"?: {...}} -> {"scores": [...]}
     GET  /health  {"status": "ok", "model": RM_DIR}
 
 A malformed request (not JSON, wrong types, lengths that differ, more than ``max_items``) gets a
@@ -29,6 +29,11 @@ def check_request(body: Any, max_items: int) -> tuple[list[str], list[str]]:
             raise ValueError(f'"{name}" must be a list of strings')
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    columns = body.get("columns", {})  # optional; an RM scores the text and reads none
+    if not isinstance(columns, dict) or not all(
+        isinstance(v, list) and len(v) == len(responses) for v in columns.values()
+    ):
+        raise ValueError('"columns" must be an object of lists, one value per response')
     if len(responses) > max_items:
         raise ValueError(f"{len(responses)} items; this server takes at most {max_items} a request")
     return prompts, responses

@@ -17,6 +17,7 @@ RL_METRICS: dict[str, str] = {
     "kl/beta": "always",
     "reward/non_score": "always",
     "reward/total": "always",
+    "reward/unparsed": "option",
     "policy/entropy": "always",
     "response/length": "always",
     "response/eos_rate": "always",

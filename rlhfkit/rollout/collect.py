@@ -19,6 +19,7 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import autocast, device_of
+from rlhfkit.rollout.columns import columns_of
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import ScoreNormalizer
@@ -163,7 +164,7 @@ def rollout_chunk(
             ref_logprobs, _ = policy_logprobs(actor, seq, rc.temperature)
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
-    raw = models.reward(seq, tok).to(prompt_ids.device)  # (B,)
+    raw = models.reward(seq, tok, columns_of(prompts)).to(prompt_ids.device)  # (B,)
     scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
     timings = Timings(
         generate=t1 - t0,

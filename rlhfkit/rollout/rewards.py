@@ -13,10 +13,12 @@ import torch
 
 from rlhfkit.algos import RunningMeanStd, clip_abs
 from rlhfkit.config import ConfigError
+from rlhfkit.rollout.columns import Columns, columns_for, required_columns
 from rlhfkit.rollout.forward import reward_scores
 from rlhfkit.train import dist
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+# fn(prompts, responses, **columns) -> one score per response; columns optional (rollout.columns)
+RewardFn = Callable[..., list[float]]
 
 
 class RewardFunctionError(RuntimeError):
@@ -70,20 +72,32 @@ class RMReward:
     def __init__(self, rm):
         self.module = rm  # a PerTokenScalar over the frozen RM
 
-    def __call__(self, seq, tokenizer) -> torch.Tensor:
+    def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
         return reward_scores(self.module, seq)
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {}
 
 
 class FnReward:
-    """A Python reward ``fn(prompts, responses) -> scores`` on the decoded texts."""
+    """A Python reward ``fn(prompts, responses, **columns) -> scores`` on the decoded texts.
+    ``key``: the config key that named it (for a missing column's error)."""
 
     module = None
 
-    def __init__(self, fn: RewardFn):
-        self.fn = fn
+    def __init__(self, fn: RewardFn, key: str = "reward_fn"):
+        self.fn, self.key = fn, key
 
-    def __call__(self, seq, tokenizer) -> torch.Tensor:
-        return call_reward_fn(self.fn, *decode_sequences(tokenizer, seq))
+    def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
+        return call_reward_fn(self.fn, *decode_sequences(tokenizer, seq), columns)
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        cols = required_columns(self.fn)
+        return {self.key: cols} if cols else {}
+
+    def pop_metrics(self) -> dict[str, float]:
+        """What the function counted since the last call (a checker's ``reward/unparsed``)."""
+        return getattr(self.fn, "pop_metrics", dict)()
 
 
 class TextRMReward:
@@ -94,8 +108,11 @@ class TextRMReward:
         self.rm = rm
         self.module = None  # not sharded with the actor's frozen models: its own layout
 
-    def __call__(self, seq, tokenizer) -> torch.Tensor:
+    def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
         return self.rm.score(*decode_sequences(tokenizer, seq))
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {}
 
 
 class HttpReward:
@@ -106,10 +123,13 @@ class HttpReward:
     def __init__(self, client):
         self.client = client
 
-    def __call__(self, seq, tokenizer) -> torch.Tensor:
+    def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
         return torch.tensor(
-            self.client.score(*decode_sequences(tokenizer, seq)), dtype=torch.float32
+            self.client.score(*decode_sequences(tokenizer, seq), columns), dtype=torch.float32
         )
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {}
 
 
 class CombinedReward:
@@ -123,15 +143,18 @@ class CombinedReward:
         self._sums: dict[str, float] = {}
         self._n = 0
 
-    def __call__(self, seq, tokenizer) -> torch.Tensor:
+    def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
         total = None
         for name, weight, source, normalize in self.parts:
-            raw = source(seq, tokenizer).float().cpu()  # (B,)
+            raw = source(seq, tokenizer, columns).float().cpu()  # (B,)
             self._sums[name] = self._sums.get(name, 0.0) + float(raw.sum())
             part = weight * normalize(raw)
             total = part if total is None else total + part
         self._n += len(total)
         return total
+
+    def needs(self) -> dict[str, tuple[str, ...]]:
+        return {k: v for _, _, source, _ in self.parts for k, v in source.needs().items()}
 
     def names(self) -> list[str]:
         return [f"score/{name}" for name, *_ in self.parts]
@@ -139,6 +162,8 @@ class CombinedReward:
     def pop_metrics(self) -> dict[str, float]:
         out = {f"score/{k}": v / max(self._n, 1) for k, v in self._sums.items()}
         self._sums, self._n = {}, 0
+        for _, _, source, _ in self.parts:  # what each source counted itself
+            out.update(getattr(source, "pop_metrics", dict)())
         return out
 
 
@@ -150,8 +175,12 @@ def decode_sequences(tokenizer, seq) -> tuple[list[str], list[str]]:
     )
 
 
-def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """``fn``'s scores as a (B,) float32 tensor; an exception names the function and the batch."""
+def call_reward_fn(
+    fn: RewardFn, prompts: list[str], responses: list[str], columns: Columns | None = None
+) -> torch.Tensor:
+    """``fn``'s scores as a (B,) float32 tensor; an exception names the function and the batch.
+    ``columns``: the rows' other fields, passed as keyword arguments to a function that takes
+    them (``rollout.columns``); a two-argument function gets none."""
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     where = (
         f"a batch of {len(responses)} responses (first prompt {prompts[0][:60]!r})"
@@ -159,7 +188,9 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], responses: list[str]) -> to
         else "an empty batch"
     )
     try:
-        scores = torch.as_tensor(fn(prompts, responses), dtype=torch.float32)
+        scores = torch.as_tensor(
+            fn(prompts, responses, **columns_for(fn, columns)), dtype=torch.float32
+        )
     except Exception as e:
         raise RewardFunctionError(f"reward function {name} raised on {where}: {e!r}") from e
     if scores.shape != (len(responses),):
@@ -240,7 +271,7 @@ def build_reward(cfg, model_cfg, tokenizer, reward_fn: RewardFn | None = None):
             elif r.url:
                 source = url_reward(r.url, cfg)
             else:
-                source = FnReward(load_reward_fn(r.fn, f"rewards[{i}].fn"))
+                source = FnReward(load_reward_fn(r.fn, f"rewards[{i}].fn"), f"rewards[{i}].fn")
             stats = read_reward_stats(r.model) if r.normalize == "rm_stats" else None
             parts.append((r.name, r.weight, source, ScoreNormalizer(r.normalize, stats, 0.0)))
         return CombinedReward(parts)

@@ -38,6 +38,7 @@ from rlhfkit.config import (
 from rlhfkit.data.build import load_prompts
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import device_of, load_policy, load_tokenizer
+from rlhfkit.rollout.columns import Columns, check_columns, columns_of
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import (
     RewardFn,
@@ -95,9 +96,11 @@ def sample_policy(
     reward=None,
     judge: RewardFn | None = None,
     chunk: int = 32,
+    columns: Columns | None = None,
 ) -> Samples:
     """Sample ``policy`` on ``prompt_ids`` with a fixed seed and measure each response.
-    ``reward``: a rollout reward source (``rollout.rewards``) or None; ``judge``: a reward function."""
+    ``reward``: a rollout reward source (``rollout.rewards``) or None; ``judge``: a reward function;
+    ``columns``: the prompts' other fields (one value per prompt), passed to both."""
     was_training = policy.training
     policy.eval()
     g = torch.Generator(device=device_of(policy)).manual_seed(seed)
@@ -122,6 +125,7 @@ def sample_policy(
         with ctx:
             lp_ref, _ = policy_logprobs(model, seq, rollout.temperature)
         p_text, r_text = decode_texts(tok, ids, mask, gen.tokens, gen.mask)
+        cols = {k: v[i : i + chunk] for k, v in (columns or {}).items()}
         out.prompts += p_text
         out.responses += r_text
         out.tokens += [t[m].tolist() for t, m in zip(gen.tokens, gen.mask, strict=True)]
@@ -129,9 +133,9 @@ def sample_policy(
         out.length += gen.lengths.float().tolist()
         out.stopped += gen.stopped.float().tolist()
         if reward is not None:
-            out.rm += reward(seq, tok).float().tolist()
+            out.rm += reward(seq, tok, cols).float().tolist()
         if judge is not None:
-            out.judge += call_reward_fn(judge, p_text, r_text).tolist()
+            out.judge += call_reward_fn(judge, p_text, r_text, cols).tolist()
     policy.train(was_training)
     return out
 
@@ -189,13 +193,18 @@ def evaluate_policies(
     mc = ModelConfig(name_or_path=reference_dir)
     tok = load_tokenizer(mc)
     prompts, _ = load_prompts(prompts_file, tok, data)
-    prompt_ids = [p.prompt_ids for p in prompts[: cfg.max_prompts]]
+    prompts = prompts[: cfg.max_prompts]
+    if reward is not None:
+        check_columns(prompts, reward.needs())
+    prompt_ids, columns = [p.prompt_ids for p in prompts], columns_of(prompts)
     ref = load_policy(mc, tok, trainable=False)
-    base = sample_policy(ref, ref, tok, prompt_ids, rollout, seed, reward, judge)
+    base = sample_policy(ref, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns)
     result = {reference_name: {**summarize(base), "samples": sample_records(base)}}
     for name, path in policies.items():
         policy = load_policy(mc, tok, path=path, trainable=False)
-        s = sample_policy(policy, ref, tok, prompt_ids, rollout, seed, reward, judge)
+        s = sample_policy(
+            policy, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns
+        )
         result[name] = {**summarize(s, base), "samples": sample_records(s)}
     write_atomic_dir(out_dir, lambda d: _write(d, result, cfg.samples_in_report))
     return result
@@ -308,8 +317,10 @@ class HeldOutEval:
         reward,
         seed: int,
         keep_best: str,
+        columns: Columns | None = None,
     ):
         self.prompt_ids, self.tok, self.rollout = prompt_ids, tokenizer, rollout
+        self.columns = columns
         self.judge, self.reward, self.seed, self.keep_best = judge, reward, seed, keep_best
         self.reference: Samples | None = None
         self.best: dict[str, float] = {}  # {"value": ..., "iteration": ...}
@@ -319,10 +330,26 @@ class HeldOutEval:
             base, ctx = _reference_forward(actor, ref)
             with ctx:
                 self.reference = sample_policy(
-                    base, base, self.tok, self.prompt_ids, self.rollout, self.seed, None, self.judge
+                    base,
+                    base,
+                    self.tok,
+                    self.prompt_ids,
+                    self.rollout,
+                    self.seed,
+                    None,
+                    self.judge,
+                    columns=self.columns,
                 )
         s = sample_policy(
-            actor, ref, self.tok, self.prompt_ids, self.rollout, self.seed, self.reward, self.judge
+            actor,
+            ref,
+            self.tok,
+            self.prompt_ids,
+            self.rollout,
+            self.seed,
+            self.reward,
+            self.judge,
+            columns=self.columns,
         )
         # a combined reward source counts its scores per iteration: these are not the rollout's
         getattr(self.reward, "pop_metrics", dict)()

@@ -36,6 +36,7 @@ from rlhfkit.rl.critics import NoCritic, SeparateCritic, SharedTrunk
 from rlhfkit.rl.metrics import check_names, rollout_metrics
 from rlhfkit.rl.update import advantages, rl_update
 from rlhfkit.rollout.collect import PromptStream, RolloutModels, ScoreNormalizer, collect
+from rlhfkit.rollout.columns import check_columns, columns_of
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.rewards import (
     RewardFn,
@@ -243,10 +244,17 @@ def held_out_eval(cfg: PPOConfig, models: Models, prompts: list[PromptItem], mon
     judge = monitor or (load_reward_fn(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None)
     if cfg.eval.keep_best == "judge" and judge is None:
         raise ConfigError("eval.keep_best: 'judge' needs eval.judge (module:function)")
-    ids = [p.prompt_ids for p in prompts[: cfg.eval.max_prompts]]
-    seed = cfg.run.seed + 4242
+    prompts = prompts[: cfg.eval.max_prompts]
+    ids, seed = [p.prompt_ids for p in prompts], cfg.run.seed + 4242
     return HeldOutEval(
-        ids, models.tokenizer, cfg.rollout, judge, models.reward, seed, cfg.eval.keep_best
+        ids,
+        models.tokenizer,
+        cfg.rollout,
+        judge,
+        models.reward,
+        seed,
+        cfg.eval.keep_best,
+        columns_of(prompts),
     )
 
 
@@ -285,6 +293,8 @@ def run_ppo(
     )  # held-out: data.eval_file, or an eval_fraction split never trained on
     for report in reports:
         print(report.line(), file=sys.stderr)
+    for rows in (prompts, held_out_prompts):  # a column a reward needs, on every row
+        check_columns(rows, models.reward.needs())
     stream = PromptStream(len(prompts), cfg.run.seed)
     held_out = held_out_eval(cfg, models, held_out_prompts, monitor)
     kl_ctl = kl_controller(cfg)

@@ -1,0 +1,158 @@
+"""Answer checkers for RL with verifiable rewards: reward functions of the form
+``fn(prompts, responses, answer, **columns) -> list[float]`` that read the row's gold ``answer``.
+
+    rlhfkit.rewards.verify:math     1 if the final answer equals ``answer`` as mathematics
+                                    (``math-verify``: 0.5 = 1/2 = \\frac{1}{2}, 1,000 = 1000)
+    rlhfkit.rewards.verify:exact    1 if the final answer equals ``answer`` as a string (stripped)
+    rlhfkit.rewards.verify:format   ``FORMAT_WEIGHT`` if the response ends in one \\boxed{...}
+
+The final answer is the content of the **last** ``\\boxed{...}`` (a response that boxes several
+values is judged by the last one, as verl's and DeepSeek's math rewards do), or without a box the
+last number in the response. A response with no answer, or one the checker cannot parse, scores 0
+and is counted (``reward/unparsed``), never crashes the run. So is an answer longer than
+``MAX_ANSWER_CHARS``: sympy can take minutes on a pathological expression.
+
+Set ``reward_fn: rlhfkit.rewards.verify:math`` and give every prompt row an ``answer`` field; a
+row without one is a data error naming the file, the line and the column when the data loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+
+MAX_ANSWER_CHARS = 100  # longer final answers score 0 (counted as unparsed)
+FORMAT_WEIGHT = 0.1  # what `format` gives a response that ends in exactly one \boxed{...}
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+class _Unparsed:
+    """Responses whose answer could not be read, since the last ``pop_metrics`` (thread-safe:
+    a reward server scores in a thread pool)."""
+
+    def __init__(self) -> None:
+        self.lock, self.bad, self.seen = threading.Lock(), 0, 0
+
+    def add(self, bad: int, seen: int) -> None:
+        with self.lock:
+            self.bad += bad
+            self.seen += seen
+
+    def pop(self) -> dict[str, float]:
+        with self.lock:
+            out = {"reward/unparsed": self.bad / self.seen} if self.seen else {}
+            self.bad = self.seen = 0
+        return out
+
+
+_unparsed = _Unparsed()
+
+
+def _closing(text: str, i: int) -> int | None:
+    """The index of the brace that closes the one opened just before ``i``, or None."""
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if
+    there is none or it is not closed."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    end = _closing(text, starts[-1])
+    return None if end is None else text[starts[-1] : end].strip()
+
+
+def final_answer(text: str) -> str | None:
+    """The last boxed content, else the last number (commas kept), else None. A box left open (a
+    response cut off at the length limit inside its answer) is no answer: its digits so far are
+    not read as one."""
+    if _BOXED.search(text):
+        return last_boxed(text)
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _math_equal(pred: str, gold: str) -> bool | None:
+    """math-verify's verdict on two answers, or None if either does not parse. Its own timeouts
+    use SIGALRM, which only the main thread may set: elsewhere they are off, and the length cap
+    bounds the work instead."""
+    from math_verify import parse, verify
+
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" per call
+    p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
+    g = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
+    if not p or not g:
+        return None
+    return bool(verify(g, p, timeout_seconds=timeout))
+
+
+def _check(
+    responses: Sequence[str], answer: Sequence, equal: Callable[[str, str], bool | None]
+) -> list[float]:
+    if len(answer) != len(responses):
+        raise ValueError(f"{len(answer)} answers for {len(responses)} responses")
+    scores, bad = [], 0
+    for text, gold in zip(responses, answer, strict=True):
+        pred = final_answer(text)
+        ok = None
+        if pred is not None and len(pred) <= MAX_ANSWER_CHARS:
+            try:
+                ok = equal(pred, str(gold).strip())
+            except Exception:  # a parser's failure is an unreadable answer, not a dead run
+                ok = None
+        bad += ok is None
+        scores.append(float(bool(ok)))
+    _unparsed.add(bad, len(responses))
+    return scores
+
+
+def math(prompts: Sequence[str], responses: Sequence[str], answer: Sequence, **_) -> list[float]:
+    """1.0 if the final answer equals the row's ``answer`` mathematically (math-verify), else 0."""
+    return _check(responses, answer, _math_equal)
+
+
+def exact(prompts: Sequence[str], responses: Sequence[str], answer: Sequence, **_) -> list[float]:
+    """1.0 if the final answer equals the row's ``answer`` as a string (both stripped, thousands
+    commas dropped from numbers), else 0. For answers that are words or codes, not mathematics."""
+
+    def equal(pred: str, gold: str) -> bool:
+        norm = lambda s: s.replace(",", "") if _NUMBER.fullmatch(s) else s  # noqa: E731
+        return norm(pred) == norm(gold)
+
+    return _check(responses, answer, equal)
+
+
+def format(prompts: Sequence[str], responses: Sequence[str], **_) -> list[float]:  # noqa: A001
+    """``FORMAT_WEIGHT`` if the response holds exactly one ``\\boxed{...}`` and nothing after
+    it but whitespace and punctuation, else 0: the format the math prompt asks for."""
+    out = []
+    for text in responses:
+        boxes = list(_BOXED.finditer(text))
+        end = _closing(text, boxes[0].end()) if len(boxes) == 1 else None
+        ok = end is not None and re.fullmatch(r"[\s.$\\\])]*", text[end + 1 :]) is not None
+        out.append(FORMAT_WEIGHT if ok else 0.0)
+    return out
+
+
+def pop_metrics() -> dict[str, float]:
+    """``reward/unparsed``: the share of responses since the last call whose answer no checker
+    could read (rlhfkit logs it per iteration)."""
+    return _unparsed.pop()
+
+
+# the columns each checker needs on every row (checked when the prompts load)
+math.columns = exact.columns = ("answer",)  # type: ignore[attr-defined]
+format.columns = ()  # type: ignore[attr-defined]
+math.pop_metrics = exact.pop_metrics = pop_metrics  # type: ignore[attr-defined]
