@@ -462,6 +462,18 @@ class RolloutConfig:
         "forward to ~1e-6 in fp32), a training-layout forward (needed in bf16, whose logprobs "
         "depend on the layout), or auto = sampling in fp32, recompute otherwise",
     )
+    filter_groups: bool = knob(
+        False,
+        "DAPO dynamic sampling (Yu et al. 2025, sec. 3.2): drop groups whose scores are all "
+        "equal (no signal for a group baseline) and sample more prompts until the batch is full "
+        "or max_sampling_rounds is reached; needs samples_per_prompt >= 2",
+    )
+    max_sampling_rounds: int = knob(
+        3,
+        "filter_groups: rounds of episodes_per_iteration episodes at most; a batch still short "
+        "after them is filled with filtered groups (logged as rollout/filled)",
+        lo=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -521,6 +533,47 @@ class PPOAlgoConfig:
         "(Dr. GRPO's length-unbiased form)",
     )
     critic_warmup_iterations: int = knob(0, "iterations that update only the critic, first", lo=0)
+    policy_loss: Literal["ppo", "gspo", "cispo"] = knob(
+        "ppo",
+        "ppo = the clipped surrogate (clip_eps, clip_eps_high, dual_clip); gspo = GSPO's "
+        "sequence-level ratio clipped with gspo_clip_eps(_high) (Zheng et al. 2025); cispo = "
+        "CISPO's clipped stop-gradient IS weight times log pi (MiniMax-M1 2025)",
+    )
+    gspo_clip_eps: float = knob(
+        3e-4,
+        "gspo: lower clip epsilon of the sequence ratio (the paper's 3e-4)",
+        lo=0,
+        lo_open=True,
+    )
+    gspo_clip_eps_high: float = knob(
+        4e-4,
+        "gspo: upper clip epsilon of the sequence ratio (the paper's 4e-4)",
+        lo=0,
+        lo_open=True,
+    )
+    cispo_clip_eps_high: float = knob(
+        4.0,
+        "cispo: the IS weight is capped at 1 + this (no lower bound, as MiniMax-M1; 4 caps it at "
+        "5, TRL's and ScaleRL's choice)",
+        lo=0,
+        lo_open=True,
+    )
+    overlong_buffer: int = knob(
+        0,
+        "DAPO overlong reward shaping (eq. 13): responses longer than max_new_tokens - this get a "
+        "linear penalty reaching -overlong_penalty at max_new_tokens (0 = off)",
+        lo=0,
+    )
+    overlong_penalty: float = knob(1.0, "overlong_buffer: the penalty at max_new_tokens", lo=0)
+    rollout_correction: Literal["none", "tis", "mis"] = knob(
+        "none",
+        "correct for the sampler's logprobs differing from the trainer's (bf16, compiled or "
+        "external decoders): tis = per-token weight min(pi_old / pi_sampler, cap) (truncated IS); "
+        "mis = per-sequence weight prod_t pi_old / pi_sampler, responses above cap masked out",
+    )
+    rollout_correction_cap: float = knob(
+        2.0, "rollout_correction: the cap C of the weight (> 1)", lo=1, lo_open=True
+    )
 
 
 @dataclass(frozen=True)
@@ -698,6 +751,28 @@ class PPOConfig(RewardKeys):
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
 
+    def _validate_policy_loss(self, prefix: str, est) -> None:
+        """Keys the chosen policy loss would ignore are errors; GSPO needs one advantage per
+        response (an outcome estimator), its ratio being one per response."""
+        pc = self.ppo
+        name = f"{prefix}ppo.policy_loss: '{pc.policy_loss}'"
+        if pc.policy_loss != "ppo":
+            for key, bad in (
+                ("clip_eps_high", pc.clip_eps_high is not None),
+                ("dual_clip", pc.dual_clip),
+            ):
+                if bad:
+                    raise ConfigError(
+                        f"{prefix}ppo.{key}: only used by ppo.policy_loss: ppo ({name[len(prefix) :]} "
+                        "has its own epsilons)"
+                    )
+        if pc.policy_loss == "gspo" and "rewards" in est.inputs:
+            raise ConfigError(
+                f"{name} clips one ratio per response, so it needs one advantage per response; "
+                f"{prefix}ppo.estimator: '{pc.estimator}' gives per-token advantages. Use an "
+                "outcome estimator: grpo, dr_grpo or rloo"
+            )
+
     def _validate_estimator(self, prefix: str) -> None:
         """What the estimator cannot provide or use is an error, not a silent no-op."""
         from rlhfkit.algos import ESTIMATORS
@@ -732,6 +807,17 @@ class PPOConfig(RewardKeys):
             raise ConfigError(
                 f"{prefix}ppo.clip_eps_high: {pc.clip_eps_high} is below {prefix}ppo.clip_eps "
                 f"({pc.clip_eps}); the upper epsilon must be >= the lower one"
+            )
+        self._validate_policy_loss(prefix, est)
+        if self.rollout.filter_groups and n < 2:
+            raise ConfigError(
+                f"{prefix}rollout.filter_groups: drops groups whose scores are all equal; it needs "
+                f"{prefix}rollout.samples_per_prompt >= 2 (it is {n})"
+            )
+        if pc.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"{prefix}ppo.overlong_buffer: {pc.overlong_buffer} must be below "
+                f"{prefix}rollout.max_new_tokens ({self.rollout.max_new_tokens})"
             )
         if pc.dual_clip and pc.dual_clip <= 1:
             raise ConfigError(f"{prefix}ppo.dual_clip: {pc.dual_clip} must be > 1 (or 0 = off)")

@@ -22,9 +22,18 @@ from rlhfkit.algos.dpo import dpo_log_ratio_margin, dpo_loss
 from rlhfkit.algos.kl import kl_penalty
 from rlhfkit.algos.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.algos.logprobs import full_kl_from_logits, logprobs_and_entropy, token_logprobs
-from rlhfkit.algos.losses import aggregate, entropy_bonus, policy_loss, value_loss
+from rlhfkit.algos.losses import (
+    POLICY_LOSSES,
+    aggregate,
+    cispo_loss,
+    entropy_bonus,
+    gspo_loss,
+    policy_loss,
+    rollout_correction_weights,
+    value_loss,
+)
 from rlhfkit.algos.masking import last_index, position_ids, response_mask
-from rlhfkit.algos.rewards import shape_rewards
+from rlhfkit.algos.rewards import overlong_penalty, shape_rewards
 from rlhfkit.algos.rm_losses import pairwise_accuracy, pairwise_loss, ranking_loss
 from rlhfkit.algos.stats import (
     RunningMeanStd,
@@ -37,6 +46,11 @@ from rlhfkit.algos.stats import (
 )
 
 __all__ = [
+    "POLICY_LOSSES",
+    "cispo_loss",
+    "gspo_loss",
+    "overlong_penalty",
+    "rollout_correction_weights",
     "ESTIMATORS",
     "Estimator",
     "dpo_log_ratio_margin",

@@ -9,6 +9,7 @@ aggregation:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -228,3 +229,45 @@ def cispo_loss(
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+# the policy losses by ``ppo.policy_loss``; each takes (logprobs, old_logprobs, advantages, mask)
+# and its own epsilons as keywords (rl.update passes them from the config)
+POLICY_LOSSES = {"ppo": policy_loss, "gspo": gspo_loss, "cispo": cispo_loss}
+
+
+def rollout_correction_weights(
+    old_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Literal["tis", "mis"],
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights for the gap between the sampler and the trainer's pi_old (Yao et al.
+    2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl's and
+    TRL's rollout correction), detached, (B, T), 0 at padding:
+
+        tis:  w_t = min(rho_t, C),                       rho_t = pi_old(a_t) / pi_sampler(a_t)
+        mis:  w_i = rho_i if rho_i <= C else 0,           rho_i = prod_t rho_t (the response's)
+
+    The policy loss's advantages are multiplied by w: for a weight w >= 0, min(r wA, clip(r) wA)
+    = w min(r A, clip(r) A), so the clipped surrogate (and GSPO's and CISPO's) becomes the
+    weighted one. stats: mismatch (mean |log rho_t| over tokens), capped (share of tokens (tis)
+    or responses (mis) the cap changed)."""
+    m = mask.bool()
+    zero = torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device)
+    log_rho = torch.where(m, old_logprobs - sampler_logprobs, zero).detach()  # (B, T)
+    if mode == "tis":
+        rho = torch.exp(log_rho)
+        w = torch.clamp(rho, max=cap)
+        capped = masked_mean((rho > cap).to(rho.dtype), mask)
+    elif mode == "mis":
+        seq = log_rho.sum(1)  # (B,) log rho_i
+        keep = seq <= math.log(cap)
+        w = torch.where(keep, torch.exp(seq), zero)[:, None].expand_as(log_rho)
+        rows = m.any(1)
+        capped = (~keep[rows]).to(log_rho.dtype).mean() if rows.any() else zero
+    else:
+        raise ValueError(f"unknown rollout correction {mode!r}; expected 'tis' or 'mis'")
+    stats = {"mismatch": masked_mean(log_rho.abs(), mask), "capped": capped}
+    return torch.where(m, w, zero), stats

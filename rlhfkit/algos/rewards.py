@@ -33,3 +33,23 @@ def shape_rewards(
     rewards.scatter_add_(1, last[:, None], (scores * has_tokens)[:, None].to(rewards.dtype))
     stats = {"non_score_reward": non_score.sum(1), "kl_sum": torch.where(m, kl, zero).sum(1)}
     return rewards, stats
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_length: int, buffer: int, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to R_final, (B,):
+
+        0                                    if |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max
+        -1                                   if |y| > L_max
+
+    times ``penalty``. lengths (B,) response tokens; L_max = ``max_length`` (max_new_tokens),
+    L_cache = ``buffer``; ``buffer`` 0 turns it off."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
+    n = lengths.to(torch.float32)
+    start = max_length - buffer
+    soft = (start - n) / buffer
+    out = torch.where(n <= start, torch.zeros_like(n), soft)
+    return penalty * torch.where(n > max_length, torch.full_like(n, -1.0), out)

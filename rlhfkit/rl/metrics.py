@@ -28,6 +28,11 @@ RL_METRICS: dict[str, str] = {
     "policy/clip_frac": "always",
     "policy/approx_kl": "always",
     "policy/ratio_mean": "always",
+    "correction/mismatch": "option",
+    "correction/capped": "option",
+    "rollout/filtered": "option",
+    "rollout/sampling_rounds": "option",
+    "rollout/filled": "option",
     "value/clip_frac": "critic",
     "value/explained_var": "critic",
     "value/mean": "critic",
@@ -61,12 +66,20 @@ def rollout_metrics(
     """Per-iteration statistics of the buffer and the clocks (per-rank values averaged over ranks;
     the std is the mean of the per-rank stds)."""
     n_tokens = int(exp.response_mask.sum())
+    sampling = {}
+    if timings.groups:  # rollout.filter_groups (DAPO dynamic sampling)
+        sampling = {
+            "rollout/filtered": timings.groups_filtered / timings.groups,
+            "rollout/sampling_rounds": timings.rounds,
+            "rollout/filled": timings.groups_filled,
+        }
     return dist.mean_over_ranks(
         {
+            **sampling,
             "score/mean": float(exp.raw_scores.mean()),
             "score/std": float(exp.raw_scores.std()),
             "score/normalized_mean": float(exp.scores.mean()),
-            "policy/entropy": timings.entropy_sum / len(exp),
+            "policy/entropy": timings.entropy_sum / max(timings.episodes, 1),
             "response/length": n_tokens / len(exp),
             "response/eos_rate": float(exp.stopped.float().mean()),
             "kl/beta": beta,

@@ -16,6 +16,7 @@ import math
 import torch
 
 from rlhfkit.algos import (
+    POLICY_LOSSES,
     aggregate,
     compute_advantages,
     entropy_bonus,
@@ -25,7 +26,7 @@ from rlhfkit.algos import (
     masked_mean,
     masked_var,
     masked_whiten,
-    policy_loss,
+    rollout_correction_weights,
     shape_rewards,
     value_loss,
 )
@@ -93,6 +94,33 @@ def minibatch_denominator(exp: Experience, aggregation: str, max_new_tokens: int
     return (dist.all_reduce_sum(count.double()) / dist.world()).clamp(min=1).float()
 
 
+def policy_loss_knobs(pc: PPOAlgoConfig) -> dict[str, float | None]:
+    """The epsilons of ``ppo.policy_loss``, each loss with its own keys (docs/config.md)."""
+    return {
+        "ppo": {
+            "clip_eps": pc.clip_eps,
+            "clip_eps_high": pc.clip_eps_high,
+            "dual_clip": pc.dual_clip or None,
+        },
+        "gspo": {"clip_eps": pc.gspo_clip_eps, "clip_eps_high": pc.gspo_clip_eps_high},
+        "cispo": {"clip_eps_high": pc.cispo_clip_eps_high},
+    }[pc.policy_loss]
+
+
+def corrected_advantages(mb: Experience, pc: PPOAlgoConfig) -> tuple[torch.Tensor, dict]:
+    """The advantages the policy loss sees: as they are, or times the rollout correction's
+    weights (``ppo.rollout_correction``: the sampler's logprobs against pi_old)."""
+    if pc.rollout_correction == "none":
+        return mb.advantages, {}
+    w, cstats = rollout_correction_weights(
+        mb.logprobs, mb.sampler_logprobs, mb.response_mask, pc.rollout_correction,
+        pc.rollout_correction_cap,
+    )  # fmt: skip
+    stats = {"correction/mismatch": float(cstats["mismatch"])}
+    stats["correction/capped"] = float(cstats["capped"])
+    return mb.advantages * w, stats
+
+
 def micro_step(
     learner,
     mb: Experience,
@@ -120,17 +148,17 @@ def micro_step(
         stats["loss/value"] = float(vf.detach())
         stats["value/clip_frac"] = float(vstats["value_clip_frac"])
     if update_actor:
-        pg, pstats = policy_loss(
+        adv, cstats = corrected_advantages(mb, pc)
+        pg, pstats = POLICY_LOSSES[pc.policy_loss](
             logp,
             mb.logprobs,
-            mb.advantages,
+            adv,
             m,
-            pc.clip_eps,
-            pc.aggregation,
-            denom,
-            clip_eps_high=pc.clip_eps_high,
-            dual_clip=pc.dual_clip or None,
+            aggregation=pc.aggregation,
+            denominator=denom,
+            **policy_loss_knobs(pc),
         )
+        stats.update(cstats)
         loss = loss + pg
         if with_entropy:
             ent_term = entropy_bonus(ent, m, pc.aggregation, denom)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.algos import masked_mean
+from rlhfkit.algos import masked_mean, overlong_penalty
 from rlhfkit.config import PPOConfig
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
@@ -64,6 +64,13 @@ class Timings:
     generate: float = 0.0
     score: float = 0.0
     entropy_sum: float = 0.0
+    episodes: float = 0.0  # sampled, filtered ones included (the entropy is their mean)
+    # rollout.filter_groups (DAPO dynamic sampling): groups sampled, dropped as all-equal, put
+    # back to fill a short batch, and sampling rounds used
+    groups: float = 0.0
+    groups_filtered: float = 0.0
+    groups_filled: float = 0.0
+    rounds: float = 0.0
 
     def __iadd__(self, other: Timings) -> Timings:
         for f in dataclasses.fields(self):
@@ -165,11 +172,17 @@ def rollout_chunk(
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
     raw = models.reward(seq, tok, columns_of(prompts)).to(prompt_ids.device)  # (B,)
-    scores = normalize(raw) - rc.missing_eos_penalty * (~gen.stopped).float()
+    pc = cfg.ppo
+    scores = (
+        normalize(raw)
+        - rc.missing_eos_penalty * (~gen.stopped).float()
+        + overlong_penalty(gen.lengths, rc.max_new_tokens, pc.overlong_buffer, pc.overlong_penalty)
+    )
     timings = Timings(
         generate=t1 - t0,
         score=time.perf_counter() - t1,
         entropy_sum=float(masked_mean(entropy, gen.mask)) * len(prompts),
+        episodes=len(prompts),
     )
     exp = Experience(
         prompt_ids=prompt_ids,
@@ -183,6 +196,7 @@ def rollout_chunk(
         raw_scores=raw,
         stopped=gen.stopped,
         group=group.to(prompt_ids.device),
+        sampler_logprobs=gen.logprobs if pc.rollout_correction != "none" else None,
     )
     return exp, timings
 
@@ -197,12 +211,48 @@ def collect(
     """Fill the experience buffer with ``episodes_per_iteration`` episodes, ``chunk_size`` at a time,
     ``samples_per_prompt`` (n) per prompt. Data-parallel: every rank reads the same prompt stream
     and generates for its own slice of each chunk's prompts, so a group never spans two ranks.
-    Group ids are the prompt's place in this iteration's stream: the same on every rank."""
+    Group ids are the prompt's place in this iteration's stream: the same on every rank.
+
+    With ``rollout.filter_groups`` (DAPO's dynamic sampling) groups whose scores are all equal
+    are set aside and whole rounds are sampled again, up to ``max_sampling_rounds``, until each
+    rank holds its share of informative groups; a batch still short is filled with set-aside
+    groups. Every rank runs the same number of rounds (their collectives stay in step)."""
     actor = models.learner.actor
     actor.eval()
+    world, n = dist.world(), cfg.rollout.samples_per_prompt
+    target = cfg.rollout.episodes_per_iteration // world  # this rank's episodes
+    total, taken, kept, flat = Timings(), 0, [], []
+    for _ in range(cfg.rollout.max_sampling_rounds if cfg.rollout.filter_groups else 1):
+        chunks, taken = _sample_round(models, prompts, stream, cfg, normalize, taken, total)
+        total.rounds += 1
+        if not cfg.rollout.filter_groups:
+            kept = chunks
+            break
+        for exp in chunks:
+            good, bad = split_flat_groups(exp)
+            kept += [good] if len(good) else []
+            flat += [bad] if len(bad) else []
+        short = sum(len(e) for e in kept) < target
+        if dist.all_reduce_sum(torch.tensor(float(short))) == 0:  # every rank is full
+            break
+    actor.train()
+    pad = models.tokenizer.pad_token_id
+    if not cfg.rollout.filter_groups:
+        return concat(kept, pad), total
+    total.groups_filtered = sum(len(e) for e in flat) / n
+    total.groups = total.groups_filtered + sum(len(e) for e in kept) / n
+    buffer = concat(kept + flat, pad)  # informative groups first, whole groups of n rows
+    total.groups_filled = max(target - sum(len(e) for e in kept), 0) / n
+    return buffer.select(torch.arange(target), trim=False), total
+
+
+def _sample_round(models, prompts, stream, cfg, normalize, taken: int, total: Timings):
+    """One round of ``episodes_per_iteration`` episodes (this rank's share), in chunks; returns
+    the chunks and the prompts taken from the stream so far (for the group ids)."""
+    actor = models.learner.actor
     world, r, n = dist.world(), dist.rank(), cfg.rollout.samples_per_prompt
     width = max(len(p.prompt_ids) for p in prompts) if fixed_layout(cfg.model.dtype) else None
-    chunks, total, taken = [], Timings(), 0
+    chunks = []
     left = cfg.rollout.episodes_per_iteration // (world * n)  # prompts for this rank
     while left > 0:
         k = min(max(cfg.rollout.chunk_size // n, 1), left)  # prompts in this chunk
@@ -215,5 +265,19 @@ def collect(
         total += t
         taken += k * world
         left -= k
-    actor.train()
-    return concat(chunks, models.tokenizer.pad_token_id), total
+    return chunks, taken
+
+
+def split_flat_groups(exp: Experience) -> tuple[Experience, Experience]:
+    """(the groups whose scores differ, the groups whose scores are all equal): a group of equal
+    scores gives every group baseline a zero advantage, so it carries no policy gradient (DAPO,
+    sec. 3.2). Rows keep their order and their layout."""
+    _, inv = torch.unique(exp.group, return_inverse=True)
+    s = exp.scores.float()
+    hi = torch.full((int(inv.max()) + 1,), -torch.inf).scatter_reduce(0, inv, s, "amax")
+    lo = torch.full_like(hi, torch.inf).scatter_reduce(0, inv, s, "amin")
+    flat = (hi == lo)[inv]  # (B,)
+    return (
+        exp.select(torch.nonzero(~flat).squeeze(1), trim=False),
+        exp.select(torch.nonzero(flat).squeeze(1), trim=False),
+    )

@@ -20,6 +20,8 @@ class Experience:
     raw_scores: torch.Tensor  # (B,) R_final as the RM / reward function gave it
     stopped: torch.Tensor  # (B,) bool: ended on EOS / stop sequence
     group: torch.Tensor  # (B,) long: responses to the same prompt share a group id (all ranks)
+    # (B, T) the sampler's own log pi(a_t|s_t), kept for ppo.rollout_correction (else None)
+    sampler_logprobs: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # (B, T) r_t
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
