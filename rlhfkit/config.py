@@ -831,6 +831,14 @@ class EvalConfig:
         "", "optional independent judge 'module:function(prompts, responses) -> scores'"
     )
     samples_in_report: int = knob(8, "sample responses shown per policy", lo=0)
+    samples_per_prompt: int = knob(
+        1,
+        "n responses per prompt; with a reward source (a checker such as "
+        "rlhfkit.rewards.verify:math) n > 1 reports the unbiased pass@k for k = 1, 2, 4, ... n "
+        "and mean@n (Chen et al. 2021)",
+        lo=1,
+    )
+    pass_score: float = knob(1.0, "a sample passes when its reward is >= this (pass@k)")
 
 
 @dataclass(frozen=True)

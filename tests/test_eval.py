@@ -223,3 +223,49 @@ def test_pass_at_k_is_the_unbiased_closed_form(n, c, k):
         assert pass_at_k(n, c, 1) == pytest.approx(c / n, abs=1e-15)  # pass@1 is the mean
     with pytest.raises(ValueError, match="pass_at_k"):
         pass_at_k(n, n + 1, k)
+
+
+def test_pass_at_k_table_against_the_closed_form():
+    from fractions import Fraction
+
+    from rlhfkit.algos.eval_stats import pass_at_k_table
+
+    scores = [1, 0, 0, 0, 1, 0] + [0] * 6 + [1, 1, 1, 0.5, 1, 1]  # 3 prompts x n = 6
+    table = pass_at_k_table([float(x) for x in scores], 6, threshold=1.0)
+    assert set(table) == {
+        f"{m}{s}" for m in ("pass@1", "pass@2", "pass@4", "pass@6", "mean@6") for s in ("", "_se")
+    }
+    correct = [2, 0, 5]
+    for k in (1, 2, 4, 6):
+        want = [1 - Fraction(math.comb(6 - c, k), math.comb(6, k)) for c in correct]
+        assert table[f"pass@{k}"] == pytest.approx(float(sum(want) / 3), abs=1e-12)
+    assert table["mean@6"] == pytest.approx((2 / 6 + 0 + 5.5 / 6) / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="n = 4 per prompt"):
+        pass_at_k_table([1.0] * 6, 4, 1.0)
+
+
+def coin(prompts, responses):
+    """A 0/1 'checker' for the pass@k test: 1 when the response has an even token count."""
+    return [float(len(r.split()) % 2 == 0) for r in responses]
+
+
+def test_rlhfkit_eval_reports_pass_at_k_from_n_samples_per_prompt(tmp_path, tiny_lm):
+    prompts = _prompts(tmp_path)
+    cfg = load_config(
+        EvalRunConfig,
+        None,
+        [f"reference={tiny_lm}", f"policy={tiny_lm}", f"eval.prompts_file={prompts}"]
+        + ["max_new_tokens=6", "reward_fn=test_eval:coin", "eval.samples_per_prompt=4"]
+        + ["eval.max_prompts=5", f"output_dir={tmp_path / 'e'}"],
+    )
+    p = run_eval(cfg)["policy"]
+    scores = [s["rm"] for s in p["samples"]]
+    assert len(scores) == 20  # 5 prompts x 4 samples, each prompt's 4 together
+    prompts_of = [s["prompt"] for s in p["samples"]]
+    assert all(len(set(prompts_of[i : i + 4])) == 1 for i in range(0, 20, 4))
+    correct = [int(sum(scores[i : i + 4])) for i in range(0, 20, 4)]
+    assert p["pass@1"] == pytest.approx(sum(correct) / 20, abs=1e-12)
+    assert p["pass@4"] == pytest.approx(sum(c > 0 for c in correct) / 5, abs=1e-12)
+    want2 = sum(1 - math.comb(4 - c, 2) / math.comb(4, 2) for c in correct) / 5
+    assert p["pass@2"] == pytest.approx(want2, abs=1e-12) and "pass@2_se" in p
+    assert p["mean@4"] == pytest.approx(sum(scores) / 20, abs=1e-12)

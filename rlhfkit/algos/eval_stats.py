@@ -55,3 +55,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         prod *= 1.0 - k / i
     return 1.0 - prod
+
+
+def pass_at_k_table(scores: Sequence[float], n: int, threshold: float) -> dict[str, float]:
+    """pass@k for k = 1, 2, 4, ... up to n (and n), and mean@n, with standard errors over prompts.
+    ``scores``: n consecutive scores per prompt; a sample passes when its score >= ``threshold``
+    (1 for a 0/1 checker). mean@n is the mean score of a prompt's n samples."""
+    if n < 1 or len(scores) % n:
+        raise ValueError(f"pass_at_k_table: {len(scores)} scores are not n = {n} per prompt")
+    per_prompt = [scores[i : i + n] for i in range(0, len(scores), n)]
+    correct = [sum(s >= threshold for s in p) for p in per_prompt]
+    ks = sorted({*(2**j for j in range(n.bit_length()) if 2**j <= n), n})
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"pass@{k}"], out[f"pass@{k}_se"] = mean_and_se([pass_at_k(n, c, k) for c in correct])
+    out[f"mean@{n}"], out[f"mean@{n}_se"] = mean_and_se([sum(p) / n for p in per_prompt])
+    return out

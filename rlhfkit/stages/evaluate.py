@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from rlhfkit.algos import masked_sum
-from rlhfkit.algos.eval_stats import distinct_n, distinct_share, mean_and_se, win_rate
+from rlhfkit.algos.eval_stats import (
+    distinct_n,
+    distinct_share,
+    mean_and_se,
+    pass_at_k_table,
+    win_rate,
+)
 from rlhfkit.config import (
     ConfigError,
     DataConfig,
@@ -140,9 +146,12 @@ def sample_policy(
     return out
 
 
-def summarize(s: Samples, reference: Samples | None = None) -> dict[str, float]:
+def summarize(
+    s: Samples, reference: Samples | None = None, n: int = 1, cfg: EvalConfig | None = None
+) -> dict[str, float]:
     """Means with standard errors (``<name>_se``), diversity, and the win rate against the
-    reference's samples of the same prompts (when both have judge scores)."""
+    reference's samples of the same prompts (when both have judge scores). With ``n`` > 1
+    samples per prompt and reward scores: pass@k and mean@n (``eval_stats.pass_at_k_table``)."""
     out: dict[str, float] = {}
     for name, values in (
         ("rm_score", s.rm),
@@ -157,6 +166,8 @@ def summarize(s: Samples, reference: Samples | None = None) -> dict[str, float]:
     out["distinct2"] = distinct_n(s.tokens, 2)
     if reference is not None and s.judge and reference.judge:
         out["win_rate"], out["win_rate_se"] = win_rate(s.judge, reference.judge)
+    if n > 1 and s.rm:
+        out.update(pass_at_k_table(s.rm, n, cfg.pass_score if cfg is not None else 1.0))
     return out
 
 
@@ -196,16 +207,18 @@ def evaluate_policies(
     prompts = prompts[: cfg.max_prompts]
     if reward is not None:
         check_columns(prompts, reward.needs())
+    n = cfg.samples_per_prompt  # n consecutive samples of each prompt
+    prompts = [p for p in prompts for _ in range(n)]
     prompt_ids, columns = [p.prompt_ids for p in prompts], columns_of(prompts)
     ref = load_policy(mc, tok, trainable=False)
     base = sample_policy(ref, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns)
-    result = {reference_name: {**summarize(base), "samples": sample_records(base)}}
+    result = {reference_name: {**summarize(base, n=n, cfg=cfg), "samples": sample_records(base)}}
     for name, path in policies.items():
         policy = load_policy(mc, tok, path=path, trainable=False)
         s = sample_policy(
             policy, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns
         )
-        result[name] = {**summarize(s, base), "samples": sample_records(s)}
+        result[name] = {**summarize(s, base, n, cfg), "samples": sample_records(s)}
     write_atomic_dir(out_dir, lambda d: _write(d, result, cfg.samples_in_report))
     return result
 
