@@ -1,26 +1,21 @@
-"""Worker for the group test (run under torchrun): every rank collects its share of one iteration
+"""Job of the distributed tests (``dist_jobs.py``): every rank collects its share of one iteration
 with samples_per_prompt = 4; rank 0 saves every rank's group ids and prompts to OUT.
 
-usage: dist_collect_groups.py LM PROMPTS OUT"""
+args: LM PROMPTS OUT"""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from rlhfkit.config import PPOConfig, load_config  # noqa: E402
-from rlhfkit.data.build import load_prompts  # noqa: E402
-from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect  # noqa: E402
-from rlhfkit.stages.ppo import load_models  # noqa: E402
-from rlhfkit.train import dist  # noqa: E402
+from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.data.build import load_prompts
+from rlhfkit.rollout.collect import PromptStream, ScoreNormalizer, collect
+from rlhfkit.stages.ppo import load_models
+from rlhfkit.train import dist
 
 
-def main(lm: str, prompts: str, out: str) -> None:
-    dist.init_from_env()
-    torch.set_num_threads(1)
+def collect_groups(lm: str, prompts: str, out: str) -> None:
     cfg = load_config(
         PPOConfig,
         None,
@@ -53,8 +48,3 @@ def main(lm: str, prompts: str, out: str) -> None:
     if dist.is_main():
         Path(out).write_text(json.dumps(every))
     dist.barrier()
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

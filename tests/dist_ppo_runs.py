@@ -1,26 +1,21 @@
-"""Worker for the 2-process end-to-end PPO test (run under torchrun): for each config, a whole
-run, then the same run resumed from its step-2 checkpoint in the same launch (rank 0 keeps the
-first run's export and log as final-first/ and metrics-first.jsonl, then drops step 3 and the
-exports, as a crash after step 2 would). One launch covers several configs (issue 21).
+"""Job of the distributed tests (``dist_jobs.py``): for each config, a whole PPO run, then the same
+run resumed from its step-2 checkpoint in the same launch (rank 0 keeps the first run's export
+and log as final-first/ and metrics-first.jsonl, then drops step 3 and the exports, as a crash
+after step 2 would).
 
-usage: dist_ppo_runs.py OUT_ROOT CONFIGS_JSON COMMON_JSON
+args: OUT_ROOT CONFIGS_JSON COMMON_JSON
 CONFIGS_JSON: {"name": ["key=value", ...]}; every run writes to OUT_ROOT/name"""
 
 import json
 import shutil
-import sys
 from pathlib import Path
-
-import torch
 
 from rlhfkit.config import PPOConfig, load_config
 from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.train import dist
 
 
-def main(root: str, configs: str, common: str) -> None:
-    dist.init_from_env()
-    torch.set_num_threads(1)
+def ppo_runs(root: str, configs: str, common: str) -> None:
     for name, extra in json.loads(configs).items():
         out = Path(root) / name
         cfg = load_config(PPOConfig, None, [*json.loads(common), f"run.output_dir={out}", *extra])
@@ -32,8 +27,3 @@ def main(root: str, configs: str, common: str) -> None:
                 shutil.rmtree(out / d)
         dist.barrier()
         run_ppo(cfg)  # resumes from step 2
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

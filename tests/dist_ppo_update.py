@@ -1,34 +1,27 @@
-"""Worker for the 1-vs-2-process equivalence test (run under torchrun): one PPO update on a fixed
-rollout, for each of several modes in one process group (one launch, not one per mode). Every
-rank builds the same 16-episode buffer, keeps its own slice, and trains on it; rank 0 saves the
-updated (consolidated) weights and the logged losses to OUT/MODE.
+"""Job of the distributed tests (``dist_jobs.py``): one PPO update on a fixed rollout, for each of
+several learner modes. Every rank builds the same 16-episode buffer, keeps its own slice, and
+trains on it; rank 0 saves the updated (consolidated) weights and the logged losses to OUT/MODE.
 
-usage: dist_ppo_update.py LM PROMPTS OUT MODES_JSON [key=value overrides for every mode]
+args: LM PROMPTS OUT MODES_JSON [key=value overrides for every mode]
 MODES_JSON: {"mode name": ["key=value", ...], ...}"""
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from rlhfkit.config import PPOConfig, load_config  # noqa: E402
-from rlhfkit.data.build import load_prompts  # noqa: E402
-from rlhfkit.rl.update import advantages, rl_update  # noqa: E402
-from rlhfkit.rollout.collect import ScoreNormalizer, rollout_chunk  # noqa: E402
-from rlhfkit.rollout.experience import concat  # noqa: E402
-from rlhfkit.stages.ppo import load_models  # noqa: E402
-from rlhfkit.train import dist  # noqa: E402
+from rlhfkit.config import PPOConfig, load_config
+from rlhfkit.data.build import load_prompts
+from rlhfkit.rl.update import advantages, rl_update
+from rlhfkit.rollout.collect import ScoreNormalizer, rollout_chunk
+from rlhfkit.rollout.experience import concat
+from rlhfkit.stages.ppo import load_models
+from rlhfkit.train import dist
 
 
-def main(lm: str, prompts: str, out: str, modes_json: str, *overrides: str) -> None:
-    dist.init_from_env()
-    torch.set_num_threads(1)
+def ppo_update(lm: str, prompts: str, out: str, modes_json: str, *overrides: str) -> None:
     for name, mode in json.loads(modes_json).items():
         update_once(lm, prompts, str(Path(out) / name), *mode, *overrides)
-    dist.shutdown()
 
 
 def update_once(lm: str, prompts: str, out: str, *overrides: str) -> None:
@@ -80,7 +73,3 @@ def update_once(lm: str, prompts: str, out: str, *overrides: str) -> None:
         metrics["sharded"] = float(sharded)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
     dist.barrier()
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

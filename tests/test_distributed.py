@@ -63,36 +63,89 @@ MODES = {
 }
 
 
+PPO_E2E = [
+    "reward_fn=test_reliability:toy_reward",
+    "run.iterations=3",
+    "run.save_every=2",
+    "rollout.episodes_per_iteration=16",
+    "rollout.max_new_tokens=8",
+    "ppo.minibatch_size=8",
+    "ppo.micro_batch_size=8",
+    "ppo.reward_norm=running",
+    "actor.lr=1e-3",
+    "critic.lr=1e-3",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+E2E_CONFIGS = {"separate": ["shared_trunk=false"], "shared": ["shared_trunk=true"]}
+
+
+def _train_args(out: Path, data: Path, lm: Path, *extra: str) -> list[str]:
+    """RM then DPO (``dist_train.py``) on the same preference data."""
+    common = [f"model.name_or_path={lm}", f"data.train_file={data}", "train.lr=1e-3"]
+    common += ["log.progress=false", "log.tensorboard=false", "train.log_every=1"]
+    rm = ["rm", *common, "train.max_steps=6", f"train.output_dir={out / 'rm'}", *extra]
+    dpo = ["dpo", *common, "train.max_steps=5", "dpo.beta=0.5", f"train.output_dir={out / 'dpo'}"]
+    return [*rm, "--", *dpo, *extra]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_lm) -> Path:
+    """Every in-process distributed check in three launches (``dist_jobs.py``): 1 process, 2 with
+    DDP, 2 with FSDP, each running the PPO updates of every learner mode and the RM and DPO runs;
+    DDP also collects groups, FSDP also runs PPO end to end with a resume. The tests below read
+    what they wrote (issue 21: one launch costs ~5 s of start-up here)."""
+    root = tmp_path_factory.mktemp("dist")
+    p = prompts_file(root)
+    pref = write_jsonl(root / "pref.jsonl", preference_rows(64))
+    lm, modes = str(tiny_lm), json.dumps(MODES)
+    for name, n, extra in (
+        ("n1", 1, []),
+        ("ddp", 2, ["run.parallel=ddp"]),
+        ("fsdp", 2, ["run.parallel=fsdp"]),
+    ):
+        out = root / name
+        batch = [f"train.batch_size={8 // n}"] + [e.replace("run.", "train.") for e in extra]
+        plan = [
+            ["ppo_update", [lm, str(p), str(out / "ppo"), modes, *extra]],
+            ["train", _train_args(out, pref, tiny_lm, *batch)],
+        ]
+        if name == "ddp":
+            plan.append(["groups", [lm, str(p), str(out / "g.json")]])
+        if name == "fsdp":
+            common = [f"model.name_or_path={lm}", f"data.train_file={p}", *extra, *PPO_E2E]
+            plan.append(
+                ["ppo_runs", [str(out / "e2e"), json.dumps(E2E_CONFIGS), json.dumps(common)]]
+            )
+        out.mkdir()
+        (out / "plan.json").write_text(json.dumps(plan))
+        torchrun(n, str(HERE / "dist_jobs.py"), str(out / "plan.json"))
+    return root
+
+
 @pytest.mark.slow
-def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+def test_ppo_update_one_vs_two_processes_ddp_and_fsdp(launched, tiny_lm):
     """Every learner mode (separate critic, shared trunk, critic-free with batch-wide and with
-    group whitening): one update on 1 process equals the same update on 2 (DDP and FSDP). The
-    modes run one after another in each launch: 3 launches, not 3 per mode (issue 21)."""
-    p = prompts_file(tmp_path)
-    worker = [str(HERE / "dist_ppo_update.py"), str(tiny_lm), str(p)]
-    modes = json.dumps(MODES)
-    torchrun(1, *worker, str(tmp_path / "n1"), modes)
-    for parallel in ("ddp", "fsdp"):
-        torchrun(2, *worker, str(tmp_path / parallel), modes, f"run.parallel={parallel}")
+    group whitening): one update on 1 process equals the same update on 2 (DDP and FSDP)."""
     init = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
     for mode in MODES:
-        _same_update(tmp_path, mode, init)
+        _same_update(launched, mode, init)
 
 
-def _same_update(tmp_path: Path, mode: str, init: dict) -> None:
+def _same_update(root: Path, mode: str, init: dict) -> None:
     shared, critic = mode == "shared_trunk", mode in ("separate_critic", "shared_trunk")
-    m1 = json.loads((tmp_path / "n1" / mode / "metrics.json").read_text())
-    w1 = torch.load(tmp_path / "n1" / mode / "w.pt", weights_only=True)
+    m1 = json.loads((root / "n1" / "ppo" / mode / "metrics.json").read_text())
+    w1 = torch.load(root / "n1" / "ppo" / mode / "w.pt", weights_only=True)
     keys = ["loss/policy", "loss/entropy", "kl/seq_mean", "reward/total"]
     keys += ["grad_norm/actor"] + (["loss/value"] if critic else [])
     keys += ["grad_norm/critic"] if critic and not shared else []
     assert ("loss/value" in m1) == critic, mode
     for parallel in ("ddp", "fsdp"):
-        m2 = json.loads((tmp_path / parallel / mode / "metrics.json").read_text())
+        m2 = json.loads((root / parallel / "ppo" / mode / "metrics.json").read_text())
         assert m2["sharded"] == float(parallel == "fsdp")  # FSDP really split the weights
         for k in keys:
             assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (mode, parallel, k)
-        w2 = torch.load(tmp_path / parallel / mode / "w.pt", weights_only=True)
+        w2 = torch.load(root / parallel / "ppo" / mode / "w.pt", weights_only=True)
         moved = 0
         assert w1.keys() == w2.keys() == ({"actor", "critic"} if critic else {"actor"})
         for part in w1:
@@ -111,15 +164,12 @@ def _same_update(tmp_path: Path, mode: str, init: dict) -> None:
 
 
 @pytest.mark.slow
-def test_groups_never_span_ranks_and_ids_are_global(tmp_path, tiny_lm):
+def test_groups_never_span_ranks_and_ids_are_global(launched, tiny_lm):
     """With 2 ranks and samples_per_prompt = 4, each group's 4 episodes sit on one rank with the
     same prompt, group ids differ across ranks, and the ranks together took the first 8 prompts
     of the stream, as one process would."""
-    p = prompts_file(tmp_path)
-    torchrun(
-        2, str(HERE / "dist_collect_groups.py"), str(tiny_lm), str(p), str(tmp_path / "g.json")
-    )
-    ranks = json.loads((tmp_path / "g.json").read_text())
+    p = launched / "prompts.jsonl"
+    ranks = json.loads((launched / "ddp" / "g.json").read_text())
     assert len(ranks) == 2 and all(len(r["group"]) == 16 for r in ranks)
     owner: dict[int, int] = {}
     for r, part in enumerate(ranks):
@@ -142,30 +192,10 @@ def test_groups_never_span_ranks_and_ids_are_global(tmp_path, tiny_lm):
 
 
 @pytest.mark.slow
-def test_rm_and_dpo_training_one_vs_two_processes_ddp_and_fsdp(tmp_path, tiny_lm):
+def test_rm_and_dpo_training_one_vs_two_processes_ddp_and_fsdp(launched):
     """RM and DPO in the shared training loop: the same global batch over 1 and 2 ranks gives the
-    same losses and weights; every rank computes the same DPO reference cache. Both stages run
-    in each launch (3 launches, issue 21)."""
-    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(64))
-    common = [
-        f"model.name_or_path={tiny_lm}",
-        f"data.train_file={data}",
-        "train.lr=1e-3",
-        "log.progress=false",
-        "log.tensorboard=false",
-        "train.log_every=1",
-    ]
-
-    def runs(name: str, *extra: str) -> list[str]:
-        rm = ["rm", *common, "train.max_steps=6", f"train.output_dir={tmp_path / name / 'rm'}"]
-        dpo = ["dpo", *common, "train.max_steps=5", "dpo.beta=0.5"]
-        dpo += [f"train.output_dir={tmp_path / name / 'dpo'}"]
-        return [*rm, *extra, "--", *dpo, *extra]
-
-    worker = str(HERE / "dist_train.py")
-    torchrun(1, worker, *runs("n1", "train.batch_size=8"))
-    for parallel in ("ddp", "fsdp"):  # the same global batch over 2 ranks
-        torchrun(2, worker, *runs(parallel, "train.batch_size=4", f"train.parallel={parallel}"))
+    same losses and weights; every rank computes the same DPO reference cache."""
+    tmp_path = launched
     # RM
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "n1/rm/final").state_dict()
     la = _losses(tmp_path / "n1" / "rm")
@@ -197,22 +227,6 @@ def _losses(run: Path) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-PPO_E2E = [
-    "reward_fn=test_reliability:toy_reward",
-    "run.iterations=3",
-    "run.save_every=2",
-    "rollout.episodes_per_iteration=16",
-    "rollout.max_new_tokens=8",
-    "ppo.minibatch_size=8",
-    "ppo.micro_batch_size=8",
-    "ppo.reward_norm=running",
-    "actor.lr=1e-3",
-    "critic.lr=1e-3",
-    "log.progress=false",
-    "log.tensorboard=false",
-]
-
-
 @pytest.mark.slow
 def test_two_process_ppo_cli_end_to_end_and_exact_resume_ddp(tmp_path, tiny_lm):
     """`rlhfkit ppo` under torchrun (DDP, separate critic): a whole run, then a rerun after
@@ -231,21 +245,11 @@ def test_two_process_ppo_cli_end_to_end_and_exact_resume_ddp(tmp_path, tiny_lm):
 
 
 @pytest.mark.slow
-def test_two_process_ppo_fsdp_end_to_end_and_exact_resume(tmp_path, tiny_lm):
-    """The same under FSDP, with a separate critic and with a shared trunk: both configs and
-    their resumes in one launch (``dist_ppo_runs.py``)."""
-    p = prompts_file(tmp_path)
-    common = [f"model.name_or_path={tiny_lm}", f"data.train_file={p}", "run.parallel=fsdp"]
-    configs = {"separate": ["shared_trunk=false"], "shared": ["shared_trunk=true"]}
-    torchrun(
-        2,
-        str(HERE / "dist_ppo_runs.py"),
-        str(tmp_path),
-        json.dumps(configs),
-        json.dumps(common + PPO_E2E),
-    )
-    for name in configs:
-        out = tmp_path / name
+def test_two_process_ppo_fsdp_end_to_end_and_exact_resume(launched, tiny_lm):
+    """PPO under FSDP, with a separate critic and with a shared trunk: a whole run, then a rerun
+    from the step-2 checkpoint in the same launch, reproduces the metrics and the weights."""
+    for name in E2E_CONFIGS:
+        out = launched / "fsdp" / "e2e" / name
         rows = [json.loads(x) for x in (out / "metrics-first.jsonl").read_text().splitlines()]
         _check_end_to_end(out, rows, tiny_lm)
 
