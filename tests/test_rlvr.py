@@ -54,18 +54,18 @@ def test_overlong_penalty_is_daposs_piecewise_form():
 
 @pytest.mark.parametrize("loss", ["gspo", "cispo"])
 def test_each_policy_loss_trains_under_rlhfkit_ppo(tmp_path, tiny_lm, loss):
-    """GRPO with GSPO's and CISPO's losses through the whole recipe: finite losses, a moved actor,
-    a GSPO ratio that starts at exactly 1 (one minibatch, one epoch: on policy)."""
+    """GRPO with GSPO's and CISPO's losses through the whole recipe, with dynamic sampling:
+    finite losses, a ratio that starts at exactly 1 (one minibatch, one epoch: on policy), and
+    the filtering logged."""
     cfg = ppo_cfg(
         tmp_path, tiny_lm, *GRPO, f"ppo.policy_loss={loss}", "run.iterations=2", "ppo.epochs=1",
-        "ppo.minibatch_size=32",
+        "ppo.minibatch_size=32", "rollout.filter_groups=true",
     )  # fmt: skip
-    from test_ppo import count_good
-
-    run_ppo(cfg, reward_fn=count_good)
+    run_ppo(cfg, reward_fn=_hash_or_flat)
     rows = read_metrics(cfg.run.output_dir)
     assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
     assert rows[0]["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert all(0 < r["rollout/filtered"] < 1 and r["rollout/sampling_rounds"] >= 1 for r in rows)
 
 
 # --------------------------------------------------------------------------- dynamic sampling
