@@ -119,8 +119,8 @@ def evaluate(policy: Path, data: dict, out: Path, a) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/rlvr-smollm2")
-    ap.add_argument("--iterations", type=int, default=25)
-    ap.add_argument("--heldout", type=int, default=48, help="held-out problems evaluated")
+    ap.add_argument("--iterations", type=int, default=13)  # ~30 min with the evaluations
+    ap.add_argument("--heldout", type=int, default=32, help="held-out problems evaluated")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--temperature", type=float, default=0.7)

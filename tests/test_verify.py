@@ -71,7 +71,9 @@ def test_exact_and_format_checkers():
     ) == [1.0, 0.0, 1.0]
     w = verify.FORMAT_WEIGHT
     texts = ["so \\boxed{4}.", "\\boxed{4} and then more words", "\\boxed{1} \\boxed{2}", "4"]
-    assert verify.format(["q"] * 4, texts) == [w, 0.0, 0.0, 0.0]
+    texts += ["the answer is \\boxed{N}.", "\\boxed{}", "\\boxed{\\frac{x}{y}}"]
+    # a placeholder is no answer: the fixed reward hack of docs/rlvr.md
+    assert verify.format(["q"] * 7, texts) == [w, 0.0, 0.0, 0.0, 0.0, 0.0, w]
 
 
 # --------------------------------------------------------------------------- columns

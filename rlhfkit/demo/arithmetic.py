@@ -14,7 +14,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-INSTRUCTION = "Solve it in a few short steps, then give the final answer as \\boxed{N}."
+# "as \\boxed{N}" invited a literal \\boxed{N} from SmolLM2 (docs/rlvr.md, run 1)
+INSTRUCTION = "Solve it in a few short steps, then put the final number inside \\boxed{}."
 NAMES = [
     "Ana",
     "Ben",

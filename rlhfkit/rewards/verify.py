@@ -135,13 +135,21 @@ def exact(prompts: Sequence[str], responses: Sequence[str], answer: Sequence, **
 
 
 def format(prompts: Sequence[str], responses: Sequence[str], **_) -> list[float]:  # noqa: A001
-    """``FORMAT_WEIGHT`` if the response holds exactly one ``\\boxed{...}`` and nothing after
-    it but whitespace and punctuation, else 0: the format the math prompt asks for."""
+    """``FORMAT_WEIGHT`` if the response holds exactly one ``\\boxed{...}`` with an answer in
+    it (a digit or a LaTeX command: not a placeholder such as ``\\boxed{N}``) and nothing after
+    it but whitespace and punctuation, else 0: the format the math prompt asks for.
+
+    The placeholder rule is a fixed reward hack: SmolLM2 trained with the first version learned to
+    end every response in a literal ``\\boxed{N}`` (docs/rlvr.md, run 1)."""
     out = []
     for text in responses:
         boxes = list(_BOXED.finditer(text))
         end = _closing(text, boxes[0].end()) if len(boxes) == 1 else None
-        ok = end is not None and re.fullmatch(r"[\s.$\\\])]*", text[end + 1 :]) is not None
+        ok = (
+            end is not None
+            and re.search(r"[\d\\]", text[boxes[0].end() : end]) is not None
+            and re.fullmatch(r"[\s.$\\\])]*", text[end + 1 :]) is not None
+        )
         out.append(FORMAT_WEIGHT if ok else 0.0)
     return out
 
