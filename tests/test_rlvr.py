@@ -81,17 +81,18 @@ def _hash_or_flat(prompts, responses):
 
 
 def _collect(cfg, reward):
+    """(models, experience, timings) of one seeded collection with ``reward``."""
     torch.manual_seed(0)
     models = load_models(cfg, None, reward)
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     norm = ScoreNormalizer("none", None, 0)
-    return collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
+    return models, *collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
 
 
 def test_dynamic_sampling_drops_flat_groups_and_fills_the_batch(tmp_path, tiny_lm):
     cfg = ppo_cfg(tmp_path, tiny_lm, *GRPO, "rollout.filter_groups=true")
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_sampling_rounds=4))
-    exp, t = _collect(cfg, _hash_or_flat)
+    _, exp, t = _collect(cfg, _hash_or_flat)
     assert len(exp) == cfg.rollout.episodes_per_iteration
     groups = exp.group.unique()
     assert len(groups) == len(exp) // 4
@@ -107,7 +108,7 @@ def test_dynamic_sampling_drops_flat_groups_and_fills_the_batch(tmp_path, tiny_l
 
 def test_dynamic_sampling_stops_at_max_rounds_and_fills_with_flat_groups(tmp_path, tiny_lm):
     cfg = ppo_cfg(tmp_path, tiny_lm, *GRPO, "rollout.filter_groups=true")
-    exp, t = _collect(cfg, lambda p, r: [2.0] * len(r))  # every group flat
+    _, exp, t = _collect(cfg, lambda p, r: [2.0] * len(r))  # every group flat
     assert len(exp) == cfg.rollout.episodes_per_iteration
     assert t.rounds == cfg.rollout.max_sampling_rounds and t.groups_filtered == t.groups
     assert t.groups_filled == len(exp) // 4
@@ -147,15 +148,10 @@ def test_correction_weights_against_float64_loops():
 def mismatched(tmp_path, tiny_lm):
     """An fp32 buffer whose sampler logprobs come from a bf16 forward of the same sequences: the
     trainer's pi_old and the sampler's pi differ as a bf16 engine's would."""
-    cfg = ppo_cfg(tmp_path, tiny_lm, "ppo.epochs=1", "ppo.minibatch_size=32")
-    torch.manual_seed(0)
     from test_ppo import count_good
 
-    models = load_models(cfg, None, count_good)
-    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    exp, _ = collect(
-        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
-    )
+    cfg = ppo_cfg(tmp_path, tiny_lm, "ppo.epochs=1", "ppo.minibatch_size=32")
+    models, exp, _ = _collect(cfg, count_good)
     advantages(exp, 0.05, cfg.ppo)
     seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
