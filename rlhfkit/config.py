@@ -319,6 +319,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
         if name not in data:
             continue
         raw = data[name]
+        shorthand = getattr(hints[name], "SHORTHAND", None)  # `env: m:f` = `env.factory: m:f`
+        if shorthand and isinstance(raw, str):
+            raw = {shorthand: raw}
         if dataclasses.is_dataclass(f.default) and isinstance(raw, dict):
             raw = _merge(dataclasses.asdict(f.default), raw)  # a section's own defaults (critic.lr)
         value = _coerce(raw, hints[name], prefix + name)
@@ -472,6 +475,15 @@ class RolloutConfig:
         3,
         "filter_groups: rounds of episodes_per_iteration episodes at most; a batch still short "
         "after them is filled with filtered groups (logged as rollout/filled)",
+        lo=1,
+    )
+    max_turns: int = knob(
+        1, "with an env: model turns per episode at most (max_new_tokens is per turn)", lo=1
+    )
+    max_total_tokens: int = knob(
+        256,
+        "with an env: tokens of a whole episode after its prompt (model and env turns); an "
+        "episode that would pass it is truncated and counted (env/truncated)",
         lo=1,
     )
 
@@ -631,6 +643,47 @@ class RewardSourceConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    """An environment for multi-turn episodes (docs/agents.md). ``env: module:factory`` is
+    short for ``env.factory: module:factory``."""
+
+    SHORTHAND = "factory"
+    factory: str = knob(
+        "",
+        "'module:factory': called with no arguments, it returns one environment per episode, "
+        "with reset(row) -> prompt and step(text) -> (observation, reward, done)",
+    )
+    tools: list[str] = knob(
+        [],
+        "instead of a factory: tool functions ['module:fn', ...]; their JSON schemas (type hints "
+        "+ docstring) go to the chat template and the model's calls are run",
+    )
+    tool_parser: Literal["hermes"] = knob(
+        "hermes", "how tool calls are read from the model's text: <tool_call>{json}</tool_call>"
+    )
+    tool_timeout: float = knob(
+        10.0, "seconds a tool call may take; past it the model gets an error", lo=0, lo_open=True
+    )
+    timeout: float = knob(
+        60.0, "seconds an environment's reset or step may take", lo=0, lo_open=True
+    )
+    on_error: Literal["raise", "skip"] = knob(
+        "raise",
+        "an env that raises or times out in reset/step: stop with an error naming the env and "
+        "the prompt, or drop the episode and count it (env/skipped)",
+    )
+    threads: int = knob(8, "environment steps run concurrently on this many threads", lo=1)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.factory and self.tools:
+            raise ConfigError(f"{prefix}factory / {prefix}tools: set only one of them")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.factory or self.tools)
+
+
+@dataclass(frozen=True)
 class RewardKeys:
     """Where R_final comes from (docs/rewards.md): the keys PPO and `rlhfkit eval` share."""
 
@@ -658,6 +711,9 @@ class RewardKeys:
         "several reward sources, combined as the weighted sum of their scores; each "
         "{name, weight, model | fn | url, normalize}. Instead of reward_model / reward_fn / reward_url",
     )
+    env: EnvConfig = sub(
+        EnvConfig, "multi-turn episodes with an environment or tools (docs/agents.md)"
+    )
 
     def check_reward_keys(self, prefix: str = "") -> None:
         # "none of them" is checked where a reward is needed: the pipeline fills reward_model in
@@ -670,7 +726,9 @@ class RewardKeys:
             raise ConfigError(f"{prefix}rewards: names must differ, got {names}")
 
     def has_reward(self) -> bool:
-        return bool(self.reward_model or self.reward_fn or self.reward_url or self.rewards)
+        """A reward source is set; an environment is one (its rewards, ``rlhfkit.envs:env_reward``)."""
+        keys = (self.reward_model, self.reward_fn, self.reward_url, self.rewards, self.env.enabled)
+        return any(bool(k) for k in keys)
 
 
 @dataclass(frozen=True)
@@ -742,6 +800,7 @@ class PPOConfig(RewardKeys):
         if self.critic_init == "rm" and not self.reward_model:
             raise ConfigError(f"{prefix}critic_init: 'rm' needs {prefix}reward_model")
         self._validate_estimator(prefix)
+        self._validate_env(prefix)
         if self.ppo.minibatch_size % self.ppo.micro_batch_size:
             raise ConfigError(
                 f"{prefix}ppo.micro_batch_size must divide {prefix}ppo.minibatch_size"
@@ -749,6 +808,27 @@ class PPOConfig(RewardKeys):
         if self.rollout.episodes_per_iteration % self.ppo.minibatch_size:
             raise ConfigError(
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
+            )
+
+    def _validate_env(self, prefix: str) -> None:
+        """Multi-turn keys without an environment, or settings an episode cannot meet."""
+        rc = self.rollout
+        if not self.env.enabled:
+            if rc.max_turns != 1:
+                raise ConfigError(
+                    f"{prefix}rollout.max_turns: more than one turn needs an environment "
+                    f"({prefix}env.factory or {prefix}env.tools)"
+                )
+            return
+        if rc.max_total_tokens < rc.max_new_tokens:
+            raise ConfigError(
+                f"{prefix}rollout.max_total_tokens ({rc.max_total_tokens}) must be >= "
+                f"{prefix}rollout.max_new_tokens ({rc.max_new_tokens}), the first turn's limit"
+            )
+        if self.ppo.overlong_buffer:
+            raise ConfigError(
+                f"{prefix}ppo.overlong_buffer: the overlong penalty is for single responses; an "
+                f"episode's length is bounded by {prefix}rollout.max_total_tokens"
             )
 
     def _validate_policy_loss(self, prefix: str, est) -> None:
@@ -856,9 +936,17 @@ class EvalRunConfig(RewardKeys):
     temperature: float = knob(1.0, "sampling temperature", lo=0, lo_open=True)
     top_k: int = knob(0, "sample from the k most likely tokens (0 = off)", lo=0)
     top_p: float = knob(1.0, "nucleus sampling mass (1 = off)", lo=0, hi=1, lo_open=True)
+    max_turns: int = knob(
+        1, "with an env: model turns per episode at most (max_new_tokens is per turn)", lo=1
+    )
+    max_total_tokens: int = knob(
+        256, "with an env: tokens of a whole episode after its prompt (model and env turns)", lo=1
+    )
 
     def validate(self, prefix: str = "") -> None:
         self.check_reward_keys(prefix)
+        if self.max_turns != 1 and not self.env.enabled:
+            raise ConfigError(f"{prefix}max_turns: more than one turn needs {prefix}env")
 
     def sampling(self) -> tuple[DataConfig, RolloutConfig]:
         """The prompt-reading and sampling settings in the form the rollout code takes."""

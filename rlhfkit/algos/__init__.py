@@ -32,7 +32,7 @@ from rlhfkit.algos.losses import (
     rollout_correction_weights,
     value_loss,
 )
-from rlhfkit.algos.masking import last_index, position_ids, response_mask
+from rlhfkit.algos.masking import last_index, pack_left, position_ids, response_mask, unpack
 from rlhfkit.algos.rewards import overlong_penalty, shape_rewards
 from rlhfkit.algos.rm_losses import pairwise_accuracy, pairwise_loss, ranking_loss
 from rlhfkit.algos.stats import (
@@ -86,6 +86,8 @@ __all__ = [
     "policy_loss",
     "ranking_loss",
     "response_mask",
+    "pack_left",
+    "unpack",
     "shape_rewards",
     "td_advantages",
     "token_logprobs",

@@ -28,3 +28,26 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions 0, 1, 2, ... of the real tokens of each row, counted from its first real token
     (left padding gets 0). (B, L) -> (B, L) long. Every forward over padded rows uses this."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def pack_left(
+    x: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's masked entries to its front, in order; zeros after them. (B, T) ->
+    (packed (B, T), packed_mask (B, T) bool, order (B, T) for ``unpack``). A right-padded mask
+    packs to itself; a mask with holes (a multi-turn episode's environment tokens) closes them,
+    so that a recursion over "the next token" runs over the masked tokens only."""
+    m = mask.bool()
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # masked positions first
+    count = m.sum(1, keepdim=True)
+    packed_mask = torch.arange(m.shape[1], device=m.device)[None] < count
+    packed = torch.where(
+        packed_mask, x.gather(1, order), torch.zeros((), dtype=x.dtype, device=x.device)
+    )
+    return packed, packed_mask, order
+
+
+def unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_left``: entries back at their positions, zeros at the unmasked
+    ones (``packed`` is zero past each row's count). (B, T) -> (B, T)"""
+    return torch.zeros_like(packed).scatter(1, order, packed)

@@ -26,8 +26,10 @@ from rlhfkit.algos import (
     masked_mean,
     masked_var,
     masked_whiten,
+    pack_left,
     rollout_correction_weights,
     shape_rewards,
+    unpack,
     value_loss,
 )
 from rlhfkit.config import PPOAlgoConfig, PPOConfig
@@ -40,42 +42,42 @@ from rlhfkit.train import dist
 
 def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, float]:
     """Fill ``exp.rewards``, ``exp.advantages`` and ``exp.returns``; returns the logged statistics
-    (averaged over ranks). With ``kl_in: loss`` the KL leaves the rewards (it enters the loss)."""
-    m, est = exp.response_mask, get_estimator(pc.estimator)
+    (averaged over ranks). With ``kl_in: loss`` the KL leaves the rewards (it enters the loss).
+
+    Everything runs over the model's own tokens (``exp.loss_mask``), packed to the front of each
+    row: an environment's tokens in a multi-turn episode are transparent, so the recursions of
+    GAE and REINFORCE++ step from the last token of one model turn to the first of the next, and
+    R_final sits at the model's last token (docs/algorithms.md, "Multi-turn episodes")."""
+    est = get_estimator(pc.estimator)
     kl = kl_penalty(exp.logprobs, exp.ref_logprobs, pc.kl_estimator)  # (B, T)
+    kl, m, order = pack_left(kl, exp.loss_mask)  # identity for a single-turn response
+    values = None if exp.values is None else pack_left(exp.values, exp.loss_mask)[0]
     reward_kl_coef = kl_coef if pc.kl_in == "reward" else 0.0
-    exp.rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
+    rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
     # an estimator that reads only per-response scores gets the sequence reward sum_t r_t =
     # R_final - beta sum_t KL_t, so the reward-side KL penalty reaches it (TRL's RLOO and
     # OpenRLHF do the same); with kl_in: loss that is R_final alone
     outcome_only = "rewards" not in est.inputs
-    scores = exp.rewards.sum(1) if outcome_only else exp.scores  # (B,)
-    adv, exp.returns = compute_advantages(
-        pc.estimator,
-        exp.rewards,
-        exp.values,
-        m,
-        pc.gamma,
-        pc.lam,
-        scores=scores,
-        group=exp.group,
+    scores = rewards.sum(1) if outcome_only else exp.scores  # (B,)
+    adv, returns = compute_advantages(
+        pc.estimator, rewards, values, m, pc.gamma, pc.lam, scores=scores, group=exp.group
     )
     whiten = pc.whiten_advantages if est.whiten is None else est.whiten
+    final = adv
     if whiten:  # statistics over the whole buffer, all ranks together
         mean, var = dist.global_masked_moments(adv, m)
-        exp.advantages = masked_whiten(adv, m, mean=mean, var=var)
-    else:
-        exp.advantages = adv
+        final = masked_whiten(adv, m, mean=mean, var=var)
+    exp.rewards, exp.advantages, exp.returns = (unpack(x, order) for x in (rewards, final, returns))
     stats = {
         "kl/seq_mean": float(rstats["kl_sum"].mean()),
         "reward/non_score": float(rstats["non_score_reward"].mean()),  # 0 with kl_in: loss
-        "reward/total": float(exp.rewards.sum(1).mean()),
+        "reward/total": float(rewards.sum(1).mean()),
         "adv/mean": float(masked_mean(adv, m)),
         "adv/std": float(masked_var(adv, m).sqrt()),
     }
-    if exp.values is not None:
-        stats["value/explained_var"] = float(explained_variance(exp.values, exp.returns, m))
-        stats["value/mean"] = float(masked_mean(exp.values, m))
+    if values is not None:
+        stats["value/explained_var"] = float(explained_variance(values, returns, m))
+        stats["value/mean"] = float(masked_mean(values, m))
     return dist.mean_over_ranks(stats)
 
 
@@ -83,8 +85,9 @@ def minibatch_denominator(exp: Experience, aggregation: str, max_new_tokens: int
     """What the loss of a whole minibatch (all ranks) is divided by, over the number of ranks:
     each micro-batch's loss sum over this, summed and averaged by DDP, is exactly the minibatch
     loss (``algos.aggregate``'s ``denominator``). token: response tokens; sequence: non-empty
-    sequences; token_sum_norm: sequences x max_new_tokens (Dr. GRPO's constant)."""
-    m = exp.response_mask
+    sequences; token_sum_norm: sequences x max_new_tokens (Dr. GRPO's constant). Only the
+    model's own tokens count (``loss_mask``)."""
+    m = exp.loss_mask
     if aggregation == "token":
         count = m.sum()
     elif aggregation == "sequence":
@@ -113,7 +116,7 @@ def corrected_advantages(mb: Experience, pc: PPOAlgoConfig) -> tuple[torch.Tenso
     if pc.rollout_correction == "none":
         return mb.advantages, {}
     w, cstats = rollout_correction_weights(
-        mb.logprobs, mb.sampler_logprobs, mb.response_mask, pc.rollout_correction,
+        mb.logprobs, mb.sampler_logprobs, mb.loss_mask, pc.rollout_correction,
         pc.rollout_correction_cap,
     )  # fmt: skip
     stats = {"correction/mismatch": float(cstats["mismatch"])}
@@ -135,7 +138,7 @@ def micro_step(
     entropy bonus and, with ``kl_in: loss``, beta KL_t; plus the value loss if there is a critic.
     ``dtype``: ``model.dtype``; bf16-mixed runs the forward under autocast, the losses in fp32."""
     seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
-    m = mb.response_mask
+    m = mb.loss_mask  # the model's own tokens: an environment's get no loss, KL or entropy
     with_entropy = update_actor and pc.ent_coef > 0
     with autocast(dtype, m.device):
         logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import autocast, device_of
 from rlhfkit.rollout.columns import columns_of
+from rlhfkit.rollout.episodes import Episodes
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import ScoreNormalizer
@@ -71,11 +72,22 @@ class Timings:
     groups_filtered: float = 0.0
     groups_filled: float = 0.0
     rounds: float = 0.0
+    # episodes with an environment (rollout/episodes.py): turns, truncated and skipped episodes,
+    # and what tool environments counted
+    env_turns: float = 0.0
+    env_truncated: float = 0.0
+    env_skipped: float = 0.0
+    env_tool_calls: float = 0.0
+    env_tool_errors: float = 0.0
+    env_invalid_calls: float = 0.0
 
     def __iadd__(self, other: Timings) -> Timings:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
+
+
+_ENV_COUNTS = {f.name for f in dataclasses.fields(Timings) if f.name.startswith("env_")}
 
 
 def fixed_layout(dtype: str) -> bool:
@@ -110,19 +122,50 @@ def _pad_generation(gen, width: int, pad_id: int):
     )
 
 
+class SingleTurn:
+    """The rollout's sampler without an environment: one response per prompt."""
+
+    def __call__(self, actor, tokenizer, prompts, sample: dict, prompt_width) -> Episodes:
+        ids, mask = pad_left(
+            [p.prompt_ids for p in prompts], tokenizer.pad_token_id, device_of(actor), prompt_width
+        )  # (B, P)
+        gen = generate(actor, ids, mask, **sample)
+        none = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
+        return Episodes(ids, mask, gen, None, [0.0] * len(prompts), [], none)
+
+    def columns(self, episodes: Episodes) -> dict[str, list]:
+        return {}
+
+
 @dataclass
 class RolloutModels:
     """What a rollout runs: the learner (actor and critic mode, ``rl.critics``), the frozen
-    reference (None = the LoRA actor with its adapters off) and the reward source."""
+    reference (None = the LoRA actor with its adapters off), the reward source, and the sampler
+    (one response per prompt, or episodes with an environment: ``rollout.episodes``)."""
 
     tokenizer: object
     learner: object
     ref: object | None
     reward: object  # rollout.rewards: called with (Sequences, tokenizer) -> (B,) raw scores
+    sampler: object = field(default_factory=SingleTurn)  # SingleTurn or episodes.MultiTurn
 
     @property
     def actor(self):
         return self.learner.actor
+
+
+def _sampling(tok, rc) -> dict:
+    """``generate``'s keywords from ``rollout.*``."""
+    return dict(
+        max_new_tokens=rc.max_new_tokens,
+        eos_id=None if rc.ignore_eos else tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=rc.temperature,
+        top_k=rc.top_k,
+        top_p=rc.top_p,
+        stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
+        compile_decode=rc.compile,
+    )
 
 
 @torch.no_grad()
@@ -138,27 +181,15 @@ def rollout_chunk(
     ``group`` (B,) holds the ids). ``prompt_width``: pad prompts to it (the fixed layout)."""
     tok, rc, learner = models.tokenizer, cfg.rollout, models.learner
     actor = learner.actor
-    prompt_ids, prompt_mask = pad_left(
-        [p.prompt_ids for p in prompts], tok.pad_token_id, device_of(actor), prompt_width
-    )  # (B, P)
     t0 = time.perf_counter()
     with dist.full_weights(learner.generator):  # FSDP: no collectives per token
-        gen = generate(
-            actor,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=rc.max_new_tokens,
-            eos_id=None if rc.ignore_eos else tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            temperature=rc.temperature,
-            top_k=rc.top_k,
-            top_p=rc.top_p,
-            stop_sequences=[tok(s, add_special_tokens=False)["input_ids"] for s in rc.stop_strings],
-            compile_decode=rc.compile,
-        )
+        ep = models.sampler(actor, tok, prompts, _sampling(tok, rc), prompt_width)
     t1 = time.perf_counter()
+    gen, prompt_ids, prompt_mask = ep.gen, ep.prompt_ids, ep.prompt_mask
     if prompt_width is not None:  # fixed layout: every response is max_new_tokens columns wide
         gen = _pad_generation(gen, rc.max_new_tokens, tok.pad_token_id)
+    # the model's own tokens: all of a single-turn response, the model's turns of an episode
+    action = gen.mask if ep.action_mask is None else _pad_cols(ep.action_mask, gen.mask)
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
     sampled = (
         (gen.logprobs, gen.entropy)
@@ -171,18 +202,28 @@ def rollout_chunk(
             ref_logprobs, _ = policy_logprobs(actor, seq, rc.temperature)
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
-    raw = models.reward(seq, tok, columns_of(prompts)).to(prompt_ids.device)  # (B,)
+    columns = {**columns_of(prompts), **models.sampler.columns(ep)}
+    raw = models.reward(seq, tok, columns).to(prompt_ids.device)  # (B,)
     pc = cfg.ppo
     scores = (
         normalize(raw)
         - rc.missing_eos_penalty * (~gen.stopped).float()
         + overlong_penalty(gen.lengths, rc.max_new_tokens, pc.overlong_buffer, pc.overlong_penalty)
     )
+    # an episode dropped by env.on_error: skip keeps its row (every rank keeps its batch size)
+    # with no action tokens, a score of 0 and a group of its own (out of every group baseline)
+    n, skipped = rc.samples_per_prompt, ep.skipped
+    own = -1 - (
+        group.to(skipped.device) * n + torch.arange(len(prompts), device=skipped.device) % n
+    )
+    group = torch.where(skipped, own, group.to(skipped.device))
+    raw, scores = (torch.where(skipped, torch.zeros_like(x), x) for x in (raw, scores))
     timings = Timings(
         generate=t1 - t0,
         score=time.perf_counter() - t1,
-        entropy_sum=float(masked_mean(entropy, gen.mask)) * len(prompts),
+        entropy_sum=float(masked_mean(entropy, action)) * len(prompts),
         episodes=len(prompts),
+        **{f"env_{k}": v for k, v in ep.counts.items() if f"env_{k}" in _ENV_COUNTS},
     )
     exp = Experience(
         prompt_ids=prompt_ids,
@@ -197,8 +238,14 @@ def rollout_chunk(
         stopped=gen.stopped,
         group=group.to(prompt_ids.device),
         sampler_logprobs=gen.logprobs if pc.rollout_correction != "none" else None,
+        action_mask=None if ep.action_mask is None else action,
     )
     return exp, timings
+
+
+def _pad_cols(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` right-padded with False to ``like``'s width."""
+    return torch.nn.functional.pad(mask, (0, like.shape[1] - mask.shape[1]), value=False)
 
 
 def collect(

@@ -22,9 +22,17 @@ class Experience:
     group: torch.Tensor  # (B,) long: responses to the same prompt share a group id (all ranks)
     # (B, T) the sampler's own log pi(a_t|s_t), kept for ppo.rollout_correction (else None)
     sampler_logprobs: torch.Tensor | None = None
+    # (B, T) bool: the model's own tokens of a multi-turn episode (an environment's turns are
+    # 0); None = every response token (single turn). Losses, KL and entropy read ``loss_mask``
+    action_mask: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # (B, T) r_t
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) bool: the tokens the policy wrote, the only ones trained on."""
+        return self.response_mask if self.action_mask is None else self.action_mask
 
     def __len__(self) -> int:
         return self.response.shape[0]

@@ -279,4 +279,8 @@ def build_reward(cfg, model_cfg, tokenizer, reward_fn: RewardFn | None = None):
         return model_reward(cfg.reward_model, model_cfg, tokenizer)
     if cfg.reward_url:
         return url_reward(cfg.reward_url, cfg)
+    if not (reward_fn or cfg.reward_fn) and cfg.env.enabled:  # the environment's own rewards
+        from rlhfkit.envs import env_reward
+
+        return FnReward(env_reward, "env")
     return FnReward(reward_fn or load_reward_fn(cfg.reward_fn))

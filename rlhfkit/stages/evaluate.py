@@ -41,10 +41,10 @@ from rlhfkit.config import (
     ModelConfig,
     RolloutConfig,
 )
-from rlhfkit.data.build import load_prompts
-from rlhfkit.data.tokenize import pad_left
+from rlhfkit.data.build import PromptItem, load_prompts
 from rlhfkit.models import device_of, load_policy, load_tokenizer
-from rlhfkit.rollout.columns import Columns, check_columns, columns_of
+from rlhfkit.rollout.collect import SingleTurn
+from rlhfkit.rollout.columns import check_columns, columns_of
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import (
     RewardFn,
@@ -53,7 +53,6 @@ from rlhfkit.rollout.rewards import (
     decode_texts,
     load_reward_fn,
 )
-from rlhfkit.rollout.sampling import generate
 from rlhfkit.train.checkpoint import write_atomic_dir
 
 # what ``summarize`` reports per policy (each mean also with ``<name>_se``)
@@ -96,53 +95,73 @@ def sample_policy(
     policy,
     ref,
     tok,
-    prompt_ids: list[list[int]],
+    prompts: list[PromptItem],
     rollout: RolloutConfig,
     seed: int,
     reward=None,
     judge: RewardFn | None = None,
     chunk: int = 32,
-    columns: Columns | None = None,
+    sampler=None,
 ) -> Samples:
-    """Sample ``policy`` on ``prompt_ids`` with a fixed seed and measure each response.
+    """Sample ``policy`` on ``prompts`` with a fixed seed and measure each response.
     ``reward``: a rollout reward source (``rollout.rewards``) or None; ``judge``: a reward function;
-    ``columns``: the prompts' other fields (one value per prompt), passed to both."""
+    both get the prompts' columns. ``sampler``: the rollout's (``SingleTurn`` by default, or
+    episodes with an environment: the KL is then over the model's tokens, and the responses
+    show the environment's turns marked)."""
+    sampler = sampler or SingleTurn()
     was_training = policy.training
     policy.eval()
     g = torch.Generator(device=device_of(policy)).manual_seed(seed)
+    sample = dict(
+        max_new_tokens=rollout.max_new_tokens,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=rollout.temperature,
+        top_k=rollout.top_k,
+        top_p=rollout.top_p,
+        generator=g,
+    )
     out = Samples()
-    for i in range(0, len(prompt_ids), chunk):
-        ids, mask = pad_left(prompt_ids[i : i + chunk], tok.pad_token_id, device_of(policy))
-        gen = generate(
-            policy,
-            ids,
-            mask,
-            max_new_tokens=rollout.max_new_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            temperature=rollout.temperature,
-            top_k=rollout.top_k,
-            top_p=rollout.top_p,
-            generator=g,
-        )
+    for i in range(0, len(prompts), chunk):
+        items = prompts[i : i + chunk]
+        ep = sampler(policy, tok, items, sample, None)
+        ids, mask, gen = ep.prompt_ids, ep.prompt_mask, ep.gen
+        act = gen.mask if ep.action_mask is None else ep.action_mask
         seq = join(ids, mask, gen.tokens, gen.mask)
         lp, _ = policy_logprobs(policy, seq, rollout.temperature)
         model, ctx = _reference_forward(policy, ref)
         with ctx:
             lp_ref, _ = policy_logprobs(model, seq, rollout.temperature)
         p_text, r_text = decode_texts(tok, ids, mask, gen.tokens, gen.mask)
-        cols = {k: v[i : i + chunk] for k, v in (columns or {}).items()}
+        cols = {**columns_of(items), **sampler.columns(ep)}
         out.prompts += p_text
-        out.responses += r_text
+        out.responses += (
+            r_text if ep.action_mask is None else marked_trajectories(tok, gen, ep.action_mask)
+        )
         out.tokens += [t[m].tolist() for t, m in zip(gen.tokens, gen.mask, strict=True)]
-        out.kl += masked_sum(lp - lp_ref, gen.mask, dim=1).tolist()
-        out.length += gen.lengths.float().tolist()
+        out.kl += masked_sum(lp - lp_ref, act, dim=1).tolist()
+        out.length += act.sum(1).float().tolist()
         out.stopped += gen.stopped.float().tolist()
         if reward is not None:
             out.rm += reward(seq, tok, cols).float().tolist()
         if judge is not None:
             out.judge += call_reward_fn(judge, p_text, r_text, cols).tolist()
     policy.train(was_training)
+    return out
+
+
+def marked_trajectories(tok, gen, action_mask: torch.Tensor) -> list[str]:
+    """Each episode's text with the environment's turns marked ``[env: ...]`` (the report's
+    sample trajectories): runs of model and environment tokens decoded separately."""
+    out = []
+    for toks, real, act in zip(gen.tokens, gen.mask, action_mask, strict=True):
+        parts, start, n = [], 0, int(real.sum())
+        for j in range(1, n + 1):
+            if j == n or bool(act[j]) != bool(act[start]):
+                text = tok.decode(toks[start:j], skip_special_tokens=True).strip()
+                parts.append(text if bool(act[start]) else f"[env: {text}]")
+                start = j
+        out.append(" ".join(p for p in parts if p))
     return out
 
 
@@ -195,6 +214,7 @@ def evaluate_policies(
     seed: int,
     out_dir: Path,
     reference_name: str = "sft",
+    sampler=None,
 ) -> dict[str, Any]:
     """The reference (its own samples: the baseline of the win rates) and every policy of
     ``policies`` (name -> directory) on the same prompts and seed. Writes out_dir/eval.json
@@ -209,15 +229,12 @@ def evaluate_policies(
         check_columns(prompts, reward.needs())
     n = cfg.samples_per_prompt  # n consecutive samples of each prompt
     prompts = [p for p in prompts for _ in range(n)]
-    prompt_ids, columns = [p.prompt_ids for p in prompts], columns_of(prompts)
     ref = load_policy(mc, tok, trainable=False)
-    base = sample_policy(ref, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns)
+    base = sample_policy(ref, ref, tok, prompts, rollout, seed, reward, judge, sampler=sampler)
     result = {reference_name: {**summarize(base, n=n, cfg=cfg), "samples": sample_records(base)}}
     for name, path in policies.items():
         policy = load_policy(mc, tok, path=path, trainable=False)
-        s = sample_policy(
-            policy, ref, tok, prompt_ids, rollout, seed, reward, judge, columns=columns
-        )
+        s = sample_policy(policy, ref, tok, prompts, rollout, seed, reward, judge, sampler=sampler)
         result[name] = {**summarize(s, base, n, cfg), "samples": sample_records(s)}
     write_atomic_dir(out_dir, lambda d: _write(d, result, cfg.samples_in_report))
     return result
@@ -312,6 +329,18 @@ def run_eval(cfg: EvalRunConfig, judge: RewardFn | None = None) -> dict[str, Any
         cfg.seed,
         Path(cfg.output_dir),
         reference_name="reference",
+        sampler=eval_sampler(cfg, data),
+    )
+
+
+def eval_sampler(cfg: EvalRunConfig, data: DataConfig):
+    """`rlhfkit eval`'s sampler: one response per prompt, or episodes with ``env``."""
+    if not cfg.env.enabled:
+        return SingleTurn()
+    from rlhfkit.rollout.episodes import multi_turn
+
+    return multi_turn(
+        cfg.env, cfg.max_turns, cfg.max_new_tokens, cfg.max_total_tokens, data.max_prompt_length
     )
 
 
@@ -323,17 +352,17 @@ class HeldOutEval:
 
     def __init__(
         self,
-        prompt_ids,
+        prompts: list[PromptItem],
         tokenizer,
         rollout: RolloutConfig,
         judge,
         reward,
         seed: int,
         keep_best: str,
-        columns: Columns | None = None,
+        sampler=None,
     ):
-        self.prompt_ids, self.tok, self.rollout = prompt_ids, tokenizer, rollout
-        self.columns = columns
+        self.prompts, self.tok, self.rollout = prompts, tokenizer, rollout
+        self.sampler = sampler
         self.judge, self.reward, self.seed, self.keep_best = judge, reward, seed, keep_best
         self.reference: Samples | None = None
         self.best: dict[str, float] = {}  # {"value": ..., "iteration": ...}
@@ -346,23 +375,23 @@ class HeldOutEval:
                     base,
                     base,
                     self.tok,
-                    self.prompt_ids,
+                    self.prompts,
                     self.rollout,
                     self.seed,
                     None,
                     self.judge,
-                    columns=self.columns,
+                    sampler=self.sampler,
                 )
         s = sample_policy(
             actor,
             ref,
             self.tok,
-            self.prompt_ids,
+            self.prompts,
             self.rollout,
             self.seed,
             self.reward,
             self.judge,
-            columns=self.columns,
+            sampler=self.sampler,
         )
         # a combined reward source counts its scores per iteration: these are not the rollout's
         getattr(self.reward, "pop_metrics", dict)()

@@ -35,8 +35,15 @@ from rlhfkit.models import (
 from rlhfkit.rl.critics import NoCritic, SeparateCritic, SharedTrunk
 from rlhfkit.rl.metrics import check_names, rollout_metrics
 from rlhfkit.rl.update import advantages, rl_update
-from rlhfkit.rollout.collect import PromptStream, RolloutModels, ScoreNormalizer, collect
-from rlhfkit.rollout.columns import check_columns, columns_of
+from rlhfkit.rollout.collect import (
+    PromptStream,
+    RolloutModels,
+    ScoreNormalizer,
+    SingleTurn,
+    collect,
+)
+from rlhfkit.rollout.columns import check_columns
+from rlhfkit.rollout.episodes import multi_turn
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.rewards import (
     RewardFn,
@@ -98,11 +105,22 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
         )
     learner = load_learner(cfg, actor, tok, ckpt)
     reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
+    sampler = rollout_sampler(cfg)
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
         for frozen in (ref, reward.module):
             if frozen is not None:
                 dist.shard(frozen)
-    return Models(tok, learner, ref, reward)
+    return Models(tok, learner, ref, reward, sampler)
+
+
+def rollout_sampler(cfg: PPOConfig):
+    """One response per prompt, or episodes with the config's environment."""
+    if not cfg.env.enabled:
+        return SingleTurn()
+    rc = cfg.rollout
+    return multi_turn(
+        cfg.env, rc.max_turns, rc.max_new_tokens, rc.max_total_tokens, cfg.data.max_prompt_length
+    )
 
 
 # --------------------------------------------------------------------------- one iteration
@@ -223,10 +241,10 @@ class RunState:
 
 
 def _check_config(cfg: PPOConfig, reward_fn: RewardFn | None) -> None:
-    if not (cfg.reward_model or cfg.reward_fn or cfg.reward_url or cfg.rewards or reward_fn):
+    if not (cfg.has_reward() or reward_fn):
         raise ConfigError(
-            "reward_model / reward_fn / reward_url / rewards: set one of them (an RM directory, "
-            "a Python reward, a reward server, or a list of sources)"
+            "reward_model / reward_fn / reward_url / rewards / env: set one of them (an RM "
+            "directory, a Python reward, a reward server, a list of sources, or an environment)"
         )
     n, rc = dist.world(), cfg.rollout
     if rc.episodes_per_iteration % (n * rc.samples_per_prompt) or cfg.ppo.minibatch_size % n:
@@ -244,17 +262,15 @@ def held_out_eval(cfg: PPOConfig, models: Models, prompts: list[PromptItem], mon
     judge = monitor or (load_reward_fn(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None)
     if cfg.eval.keep_best == "judge" and judge is None:
         raise ConfigError("eval.keep_best: 'judge' needs eval.judge (module:function)")
-    prompts = prompts[: cfg.eval.max_prompts]
-    ids, seed = [p.prompt_ids for p in prompts], cfg.run.seed + 4242
     return HeldOutEval(
-        ids,
+        prompts[: cfg.eval.max_prompts],
         models.tokenizer,
         cfg.rollout,
         judge,
         models.reward,
-        seed,
+        cfg.run.seed + 4242,
         cfg.eval.keep_best,
-        columns_of(prompts),
+        models.sampler,  # episodes too, with an environment
     )
 
 
