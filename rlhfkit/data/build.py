@@ -102,8 +102,8 @@ def tokenize_sft(
 ) -> list[SFTItem]:
     items = []
     for ex in examples:
-        p = encode_prompt(tokenizer, ex.prompt)
-        c = encode_completion(tokenizer, ex.prompt, ex.completion, ex.where)
+        p = encode_prompt(tokenizer, ex.prompt, ex.tools)
+        c = encode_completion(tokenizer, ex.prompt, ex.completion, ex.where, ex.tools)
         out = _fit_counted(p, c, _limits(cfg), report)
         if out is not None:
             items.append(SFTItem(out[0] + out[1], sft_labels(out[0], out[1], cfg.train_on_prompt)))

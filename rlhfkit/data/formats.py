@@ -23,6 +23,7 @@ class SFTExample:
     prompt: Text
     completion: Text
     where: str
+    tools: list[dict] | None = None  # JSON schemas rendered by the chat template (tool traces)
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,28 @@ def _text(rec: Record, field: str, *, allow_empty: bool = False) -> Text:
     raise _fail(rec, field, f"expected a string or a list of messages, got {type(value).__name__}")
 
 
+def _tools(rec: Record) -> list[dict] | None:
+    """The optional ``tools`` field: JSON schemas for the chat template (as TRL's SFT reads)."""
+    tools = rec.fields.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _fail(rec, "tools", "expected a list of JSON schemas (objects)")
+    return tools
+
+
 def parse_sft(rec: Record) -> SFTExample:
+    tools = _tools(rec)
     if "messages" in rec.fields and "completion" not in rec.fields:
         msgs = _messages(rec.fields["messages"], rec, "messages")
         if msgs[-1]["role"] != "assistant":
             raise _fail(rec, "messages", "the last message must be the assistant's reply")
         if not msgs[-1]["content"].strip():
             raise _fail(rec, "messages", "empty completion (last assistant message)")
-        return SFTExample(msgs[:-1], [msgs[-1]], rec.where)
+        return SFTExample(msgs[:-1], [msgs[-1]], rec.where, tools)
     prompt = _text(rec, "prompt", allow_empty=True)
     completion = _text(rec, "completion")
-    return SFTExample(prompt, completion, rec.where)
+    return SFTExample(prompt, completion, rec.where, tools)
 
 
 def parse_preference(rec: Record) -> PreferenceExample:

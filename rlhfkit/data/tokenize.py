@@ -40,22 +40,27 @@ def uses_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
-def render_prompt(tokenizer, prompt: Text) -> str:
-    """The exact text the policy sees before its response."""
+def render_prompt(tokenizer, prompt: Text, tools: list[dict] | None = None) -> str:
+    """The exact text the policy sees before its response (``tools``: JSON schemas the chat
+    template renders, for tool traces)."""
     if uses_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
-            _as_messages(prompt, "user"), add_generation_prompt=True, tokenize=False
+            _as_messages(prompt, "user"), tools=tools, add_generation_prompt=True, tokenize=False
         )
     return _plain(prompt)
 
 
-def render_completion(tokenizer, prompt: Text, completion: Text, where: str) -> str:
+def render_completion(
+    tokenizer, prompt: Text, completion: Text, where: str, tools: list[dict] | None = None
+) -> str:
     """The response text that follows ``render_prompt(prompt)``, without trailing template whitespace."""
     if not uses_chat_template(tokenizer):
         return _plain(completion)
-    p = render_prompt(tokenizer, prompt)
+    p = render_prompt(tokenizer, prompt, tools)
     full = tokenizer.apply_chat_template(
-        _as_messages(prompt, "user") + _as_messages(completion, "assistant"), tokenize=False
+        _as_messages(prompt, "user") + _as_messages(completion, "assistant"),
+        tools=tools,
+        tokenize=False,
     )
     if not full.startswith(p):
         raise DataError(
@@ -64,15 +69,17 @@ def render_completion(tokenizer, prompt: Text, completion: Text, where: str) -> 
     return full[len(p) :].rstrip()
 
 
-def encode_prompt(tokenizer, prompt: Text) -> list[int]:
-    text = render_prompt(tokenizer, prompt)
+def encode_prompt(tokenizer, prompt: Text, tools: list[dict] | None = None) -> list[int]:
+    text = render_prompt(tokenizer, prompt, tools)
     # a chat template writes its own BOS; plain text gets the tokenizer's special tokens
     return tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
 
 
-def encode_completion(tokenizer, prompt: Text, completion: Text, where: str) -> list[int]:
+def encode_completion(
+    tokenizer, prompt: Text, completion: Text, where: str, tools: list[dict] | None = None
+) -> list[int]:
     ids = tokenizer(
-        render_completion(tokenizer, prompt, completion, where), add_special_tokens=False
+        render_completion(tokenizer, prompt, completion, where, tools), add_special_tokens=False
     )["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids = ids + [

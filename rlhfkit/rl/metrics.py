@@ -33,6 +33,12 @@ RL_METRICS: dict[str, str] = {
     "rollout/filtered": "option",
     "rollout/sampling_rounds": "option",
     "rollout/filled": "option",
+    "env/turns": "option",
+    "env/truncated": "option",
+    "env/skipped": "option",
+    "env/tool_calls": "option",
+    "env/tool_errors": "option",
+    "env/invalid_calls": "option",
     "value/clip_frac": "critic",
     "value/explained_var": "critic",
     "value/mean": "critic",
@@ -73,9 +79,21 @@ def rollout_metrics(
             "rollout/sampling_rounds": timings.rounds,
             "rollout/filled": timings.groups_filled,
         }
+    episodes = max(timings.episodes, 1)
+    env = {}
+    if timings.env_turns:  # episodes with an environment (rollout/episodes.py)
+        env = {
+            "env/turns": timings.env_turns / episodes,
+            "env/truncated": timings.env_truncated / episodes,
+            "env/skipped": timings.env_skipped,
+            "env/tool_calls": timings.env_tool_calls / episodes,
+            "env/tool_errors": timings.env_tool_errors,
+            "env/invalid_calls": timings.env_invalid_calls,
+        }
     return dist.mean_over_ranks(
         {
             **sampling,
+            **env,
             "score/mean": float(exp.raw_scores.mean()),
             "score/std": float(exp.raw_scores.std()),
             "score/normalized_mean": float(exp.scores.mean()),

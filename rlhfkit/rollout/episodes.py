@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from rlhfkit.data.build import PromptItem
-from rlhfkit.data.tokenize import _as_messages, _plain, encode_prompt, pad_left, uses_chat_template
+from rlhfkit.data.tokenize import _plain, encode_prompt, pad_left, uses_chat_template
 from rlhfkit.envs import EnvError, as_messages, as_step
 from rlhfkit.rollout.sampling import Generation, generate
 
@@ -64,14 +64,7 @@ class Episodes:
 def encode_start(tokenizer, start, tools: list[dict] | None, max_len: int) -> list[int]:
     """The prompt ids of an episode's start (a string or messages), with the env's tools
     rendered by the chat template; cut from the left to ``max_len`` like the data's prompts."""
-    if not tools:
-        ids = encode_prompt(tokenizer, start)
-    else:
-        text = tokenizer.apply_chat_template(
-            _as_messages(start, "user"), tools=tools, add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_len:]
+    return encode_prompt(tokenizer, start, tools or None)[-max_len:]
 
 
 def observation_ids(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
@@ -186,9 +179,9 @@ def _model_turn(actor, tokenizer, live: list[_Episode], settings, sample, device
     """Every live episode samples its next turn, in one batch."""
     budget = [settings.max_total_tokens - len(ep.tokens) for ep in live]
     ids, mask = pad_left([ep.start + ep.tokens for ep in live], tokenizer.pad_token_id, device)
-    gen = generate(
-        actor, ids, mask, max_new_tokens=min(settings.max_new_tokens, max(budget)), **sample
-    )
+    per_turn = min(settings.max_new_tokens, max(budget))
+    sample = {k: v for k, v in sample.items() if k != "max_new_tokens"}  # per turn, from settings
+    gen = generate(actor, ids, mask, max_new_tokens=per_turn, **sample)
     for i, ep in enumerate(live):
         n = min(int(gen.lengths[i]), budget[i])  # a row past its total budget is cut there
         toks = gen.tokens[i, :n].tolist()
