@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import COLORS, write_jsonl
+
 from rlhfkit.algos import ESTIMATORS, gae_advantages, pack_left, unpack
 from rlhfkit.config import ConfigError, PPOConfig, load_config
 from rlhfkit.data.build import PromptItem, load_prompts
@@ -236,7 +236,7 @@ def test_episodes_keep_sampled_tokens_and_mark_the_environment_turns(chat):
         for mine, a, b in segments:
             if not mine:  # the environment's turn: exactly the template's delta
                 assert toks[a:b] == delta
-        for a, b in model[:-1]:  # every model turn the env answered ended on EOS
+        for _, b in model[:-1]:  # every model turn the env answered ended on EOS
             assert toks[b - 1] == tok.eos_token_id
         # stopped: the env said done (3rd turn) after a turn that ended on EOS
         clean = len(model) == 3 and toks[-1] == tok.eos_token_id

@@ -61,7 +61,7 @@ def sft(out: Path, files: dict, seed: int) -> Path:
             "data.max_length=96",
             "data.max_prompt_length=64",
             f"train.output_dir={out / 'sft'}",
-            "train.epochs=4",
+            "train.epochs=10",
             "train.batch_size=32",
             "train.lr=2e-3",
             "train.warmup_steps=20",
