@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--config", help="pipeline YAML (default: the packaged tiny one, or configs/smollm2/)"
     )
+    demo.add_argument(
+        "--task",
+        choices=["reviews", "tools"],
+        default="reviews",
+        help="reviews: SFT -> RM -> PPO (the seed); tools: an agent that must call a tool, "
+        "SFT -> GRPO with a tool environment (docs/agents.md)",
+    )
     sub.add_parser("env", help="print versions, threads, allocator and devices (for bug reports)")
     return parser
 
@@ -189,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhfkit serve-rm: {args.rm_dir} is not a model directory", file=sys.stderr)
             return 2
         serve_rm(args.rm_dir, args.host, args.port, args.batch_size, args.max_items, args.device)
+        return 0
+    if args.command == "demo" and args.task == "tools":
+        from rlhfkit.demo.agent import run_tools_demo
+
+        for seed in args.seeds:
+            out = args.output_dir if len(args.seeds) == 1 else f"{args.output_dir}/seed-{seed}"
+            run_tools_demo(out, seed=seed, quick=args.quick)
         return 0
     if args.command == "demo":
         from rlhfkit.demo.run import run_demo

@@ -125,6 +125,8 @@ def _pad_generation(gen, width: int, pad_id: int):
 class SingleTurn:
     """The rollout's sampler without an environment: one response per prompt."""
 
+    provides: tuple[str, ...] = ()  # columns it adds for the reward sources
+
     def __call__(self, actor, tokenizer, prompts, sample: dict, prompt_width) -> Episodes:
         ids, mask = pad_left(
             [p.prompt_ids for p in prompts], tokenizer.pad_token_id, device_of(actor), prompt_width

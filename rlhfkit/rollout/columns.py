@@ -66,12 +66,18 @@ def columns_for(fn: Callable, columns: Columns | None) -> Columns:
     return dict(columns) if every else {k: v for k, v in columns.items() if k in named}
 
 
-def check_columns(items: Sequence, needs: dict[str, tuple[str, ...]]) -> None:
+def check_columns(
+    items: Sequence, needs: dict[str, tuple[str, ...]], provided: Sequence[str] = ()
+) -> None:
     """Every row has every column each source needs. ``needs``: the config key of a source (e.g.
-    ``reward_fn``) -> its columns. Raises ``DataError`` naming the row, the column and the key."""
+    ``reward_fn``) -> its columns; ``provided``: columns the rollout fills itself (an episode's
+    ``env_reward`` and ``final_response``). Raises ``DataError`` naming the row, the column and
+    the key."""
     for key, cols in needs.items():
         for it in items:
             for c in cols:
+                if c in provided:
+                    continue
                 if it.columns.get(c) is None:
                     raise DataError(
                         f"{it.where or 'a prompt row'}: column '{c}': missing; {key} needs it"

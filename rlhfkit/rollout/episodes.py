@@ -266,6 +266,8 @@ def _batch(eps, settings, counts, pad_id, device, prompt_width) -> Episodes:
 class MultiTurn:
     """The rollout's sampler with an environment (``env.factory`` or ``env.tools``)."""
 
+    provides = ("env_reward", "final_response")  # see ``columns``
+
     def __init__(self, settings: EnvSettings):
         self.settings = settings
 

@@ -226,7 +226,7 @@ def evaluate_policies(
     prompts, _ = load_prompts(prompts_file, tok, data)
     prompts = prompts[: cfg.max_prompts]
     if reward is not None:
-        check_columns(prompts, reward.needs())
+        check_columns(prompts, reward.needs(), (sampler or SingleTurn()).provides)
     n = cfg.samples_per_prompt  # n consecutive samples of each prompt
     prompts = [p for p in prompts for _ in range(n)]
     ref = load_policy(mc, tok, trainable=False)

@@ -310,7 +310,7 @@ def run_ppo(
     for report in reports:
         print(report.line(), file=sys.stderr)
     for rows in (prompts, held_out_prompts):  # a column a reward needs, on every row
-        check_columns(rows, models.reward.needs())
+        check_columns(rows, models.reward.needs(), models.sampler.provides)
     stream = PromptStream(len(prompts), cfg.run.seed)
     held_out = held_out_eval(cfg, models, held_out_prompts, monitor)
     kl_ctl = kl_controller(cfg)
