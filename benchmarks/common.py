@@ -129,3 +129,9 @@ def decode_step_floor(model, batch: int, reps: int = 5) -> float:
                 torch.nn.functional.linear(xs[m.in_features], m.weight)
             best = min(best, time.perf_counter() - t)
     return best
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """The GRPO benchmarks' reward on both sides: the completion's length in characters / 100
+    (cheap and the same for rlhfkit's ``reward_fn`` and TRL's ``reward_funcs``)."""
+    return [len(c) / 100 for c in completions]

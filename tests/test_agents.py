@@ -648,3 +648,38 @@ def test_rlhfkit_ppo_runs_episodes_with_every_estimator(
     assert len(rows) == 2 and final.is_dir()
     assert all(r["env/turns"] > 1.0 for r in rows)  # the env answered: more than one turn
     assert all(math.isfinite(r["loss/policy"]) for r in rows)
+
+
+# --------------------------------------------------------------------------- the tools demo
+
+
+def test_tools_task_reward_reads_only_the_final_turn():
+    from rlhfkit.demo import tools_task as task
+
+    assert task.multiply(37, 58) == "2 1 4 6"
+    assert task.check_answer(["p"] * 3, ["x"] * 3, [
+        "the answer is 2 1 4 6", "the answer is 2 1 4 7", "<tool_call> ... </tool_call>",
+    ], [2146] * 3) == [1.0, 0.0, 0.0]  # fmt: skip
+    train, held = task.split_pairs(0, 100)
+    assert not set(train) & set(held) and len(held) == 100
+    assert all(a * b >= 1000 for a, b in train + held)
+
+
+@pytest.mark.slow
+def test_tools_demo_runs_end_to_end_with_marked_trajectories(tmp_path):
+    """`rlhfkit demo --task tools --quick`: SFT on tool traces, GRPO with the tool environment,
+    the held-out evaluation of both policies by episodes. (The learning goal, >= 0.8 held-out
+    success, needs the full demo: docs/agents.md.)"""
+    import json
+
+    from rlhfkit.cli import main
+
+    out = tmp_path / "tools"
+    assert main(["demo", "--task", "tools", "--quick", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert 0 <= result["sft_success"] <= 1 and 0 <= result["rl_success"] <= 1
+    rows = read_metrics(out / "rl")
+    assert len(rows) == 5 and all(r["env/turns"] >= 1 for r in rows)
+    assert sum(r["env/tool_calls"] for r in rows) > 0  # the SFT policy calls the tool
+    report = (out / "eval" / "eval.html").read_text()
+    assert "[env: " in report and "tool_call" in report  # trajectories, env turns marked

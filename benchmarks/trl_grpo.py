@@ -1,0 +1,108 @@
+"""TRL 1.16's GRPOTrainer on the same models, prompts and settings as grpo_step.py. Runs inside
+benchmarks/.venv-trl116; prints one JSON line per timed step.
+
+Phases are timed by wrapping the trainer's own methods: ``_generate`` (generation, HF
+``generate``), ``_get_per_token_logps_and_entropies`` under no_grad (the reference forward) and
+``_calculate_rewards``; the rest of a step, from one ``on_step_end`` to the next, is the update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from grpo_step import GROUPS, PROMPT, RESPONSE, SAMPLES, flops  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--micro", type=int, default=16)
+    args = ap.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    dirs = common.build(args.size)
+    _, _, _, vocab = common.SIZES[args.size]
+    words = [" ".join(f"w{t}" for t in p) for p in common.prompts(256, PROMPT - 1, vocab - 4)]
+    dataset = Dataset.from_dict({"prompt": words})
+    timing = {"generate": 0.0, "ref": 0.0, "reward": 0.0}
+    rows, marks = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            total = now - marks[-1]
+            marks.append(now)
+            rest = total - sum(timing.values())
+            rows.append({"impl": "trl", "total": total, **timing, "update": rest})
+            timing.update(generate=0.0, ref=0.0, reward=0.0)
+
+    n = GROUPS * SAMPLES
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.micro,  # completions per micro-batch
+        gradient_accumulation_steps=n // args.micro,  # one optimizer step per generation
+        num_generations=SAMPLES,
+        max_completion_length=RESPONSE,
+        generation_kwargs={"min_new_tokens": RESPONSE},  # exactly RESPONSE tokens, no EOS stop
+        temperature=1.0,
+        beta=0.04,  # k3 KL in the loss
+        loss_type="dapo",  # token mean over the whole batch
+        num_iterations=1,
+        max_steps=args.iters + 1,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=str(dirs["policy"]),
+        reward_funcs=common.length_reward,
+        args=cfg,
+        train_dataset=dataset,
+        callbacks=[StepTimer()],
+    )
+
+    def timed(fn, bucket, only_no_grad=False):
+        def wrapper(*a, **k):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timing[bucket] += time.perf_counter() - t
+
+        return wrapper
+
+    trainer._generate = timed(trainer._generate, "generate")
+    trainer._get_per_token_logps_and_entropies = timed(
+        trainer._get_per_token_logps_and_entropies, "ref", only_no_grad=True
+    )
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
+    trainer.train()
+    fl = flops(common.layer_params(trainer.model), trainer.model.config.hidden_size, vocab)
+    for r in rows[1:]:  # the first step is the warm-up
+        print("BENCH " + json.dumps({**r, "flops": fl, "peak_rss_mb": common.peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    main()
