@@ -55,6 +55,7 @@ def update_once(lm: str, prompts: str, out: str, *overrides: str) -> None:
     group = torch.arange(16 // n_samples).repeat_interleave(n_samples)
     exp, _ = rollout_chunk(models, chosen, group, cfg, ScoreNormalizer("none", None, 0))
     full = concat([exp], models.tokenizer.pad_token_id)
+    env_tokens = float((full.response_mask & ~full.loss_mask).sum())  # environment turns
     n, r = dist.world(), dist.rank()
     exp = full.select(torch.arange(r * 16 // n, (r + 1) * 16 // n))
     metrics = advantages(exp, 0.05, cfg.ppo)
@@ -71,5 +72,6 @@ def update_once(lm: str, prompts: str, out: str, *overrides: str) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(weights, Path(out) / "w.pt")
         metrics["sharded"] = float(sharded)
+        metrics["env_tokens"] = env_tokens
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
     dist.barrier()

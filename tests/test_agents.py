@@ -683,3 +683,76 @@ def test_tools_demo_runs_end_to_end_with_marked_trajectories(tmp_path):
     assert sum(r["env/tool_calls"] for r in rows) > 0  # the SFT policy calls the tool
     report = (out / "eval" / "eval.html").read_text()
     assert "[env: " in report and "tool_call" in report  # trajectories, env turns marked
+
+
+def _echo_cfg(tmp_path, lm, monkeypatch, *extra):
+    (tmp_path.parent / "echo_env2.py").write_text(ENV_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    return agent_cfg(
+        tmp_path, lm, "env=echo_env2:make", "rollout.max_turns=2", "rollout.max_total_tokens=32",
+        *extra,
+    )  # fmt: skip
+
+
+def test_episodes_resume_exactly(tmp_path, tiny_chat_lm, monkeypatch):
+    """A run with an environment stopped after iteration 2 and resumed equals the run straight
+    through (the env's episodes, the metrics and the weights)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    extra = ["run.iterations=3", "ppo.estimator=gae"]
+    a = run_ppo(_echo_cfg(tmp_path / "a", tiny_chat_lm, monkeypatch, *extra))
+    b_cfg = _echo_cfg(tmp_path / "b", tiny_chat_lm, monkeypatch, *extra, "run.save_every=2")
+    run_ppo(b_cfg)
+    out = tmp_path / "b" / "ppo"
+    shutil.rmtree(out / "checkpoints" / "step-000003")
+    shutil.rmtree(out / "final")
+    b = run_ppo(b_cfg)
+    ma, mb = read_metrics(tmp_path / "a" / "ppo"), read_metrics(out)
+    assert [r["step"] for r in mb] == [1, 2, 3]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["score/mean"] == rb["score/mean"] and ra["env/turns"] == rb["env/turns"]
+        assert ra["loss/policy"] == pytest.approx(rb["loss/policy"], abs=1e-6)
+    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_episodes_with_lora_train_the_adapters_and_keep_the_reference(
+    tmp_path, tiny_chat_lm, monkeypatch
+):
+    cfg = _echo_cfg(
+        tmp_path, tiny_chat_lm, monkeypatch, "model.lora.enabled=true", "ppo.estimator=grpo",
+        "rollout.samples_per_prompt=2", "run.iterations=2", "ppo.kl_in=loss",
+    )  # fmt: skip
+    run_ppo(cfg)
+    rows = read_metrics(tmp_path / "ppo")
+    assert len(rows) == 2 and all(r["env/turns"] > 1 for r in rows)
+    # LoRA's reference is the base model with the adapters off: KL 0 before the first update
+    assert rows[0]["kl/seq_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[1]["kl/seq_mean"] > 0
+
+
+def test_rlhfkit_eval_runs_episodes(tmp_path, tiny_chat_lm, monkeypatch):
+    import json
+
+    from rlhfkit.cli import main
+
+    (tmp_path / "echo_env3.py").write_text(ENV_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
+    code = main([
+        "eval", f"policy={tiny_chat_lm}", f"reference={tiny_chat_lm}", "env=echo_env3:make",
+        "max_turns=2", "max_total_tokens=40", "max_new_tokens=12", f"eval.prompts_file={prompts}",
+        f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    samples = result["policy"]["samples"]
+    assert len(samples) == len(COLORS) and "rm_score" in result["policy"]  # the env's reward
+    marked = [s["response"] for s in samples if "[env: " in s["response"]]
+    # a turn that ends on EOS gets the env's answer; the rest were cut at 12 tokens
+    assert marked and all("say good" in m for m in marked)
+    assert result["policy"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # the same model

@@ -60,6 +60,15 @@ MODES = {
     # where AdamW's first step (about lr x sign(g)) turns FSDP's reduction-order rounding into a
     # difference of ~lr; measured 2.02e-5 on 1 of 4096 weights at lr 1e-2, against atol 2e-5
     "grpo": ["ppo.estimator=grpo", "rollout.samples_per_prompt=4", "actor.lr=1e-3"],
+    # multi-turn episodes with an environment (issue 22): rows with environment tokens
+    "episodes_grpo": [
+        "ppo.estimator=grpo",
+        "rollout.samples_per_prompt=4",
+        "actor.lr=1e-3",
+        "env=agent_env:make",
+        "rollout.max_turns=2",
+        "rollout.max_total_tokens=24",
+    ],  # fmt: skip
 }
 
 
@@ -140,6 +149,7 @@ def _same_update(root: Path, mode: str, init: dict) -> None:
     keys += ["grad_norm/actor"] + (["loss/value"] if critic else [])
     keys += ["grad_norm/critic"] if critic and not shared else []
     assert ("loss/value" in m1) == critic, mode
+    assert (m1["env_tokens"] > 0) == mode.startswith("episodes"), mode  # real multi-turn rows
     for parallel in ("ddp", "fsdp"):
         m2 = json.loads((root / parallel / "ppo" / mode / "metrics.json").read_text())
         assert m2["sharded"] == float(parallel == "fsdp")  # FSDP really split the weights
