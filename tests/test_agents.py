@@ -621,6 +621,22 @@ def make():
     return Echo()
 
 
+class FailsLater(Echo):
+    # raises in its step after the first iteration's episodes (a class-level counter)
+
+    calls = 0
+
+    def step(self, text):
+        FailsLater.calls += 1
+        if FailsLater.calls > 40:
+            raise RuntimeError("the sandbox died")
+        return super().step(text)
+
+
+def make_failing():
+    return FailsLater()
+
+
 class NanReward(Echo):
     def step(self, text):
         return None, float("nan"), True
@@ -756,3 +772,33 @@ def test_rlhfkit_eval_runs_episodes(tmp_path, tiny_chat_lm, monkeypatch):
     # a turn that ends on EOS gets the env's answer; the rest were cut at 12 tokens
     assert marked and all("say good" in m for m in marked)
     assert result["policy"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # the same model
+
+
+def test_an_env_failing_mid_run_names_the_step_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_chat_lm, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _echo_cfg(tmp_path, tiny_chat_lm, monkeypatch, "run.iterations=3", "run.save_every=1")
+    cfg = dataclasses.replace(
+        cfg, env=dataclasses.replace(cfg.env, factory="echo_env2:make_failing")
+    )
+    with pytest.raises(
+        EnvError,
+        match=r"env echo_env2:make_failing: step \d for the prompt .*RuntimeError: the sandbox died",
+    ):
+        run_ppo(cfg)
+    ckpts = sorted((tmp_path / "ppo" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000001"]  # written before the failure, intact
+    AutoModelForCausalLM.from_pretrained(ckpts[0] / "actor" / "model")
+
+
+def test_periodic_held_out_evaluation_plays_episodes(tmp_path, tiny_chat_lm, monkeypatch):
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"copy : {c} :"} for c in COLORS])
+    cfg = _echo_cfg(
+        tmp_path, tiny_chat_lm, monkeypatch, f"data.eval_file={held}", "eval.every=1",
+        "run.iterations=1",
+    )  # fmt: skip
+    run_ppo(cfg)
+    (row,) = read_metrics(tmp_path / "ppo")
+    assert math.isfinite(row["eval/rm_score"]) and row["eval/length"] > 0
