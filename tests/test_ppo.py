@@ -281,3 +281,37 @@ def test_bf16_rollout_and_update_see_each_row_in_the_same_layout(tmp_path, tiny_
     assert all(math.isfinite(v) for v in stats.values())
     # the update's own micro-batches (shuffled rows, 8 at a time) also reproduce them: ratio == 1
     assert abs(stats["policy/ratio_mean"] - 1) < 1e-6 and abs(stats["policy/approx_kl"]) < 1e-9
+
+
+def test_length_buckets_change_the_update_only_by_rounding(tmp_path, tiny_lm):
+    """rl_update's micro-batches of similar lengths (``by_length``, fp32) give the same update
+    as the shuffled order: the same minibatch loss over one denominator, summed in another order."""
+    import copy
+
+    from rlhfkit.rl.update import by_length
+
+    cfg = ppo_cfg(tmp_path, tiny_lm, "ppo.micro_batch_size=4", "ppo.epochs=2", "ppo.ent_coef=0.01")
+    torch.manual_seed(0)
+    models = load_models(cfg, None, count_good)
+    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    exp, _ = collect(
+        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
+    )
+    advantages(exp, 0.05, cfg.ppo)
+    lengths = exp.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2, "the buffer needs responses of different lengths"
+    idx = torch.randperm(16)
+    assert not torch.equal(by_length(idx, lengths), idx)  # the order really changes
+    assert sorted(by_length(idx, lengths).tolist()) == sorted(idx.tolist())
+    weights = {}
+    for buckets in (False, True):
+        torch.manual_seed(0)
+        m = load_models(cfg, None, count_good)
+        torch.manual_seed(5)
+        stats = rl_update(m.learner, copy.deepcopy(exp), cfg, 0.05, True, length_buckets=buckets)
+        weights[buckets] = ([p.detach().clone() for p in m.actor.parameters()], stats)
+    (w0, s0), (w1, s1) = weights[False], weights[True]
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    for k in ("loss/policy", "loss/value", "loss/entropy"):
+        assert s0[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-7), k
