@@ -33,6 +33,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | reference | `rlhfkit dpo`'s cache: one no-grad pass over the pairs, batch 16 | `precompute_ref_log_probs=True`, `precompute_ref_batch_size=16` |
 | step | `fit` with `LabelledLogprobs` (the LM head on completion positions only), 32 sequences | `DPOTrainer` concatenated forward of chosen + rejected, 32 sequences |
 | loss | sigmoid, beta 0.1 | `loss_type=["sigmoid"]`, beta 0.1 |
+| gradient checkpointing | off | off (set explicitly) |
 | lengths | prompt 31 words + BOS, completions 48 words + EOS | the same text, TRL's tokenization (EOS appended) |"""
 
 

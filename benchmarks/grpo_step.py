@@ -75,6 +75,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | old logprobs | the sampler's own (fp32 fast path; 1 epoch, so = detached current) | detached current (num_iterations=1) |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
+| gradient checkpointing | off | off (`gradient_checkpointing=False`; TRL 1.16's default is on, which recomputes the forward in backward: less memory, more time) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
 | update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step | `gradient_accumulation_steps`, per-device batch 16, in sampling order |
 | prompts | tiny/small: 31 words + BOS = 32; SmolLM2: the RLVR task's chat messages through its template | the same text / messages, tokenized and templated by TRL |"""

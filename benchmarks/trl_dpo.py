@@ -59,6 +59,7 @@ def main() -> None:
         beta=0.1,
         loss_type=["sigmoid"],
         learning_rate=1e-5,
+        gradient_checkpointing=False,  # TRL 1.16 defaults to True; ours is off: the same work
         max_steps=args.steps,
         use_cpu=True,
         bf16=False,

@@ -65,6 +65,7 @@ def main() -> None:
         beta=0.04,  # k3 KL in the loss
         loss_type="dapo",  # token mean over the whole batch
         num_iterations=1,
+        gradient_checkpointing=False,  # TRL 1.16 defaults to True; ours is off: the same work
         max_steps=args.iters + args.warmup,
         use_cpu=True,
         bf16=False,
