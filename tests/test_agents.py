@@ -522,9 +522,13 @@ class Raises:
         return None, 1.0, True
 
 
-class Sleeps(OneStep):
+class Stuck(OneStep):
+    """A step that does not return until the test releases it."""
+
+    release = None  # a threading.Event, set by the test
+
     def step(self, text):
-        time.sleep(1.0)
+        Stuck.release.wait(60)
         return None, 1.0, True
 
 
@@ -554,10 +558,20 @@ def test_on_error_skip_drops_the_episode_and_counts_it(chat):
     assert ep.env_reward == [1.0, 1.0, 0.0, 1.0]
 
 
-def test_a_step_past_its_timeout_is_an_error(chat):
+def test_a_step_past_its_timeout_is_an_error_at_once(chat):
+    """The error comes while the stuck step is still running: the rollout does not wait for
+    its thread (a step that never returns would otherwise hang the run)."""
+    import threading
+
     tok, policy = chat
-    with pytest.raises(EnvError, match="step 1 .* TimeoutError: no answer within 0.2 s"):
-        run_episodes(policy, tok, items(tok, 1), settings(Sleeps, timeout=0.2), sample_kw(tok))
+    Stuck.release = threading.Event()
+    try:
+        with pytest.raises(EnvError, match="step 1 .* TimeoutError: no answer within 0.2 s"):
+            run_episodes(policy, tok, items(tok, 2), settings(Stuck, timeout=0.2), sample_kw(tok))
+        stuck = [t for t in threading.enumerate() if t.name.startswith("rlhfkit-env")]
+        assert stuck and all(t.is_alive() for t in stuck)  # still inside step()
+    finally:
+        Stuck.release.set()
 
 
 def test_a_non_text_observation_is_an_error(chat):

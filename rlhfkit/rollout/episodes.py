@@ -17,6 +17,7 @@ when the next observation would pass ``rollout.max_total_tokens`` (truncated, co
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -108,10 +109,11 @@ def _run(pool: ThreadPoolExecutor, calls: list, timeout: float) -> list[tuple[An
     """Run ``(fn, arg)`` pairs concurrently; (result, None) or (None, the exception) each. A
     call past ``timeout`` seconds gives a ``TimeoutError``."""
     futures = [pool.submit(fn, arg) for fn, arg in calls]
+    deadline = time.monotonic() + timeout  # they run concurrently: one deadline for all
     out = []
     for f in futures:
         try:
-            out.append((f.result(timeout=timeout), None))
+            out.append((f.result(timeout=max(deadline - time.monotonic(), 0.0)), None))
         except FutureTimeout:
             out.append((None, TimeoutError(f"no answer within {timeout:g} s (env.timeout)")))
         except Exception as e:
@@ -144,7 +146,10 @@ def run_episodes(
     device = next(actor.parameters()).device
     counts = {"turns": 0.0, "truncated": 0.0, "skipped": 0.0}
     eps = []
-    with ThreadPoolExecutor(settings.threads, thread_name_prefix="rlhfkit-env") as pool:
+    # not a `with` block: its exit waits for every thread, so a step past its timeout would
+    # hold the run; the error is raised at once and the stuck thread is left to finish
+    pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="rlhfkit-env")
+    try:
         envs = [settings.factory() for _ in prompts]
         rows = [{"prompt": p.prompt, **p.columns} for p in prompts]
         starts = _run(
@@ -169,6 +174,8 @@ def run_episodes(
                 break
             _model_turn(actor, tokenizer, live, settings, sample, device)
             _env_turn(pool, tokenizer, live, settings, counts)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     for ep in eps:
         for k, v in getattr(ep.env, "counts", {}).items():
             counts[k] = counts.get(k, 0.0) + v
