@@ -1,9 +1,13 @@
-"""An environment importable by name (``env=agent_env:make``) in the distributed tests' worker
-processes: it answers every turn with "say good" and ends after 2 model turns; its reward is
-the number of "good"s the model wrote."""
+"""Environments importable by name (``env=agent_env:make``) in the tests and in the distributed
+tests' worker processes (the tests directory is on their path)."""
 
 
 class Echo:
+    """Answers every turn with "say good" (a user turn) and ends after ``turns`` model turns;
+    its reward is the number of "good"s the model wrote, summed over the episode."""
+
+    turns = 2
+
     def __init__(self):
         self.n = 0
 
@@ -12,8 +16,33 @@ class Echo:
 
     def step(self, text):
         self.n += 1
-        return "say good", float(text.split().count("good")), self.n >= 2
+        return "say good", float(text.split().count("good")), self.n >= self.turns
 
 
 def make():
     return Echo()
+
+
+class FailsLater(Echo):
+    """Raises in its step after the first iteration's episodes (a class-level counter)."""
+
+    calls = 0
+
+    def step(self, text):
+        FailsLater.calls += 1
+        if FailsLater.calls > 40:
+            raise RuntimeError("the sandbox died")
+        return super().step(text)
+
+
+def make_failing():
+    return FailsLater()
+
+
+class NanReward(Echo):
+    def step(self, text):
+        return None, float("nan"), True
+
+
+def make_nan():
+    return NanReward()

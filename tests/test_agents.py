@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 
+import agent_env
 import pytest
 import torch
 from conftest import COLORS, write_jsonl
@@ -47,21 +48,8 @@ class OneStep:
         return None, None, True
 
 
-class Echo:
-    """Answers every turn with "say good" (a user turn) and ends after ``turns`` model turns;
-    its reward is the number of "good"s the model wrote, summed over the episode."""
-
+class Echo(agent_env.Echo):
     turns = 3
-
-    def __init__(self):
-        self.n = 0
-
-    def reset(self, row):
-        return row["prompt"]
-
-    def step(self, text):
-        self.n += 1
-        return "say good", float(text.split().count("good")), self.n >= self.turns
 
 
 def settings(factory, **kw) -> EnvSettings:
@@ -580,10 +568,8 @@ def test_a_non_text_observation_is_an_error(chat):
         run_episodes(policy, tok, items(tok, 1), settings(NumberObservation), sample_kw(tok))
 
 
-def test_a_non_finite_env_reward_reaches_the_guard(tmp_path, tiny_chat_lm, monkeypatch):
-    (tmp_path / "nan_env.py").write_text(ENV_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = agent_cfg(tmp_path, tiny_chat_lm, "env=nan_env:make_nan", "run.iterations=1")
+def test_a_non_finite_env_reward_reaches_the_guard(tmp_path, tiny_chat_lm):
+    cfg = agent_cfg(tmp_path, tiny_chat_lm, "env=agent_env:make_nan", "run.iterations=1")
     run_ppo(cfg)
     (row,) = read_metrics(tmp_path / "ppo")
     assert row["nonfinite/skipped"] == 1 and math.isnan(row["score/mean"])
@@ -618,58 +604,11 @@ def test_env_config_keys_are_checked(tmp_path, tiny_lm):
 # --------------------------------------------------------------------------- rlhfkit ppo
 
 
-ENV_MODULE = """
-class Echo:
-    def __init__(self):
-        self.n = 0
-
-    def reset(self, row):
-        return row["prompt"]
-
-    def step(self, text):
-        self.n += 1
-        return "say good", float(text.split().count("good")), self.n >= 2
-
-
-def make():
-    return Echo()
-
-
-class FailsLater(Echo):
-    # raises in its step after the first iteration's episodes (a class-level counter)
-
-    calls = 0
-
-    def step(self, text):
-        FailsLater.calls += 1
-        if FailsLater.calls > 40:
-            raise RuntimeError("the sandbox died")
-        return super().step(text)
-
-
-def make_failing():
-    return FailsLater()
-
-
-class NanReward(Echo):
-    def step(self, text):
-        return None, float("nan"), True
-
-
-def make_nan():
-    return NanReward()
-"""
-
-
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
-def test_rlhfkit_ppo_runs_episodes_with_every_estimator(
-    tmp_path, tiny_chat_lm, monkeypatch, estimator
-):
-    (tmp_path / "echo_env.py").write_text(ENV_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_rlhfkit_ppo_runs_episodes_with_every_estimator(tmp_path, tiny_chat_lm, estimator):
     n = 2 if ESTIMATORS[estimator].needs_groups else 1
     cfg = agent_cfg(
-        tmp_path, tiny_chat_lm, "env=echo_env:make", "rollout.max_turns=2",
+        tmp_path, tiny_chat_lm, "env=agent_env:make", "rollout.max_turns=2",
         "rollout.max_total_tokens=32", f"ppo.estimator={estimator}",
         f"rollout.samples_per_prompt={n}", "run.iterations=2", "run.save_every=1",
     )  # fmt: skip
@@ -715,16 +654,14 @@ def test_tools_demo_runs_end_to_end_with_marked_trajectories(tmp_path):
     assert "[env: " in report and "tool_call" in report  # trajectories, env turns marked
 
 
-def _echo_cfg(tmp_path, lm, monkeypatch, *extra):
-    (tmp_path.parent / "echo_env2.py").write_text(ENV_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path.parent))
+def _echo_cfg(tmp_path, lm, *extra):
     return agent_cfg(
-        tmp_path, lm, "env=echo_env2:make", "rollout.max_turns=2", "rollout.max_total_tokens=32",
+        tmp_path, lm, "env=agent_env:make", "rollout.max_turns=2", "rollout.max_total_tokens=32",
         *extra,
     )  # fmt: skip
 
 
-def test_episodes_resume_exactly(tmp_path, tiny_chat_lm, monkeypatch):
+def test_episodes_resume_exactly(tmp_path, tiny_chat_lm):
     """A run with an environment stopped after iteration 2 and resumed equals the run straight
     through (the env's episodes, the metrics and the weights)."""
     import shutil
@@ -732,8 +669,8 @@ def test_episodes_resume_exactly(tmp_path, tiny_chat_lm, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     extra = ["run.iterations=3", "ppo.estimator=gae"]
-    a = run_ppo(_echo_cfg(tmp_path / "a", tiny_chat_lm, monkeypatch, *extra))
-    b_cfg = _echo_cfg(tmp_path / "b", tiny_chat_lm, monkeypatch, *extra, "run.save_every=2")
+    a = run_ppo(_echo_cfg(tmp_path / "a", tiny_chat_lm, *extra))
+    b_cfg = _echo_cfg(tmp_path / "b", tiny_chat_lm, *extra, "run.save_every=2")
     run_ppo(b_cfg)
     out = tmp_path / "b" / "ppo"
     shutil.rmtree(out / "checkpoints" / "step-000003")
@@ -750,11 +687,9 @@ def test_episodes_resume_exactly(tmp_path, tiny_chat_lm, monkeypatch):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
-def test_episodes_with_lora_train_the_adapters_and_keep_the_reference(
-    tmp_path, tiny_chat_lm, monkeypatch
-):
+def test_episodes_with_lora_train_the_adapters_and_keep_the_reference(tmp_path, tiny_chat_lm):
     cfg = _echo_cfg(
-        tmp_path, tiny_chat_lm, monkeypatch, "model.lora.enabled=true", "ppo.estimator=grpo",
+        tmp_path, tiny_chat_lm, "model.lora.enabled=true", "ppo.estimator=grpo",
         "rollout.samples_per_prompt=2", "run.iterations=2", "ppo.kl_in=loss",
     )  # fmt: skip
     run_ppo(cfg)
@@ -765,16 +700,14 @@ def test_episodes_with_lora_train_the_adapters_and_keep_the_reference(
     assert rows[1]["kl/seq_mean"] > 0
 
 
-def test_rlhfkit_eval_runs_episodes(tmp_path, tiny_chat_lm, monkeypatch):
+def test_rlhfkit_eval_runs_episodes(tmp_path, tiny_chat_lm):
     import json
 
     from rlhfkit.cli import main
 
-    (tmp_path / "echo_env3.py").write_text(ENV_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     prompts = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
     code = main([
-        "eval", f"policy={tiny_chat_lm}", f"reference={tiny_chat_lm}", "env=echo_env3:make",
+        "eval", f"policy={tiny_chat_lm}", f"reference={tiny_chat_lm}", "env=agent_env:make",
         "max_turns=2", "max_total_tokens=40", "max_new_tokens=12", f"eval.prompts_file={prompts}",
         f"output_dir={tmp_path / 'eval'}",
     ])  # fmt: skip
@@ -789,17 +722,17 @@ def test_rlhfkit_eval_runs_episodes(tmp_path, tiny_chat_lm, monkeypatch):
 
 
 def test_an_env_failing_mid_run_names_the_step_and_keeps_the_last_checkpoint(
-    tmp_path, tiny_chat_lm, monkeypatch
+    tmp_path, tiny_chat_lm
 ):
     from transformers import AutoModelForCausalLM
 
-    cfg = _echo_cfg(tmp_path, tiny_chat_lm, monkeypatch, "run.iterations=3", "run.save_every=1")
+    cfg = _echo_cfg(tmp_path, tiny_chat_lm, "run.iterations=3", "run.save_every=1")
     cfg = dataclasses.replace(
-        cfg, env=dataclasses.replace(cfg.env, factory="echo_env2:make_failing")
+        cfg, env=dataclasses.replace(cfg.env, factory="agent_env:make_failing")
     )
     with pytest.raises(
         EnvError,
-        match=r"env echo_env2:make_failing: step \d for the prompt .*RuntimeError: the sandbox died",
+        match=r"env agent_env:make_failing: step \d for the prompt .*RuntimeError: the sandbox died",
     ):
         run_ppo(cfg)
     ckpts = sorted((tmp_path / "ppo" / "checkpoints").iterdir())
@@ -807,10 +740,10 @@ def test_an_env_failing_mid_run_names_the_step_and_keeps_the_last_checkpoint(
     AutoModelForCausalLM.from_pretrained(ckpts[0] / "actor" / "model")
 
 
-def test_periodic_held_out_evaluation_plays_episodes(tmp_path, tiny_chat_lm, monkeypatch):
+def test_periodic_held_out_evaluation_plays_episodes(tmp_path, tiny_chat_lm):
     held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"copy : {c} :"} for c in COLORS])
     cfg = _echo_cfg(
-        tmp_path, tiny_chat_lm, monkeypatch, f"data.eval_file={held}", "eval.every=1",
+        tmp_path, tiny_chat_lm, f"data.eval_file={held}", "eval.every=1",
         "run.iterations=1",
     )  # fmt: skip
     run_ppo(cfg)
