@@ -135,3 +135,18 @@ def length_reward(prompts, completions, **kwargs) -> list[float]:
     """The GRPO benchmarks' reward on both sides: the completion's length in characters / 100
     (cheap and the same for rlhfkit's ``reward_fn`` and TRL's ``reward_funcs``)."""
     return [len(c) / 100 for c in completions]
+
+
+def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[dict]:
+    """Run one benchmark runner process (ours with ``--json``, or TRL's script in its own
+    virtualenv) under the glibc allocator, and return its ``BENCH {json}`` lines."""
+    import json
+    import subprocess
+
+    here = Path(__file__).parent
+    cmd = [python, str(here / script), *args]
+    env = {**child_env(impl != "trl", "system"), "PYTHONPATH": str(here)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
+    return [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")]

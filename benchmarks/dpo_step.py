@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,15 +108,11 @@ def run_ours(size: str, steps: int) -> list[dict]:
 
 
 def _subprocess(impl: str, args) -> list[dict]:
-    python = str(ensure_venv()) if impl == "trl" else sys.executable
-    script = "trl_dpo.py" if impl == "trl" else "dpo_step.py"
-    cmd = [python, str(HERE / script), "--size", args.size, "--steps", str(args.steps)]
-    cmd += [] if impl == "trl" else ["--json"]
-    env = {**common.child_env(impl != "trl", "system"), "PYTHONPATH": str(HERE)}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
-    return [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+    ours = impl != "trl"
+    python = sys.executable if ours else str(ensure_venv())
+    script = "dpo_step.py" if ours else "trl_dpo.py"
+    argv = ["--size", args.size, "--steps", str(args.steps)]  # fmt: skip
+    return common.runner_rows(impl, script, argv + (["--json"] if ours else []), python)
 
 
 def main() -> None:

@@ -198,16 +198,12 @@ def ensure_venv() -> Path:
 
 
 def _subprocess(impl: str, args) -> list[dict]:
-    python = str(ensure_venv()) if impl == "trl" else sys.executable
-    script = "trl_grpo.py" if impl == "trl" else "grpo_step.py"
-    cmd = [python, str(HERE / script), "--size", args.size, "--iters", str(args.iters)]
-    cmd += ["--micro", str(args.micro), "--warmup", str(args.warmup)]
-    cmd += [] if impl == "trl" else ["--json"]
-    env = {**common.child_env(impl != "trl", "system"), "PYTHONPATH": str(HERE)}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
-    return [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+    ours = impl != "trl"
+    python = sys.executable if ours else str(ensure_venv())
+    script = "grpo_step.py" if ours else "trl_grpo.py"
+    argv = ["--size", args.size, "--iters", str(args.iters), "--micro", str(args.micro),
+            "--warmup", str(args.warmup)]  # fmt: skip
+    return common.runner_rows(impl, script, argv + (["--json"] if ours else []), python)
 
 
 def main() -> None:
