@@ -20,7 +20,7 @@ from rlhfkit.report import write_report
 from rlhfkit.rollout.rewards import RewardFn, build_reward, load_reward_fn
 from rlhfkit.stages.dpo import run_dpo
 from rlhfkit.stages.evaluate import evaluate_policies
-from rlhfkit.stages.ppo import run_ppo
+from rlhfkit.stages.ppo import rollout_sampler, run_ppo
 from rlhfkit.stages.rm import run_rm
 from rlhfkit.stages.sft import run_sft
 
@@ -107,7 +107,7 @@ def run_pipeline(cfg: PipelineConfig, judge: RewardFn | None = None) -> dict:
     print("[pipeline] eval: running", file=sys.stderr)
     tok = load_tokenizer(ModelConfig(name_or_path=str(out / "sft" / "final")))
     reward = None
-    if ppo.has_reward() and (ppo.reward_fn or (out / "rm" / "final").is_dir()):
+    if ppo.has_reward() and (ppo.reward_fn or ppo.env.enabled or (out / "rm" / "final").is_dir()):
         reward = build_reward(ppo, ModelConfig(name_or_path=str(out / "sft" / "final")), tok)
     result = evaluate_policies(
         str(out / "sft" / "final"),
@@ -120,6 +120,7 @@ def run_pipeline(cfg: PipelineConfig, judge: RewardFn | None = None) -> dict:
         judge,
         ppo.run.seed + 12345,
         out / "eval",
+        sampler=rollout_sampler(ppo),  # episodes too, when the PPO stage has an environment
     )
     write_report(out, result, cfg)
     return result
