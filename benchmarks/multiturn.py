@@ -11,7 +11,7 @@ prompts, A B A B in one process, batch 64, temperature 0.6:
 The figure is the model's own sampled tokens per second (the environment's tokens are read but
 not counted as work done).
 
-    python benchmarks/multiturn.py --model runs/demo-tools/rl/final --prompts runs/demo-tools/data/heldout.jsonl
+    python -m benchmarks.multiturn --model runs/demo-tools/rl/final --prompts runs/demo-tools/data/heldout.jsonl
 """
 
 from __future__ import annotations

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline offline on a tiny model, with a report",
         description="Pre-train a tiny model, then SFT -> RM -> PPO -> report (offline, CPU).",
     )
-    demo.add_argument("--output-dir", default="runs/demo", help="where everything is written")
+    demo.add_argument(
+        "--output-dir", help="where everything is written (runs/demo, or runs/demo-tools)"
+    )
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     demo.add_argument("--quick", action="store_true", help="the smaller version CI runs")
     demo.add_argument(
@@ -200,15 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo" and args.task == "tools":
         from rlhfkit.demo.agent import run_tools_demo
 
+        root = args.output_dir or "runs/demo-tools"
         for seed in args.seeds:
-            out = args.output_dir if len(args.seeds) == 1 else f"{args.output_dir}/seed-{seed}"
+            out = root if len(args.seeds) == 1 else f"{root}/seed-{seed}"
             run_tools_demo(out, seed=seed, quick=args.quick)
         return 0
     if args.command == "demo":
         from rlhfkit.demo.run import run_demo
 
+        root = args.output_dir or "runs/demo"
         for seed in args.seeds:
-            out = args.output_dir if len(args.seeds) == 1 else f"{args.output_dir}/seed-{seed}"
+            out = root if len(args.seeds) == 1 else f"{root}/seed-{seed}"
             config = args.config or (
                 "configs/smollm2/pipeline.yaml" if args.model == "smollm2" else None
             )
