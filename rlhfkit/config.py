@@ -673,6 +673,12 @@ class EnvConfig:
         "the prompt, or drop the episode and count it (env/skipped)",
     )
     threads: int = knob(8, "environment steps run concurrently on this many threads", lo=1)
+    reward_at: Literal["end", "turn"] = knob(
+        "end",
+        "where the env's step rewards go: end = summed into R_final at the episode's end (the "
+        "reward source rlhfkit.envs:env_reward); turn = each at the last token of the model "
+        "turn it answers, as a per-token reward (not normalised; env_reward is then 0)",
+    )
 
     def validate(self, prefix: str = "") -> None:
         if self.factory and self.tools:

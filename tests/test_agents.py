@@ -749,3 +749,47 @@ def test_periodic_held_out_evaluation_plays_episodes(tmp_path, tiny_chat_lm):
     run_ppo(cfg)
     (row,) = read_metrics(tmp_path / "ppo")
     assert math.isfinite(row["eval/rm_score"]) and row["eval/length"] > 0
+
+
+# --------------------------------------------------------------------------- per-turn rewards
+
+
+def test_per_turn_rewards_sit_at_the_last_token_of_each_model_turn(chat):
+    tok, policy = chat
+    boosted = EosBoost(policy, tok.eos_token_id)
+    torch.manual_seed(0)
+    ep = run_episodes(boosted, tok, items(tok), settings(Echo, reward_at="turn"), sample_kw(tok))
+    good = tok.convert_tokens_to_ids("good")
+    assert ep.env_reward == [0.0] * 4  # the rewards are per turn, not in R_final
+    for i in range(4):
+        n = int(ep.gen.lengths[i])
+        toks, act = ep.gen.tokens[i, :n], ep.action_mask[i, :n].tolist()
+        expect = torch.zeros(ep.turn_rewards.shape[1])
+        for mine, a, b in runs(act):
+            if mine:  # Echo's reward for a turn: the "good"s in it, at the turn's last token
+                expect[b - 1] = float((toks[a:b] == good).sum())
+        assert torch.equal(ep.turn_rewards[i], expect)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_with_per_turn_rewards_matches_the_contract_in_float64(gamma, lam):
+    cfg = load_config(
+        PPOConfig, None, ["ppo.estimator=gae", f"ppo.gamma={gamma}", f"ppo.lam={lam}"]
+    )
+    exp = fake_episode_buffer(critic=True)
+    act = exp.action_mask
+    turn = torch.zeros(act.shape)
+    for b in range(act.shape[0]):  # a reward at the last token of every model turn
+        for mine, _, end in runs(act[b].tolist()):
+            if mine:
+                turn[b, end - 1] = float(b + end)
+    exp.turn_rewards = turn
+    advantages(exp, 0.1, cfg.ppo)
+    last = act.long().cumsum(1).argmax(1)
+    kl = (exp.logprobs - exp.ref_logprobs).double()
+    r = torch.where(act, -0.1 * kl + turn.double(), 0.0)
+    r[torch.arange(5), last] += exp.scores.double()
+    ref_a, ref_r = gae_over_actions_f64(r, exp.values.double(), act, gamma, lam)
+    torch.testing.assert_close(exp.returns.double(), ref_r, rtol=0, atol=1e-5)
+    # whitened advantages: compare before whitening through the returns, and the mask
+    assert (exp.advantages[~act] == 0).all()

@@ -54,6 +54,8 @@ def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, 
     values = None if exp.values is None else pack_left(exp.values, exp.loss_mask)[0]
     reward_kl_coef = kl_coef if pc.kl_in == "reward" else 0.0
     rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
+    if exp.turn_rewards is not None:  # env.reward_at: turn, at each model turn's last token
+        rewards = rewards + pack_left(exp.turn_rewards, exp.loss_mask)[0]
     # an estimator that reads only per-response scores gets the sequence reward sum_t r_t =
     # R_final - beta sum_t KL_t, so the reward-side KL penalty reaches it (TRL's RLOO and
     # OpenRLHF do the same); with kl_in: loss that is R_final alone

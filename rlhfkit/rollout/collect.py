@@ -241,13 +241,14 @@ def rollout_chunk(
         group=group.to(prompt_ids.device),
         sampler_logprobs=gen.logprobs if pc.rollout_correction != "none" else None,
         action_mask=None if ep.action_mask is None else action,
+        turn_rewards=None if ep.turn_rewards is None else _pad_cols(ep.turn_rewards, gen.mask),
     )
     return exp, timings
 
 
-def _pad_cols(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``mask`` right-padded with False to ``like``'s width."""
-    return torch.nn.functional.pad(mask, (0, like.shape[1] - mask.shape[1]), value=False)
+def _pad_cols(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` right-padded with zeros (False) to ``like``'s width."""
+    return torch.nn.functional.pad(x, (0, like.shape[1] - x.shape[1]))
 
 
 def collect(

@@ -48,6 +48,7 @@ class EnvSettings:
     on_error: str = "raise"  # or "skip"
     timeout: float = 60.0  # seconds for one reset / step
     threads: int = 8
+    reward_at: str = "end"  # or "turn": each step's reward at the last token of its model turn
 
 
 @dataclass
@@ -56,10 +57,13 @@ class Episodes:
     prompt_mask: torch.Tensor  # (B, P)
     gen: Generation  # (B, T) the whole trajectory after the prompt, model and env tokens
     action_mask: torch.Tensor  # (B, T) bool: the model's own tokens
-    env_reward: list[float]  # (B,) the sum of each episode's step rewards
+    env_reward: list[float]  # (B,) the sum of each episode's step rewards (0 with reward_at: turn)
     final_text: list[str]  # (B,) the model's last turn, decoded
     skipped: torch.Tensor  # (B,) bool: dropped by env.on_error: skip (no tokens to train on)
     counts: dict[str, float] = field(default_factory=dict)  # summed over the episodes
+    # (B, T) with env.reward_at: turn, each step's reward at the last token of the model turn
+    # it answered (docs/algorithms.md, "Multi-turn episodes"); else None
+    turn_rewards: torch.Tensor | None = None
 
 
 def encode_start(tokenizer, start, tools: list[dict] | None, max_len: int) -> list[int]:
@@ -97,6 +101,7 @@ class _Episode:
         self.logprobs: list[float] = []
         self.entropy: list[float] = []
         self.reward, self.turns, self.final_text = 0.0, 0, ""
+        self.step_rewards: list[tuple[int, float]] = []  # (last token of the turn, reward)
         self.done = self.stopped = self.truncated = self.skipped = False
 
     def where(self, name: str, what: str) -> str:
@@ -217,6 +222,7 @@ def _env_turn(pool, tokenizer, live: list[_Episode], settings, counts) -> None:
             _fail(ep, settings, what, err, counts)
             continue
         ep.reward += reward
+        ep.step_rewards.append((len(ep.tokens) - 1, reward))  # the turn's last token
         out_of_turns = ep.turns >= settings.max_turns
         if done or obs is None or not ep.stopped or out_of_turns:
             ep.done = True
@@ -258,15 +264,24 @@ def _batch(eps, settings, counts, pad_id, device, prompt_width) -> Episodes:
         tokens.to(device), lengths.to(device), stopped.to(device), logprobs.to(device),
         entropy.to(device),
     )  # fmt: skip
+    per_turn = settings.reward_at == "turn"
+    turn_rewards = None
+    if per_turn:
+        turn_rewards = torch.zeros(b, width)
+        for i, ep in enumerate(eps):
+            for pos, r in ep.step_rewards if not ep.skipped else []:
+                turn_rewards[i, pos] += r
+        turn_rewards = turn_rewards.to(device)
     return Episodes(
         prompt_ids,
         prompt_mask,
         gen,
         action.to(device),
-        [ep.reward for ep in eps],
+        [0.0 if per_turn else ep.reward for ep in eps],
         [ep.final_text for ep in eps],
         torch.tensor([ep.skipped for ep in eps], device=device),
         counts,
+        turn_rewards,
     )
 
 

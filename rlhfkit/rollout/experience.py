@@ -25,6 +25,9 @@ class Experience:
     # (B, T) bool: the model's own tokens of a multi-turn episode (an environment's turns are
     # 0); None = every response token (single turn). Losses, KL and entropy read ``loss_mask``
     action_mask: torch.Tensor | None = None
+    # (B, T) an environment's per-turn rewards at the last token of each model turn
+    # (env.reward_at: turn), added to r_t; None otherwise
+    turn_rewards: torch.Tensor | None = None
     rewards: torch.Tensor | None = None  # (B, T) r_t
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
