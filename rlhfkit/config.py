@@ -320,6 +320,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
             continue
         raw = data[name]
         shorthand = getattr(hints[name], "SHORTHAND", None)  # `env: m:f` = `env.factory: m:f`
+        if isinstance(raw, dict) and _SHORT in raw:
+            if not shorthand:
+                raise ConfigError(f"'{prefix}{name}' is not a section; it cannot have sub-keys")
+            raw = {shorthand: raw[_SHORT], **{k: v for k, v in raw.items() if k != _SHORT}}
         if shorthand and isinstance(raw, str):
             raw = {shorthand: raw}
         if dataclasses.is_dataclass(f.default) and isinstance(raw, dict):
@@ -335,13 +339,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
     return obj
 
 
+_SHORT = "__shorthand__"  # a section given as one value (``EnvConfig.SHORTHAND``) plus sub-keys
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted!r}: '{p}' is not a section")
+        if not isinstance(nxt, dict):  # `env=m:f env.timeout=5`: a section's shorthand value
+            nxt = node[p] = {_SHORT: nxt}
         node = nxt
     node[parts[-1]] = value
 
@@ -368,6 +375,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
+        if isinstance(v, dict) and k in out and not isinstance(out[k], dict):
+            out[k] = {_SHORT: out[k]}  # a shorthand value, then keys of its section
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 

@@ -599,6 +599,13 @@ def test_env_config_keys_are_checked(tmp_path, tiny_lm):
         agent_cfg(tmp_path, tiny_lm, "env=a:b", "rollout.max_total_tokens=4")
     cfg = agent_cfg(tmp_path, tiny_lm, "env=tests_env:make")  # the shorthand
     assert cfg.env.factory == "tests_env:make" and cfg.has_reward()
+    cfg = agent_cfg(tmp_path, tiny_lm, "env=tests_env:make", "env.timeout=5")  # and sub-keys
+    assert cfg.env.factory == "tests_env:make" and cfg.env.timeout == 5
+    (tmp_path / "c.yaml").write_text("env: tests_env:make\n")  # a YAML shorthand, then a key
+    cfg = load_config(PPOConfig, tmp_path / "c.yaml", ["env.on_error=skip"])
+    assert cfg.env.factory == "tests_env:make" and cfg.env.on_error == "skip"
+    with pytest.raises(ConfigError, match="'ppo.gamma' is not a section"):
+        agent_cfg(tmp_path, tiny_lm, "env=a:b", "ppo.gamma=1", "ppo.gamma.x=2")
 
 
 # --------------------------------------------------------------------------- rlhfkit ppo
@@ -793,3 +800,13 @@ def test_gae_with_per_turn_rewards_matches_the_contract_in_float64(gamma, lam):
     torch.testing.assert_close(exp.returns.double(), ref_r, rtol=0, atol=1e-5)
     # whitened advantages: compare before whitening through the returns, and the mask
     assert (exp.advantages[~act] == 0).all()
+
+
+def test_rlhfkit_ppo_with_per_turn_rewards(tmp_path, tiny_chat_lm):
+    cfg = _echo_cfg(tmp_path, tiny_chat_lm, "env.reward_at=turn", "ppo.estimator=gae",
+                    "run.iterations=2", "ppo.kl_coef=0")  # fmt: skip
+    run_ppo(cfg)
+    rows = read_metrics(tmp_path / "ppo")
+    # R_final is 0 (the env's rewards moved to the turns); the rewards are the "good"s written
+    assert all(r["score/mean"] == 0 for r in rows)
+    assert all(math.isfinite(r["loss/value"]) and r["reward/total"] >= 0 for r in rows)

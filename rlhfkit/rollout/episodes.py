@@ -322,5 +322,6 @@ def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: i
             env_cfg.on_error,
             env_cfg.timeout,
             env_cfg.threads,
+            env_cfg.reward_at,
         )  # fmt: skip
     )
