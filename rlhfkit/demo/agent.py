@@ -33,7 +33,7 @@ from rlhfkit.toy import build_tiny_lm
 
 FULL = {"sft_examples": 6000, "sft_epochs": 6, "rl_iterations": 60, "held_out": 200}
 # --quick: the pipeline end to end in ~40 s (CI); too little SFT for the RL to reach 0.8
-QUICK = {"sft_examples": 800, "sft_epochs": 2, "rl_iterations": 5, "held_out": 50}
+QUICK = {"sft_examples": 500, "sft_epochs": 2, "rl_iterations": 3, "held_out": 24}
 P_TOOL = 0.5  # the share of SFT traces that call the tool
 TEMPERATURE = 0.6  # sampling temperature of the RL rollouts and of both policies' evaluation
 TOOLS = ["rlhfkit.demo.tools_task:multiply"]
