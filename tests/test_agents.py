@@ -809,4 +809,6 @@ def test_rlhfkit_ppo_with_per_turn_rewards(tmp_path, tiny_chat_lm):
     rows = read_metrics(tmp_path / "ppo")
     # R_final is 0 (the env's rewards moved to the turns); the rewards are the "good"s written
     assert all(r["score/mean"] == 0 for r in rows)
-    assert all(math.isfinite(r["loss/value"]) and r["reward/total"] >= 0 for r in rows)
+    assert all(math.isfinite(r["loss/value"]) for r in rows)
+    # with R_final 0 and no KL, r_t holds only the per-turn rewards: they reached the update
+    assert sum(r["reward/total"] for r in rows) > 0

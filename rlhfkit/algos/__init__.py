@@ -32,7 +32,14 @@ from rlhfkit.algos.losses import (
     rollout_correction_weights,
     value_loss,
 )
-from rlhfkit.algos.masking import last_index, pack_left, position_ids, response_mask, unpack
+from rlhfkit.algos.masking import (
+    last_index,
+    pack_left,
+    pack_like,
+    position_ids,
+    response_mask,
+    unpack,
+)
 from rlhfkit.algos.rewards import overlong_penalty, shape_rewards
 from rlhfkit.algos.rm_losses import pairwise_accuracy, pairwise_loss, ranking_loss
 from rlhfkit.algos.stats import (
@@ -87,6 +94,7 @@ __all__ = [
     "ranking_loss",
     "response_mask",
     "pack_left",
+    "pack_like",
     "unpack",
     "shape_rewards",
     "td_advantages",

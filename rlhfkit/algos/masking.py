@@ -39,12 +39,16 @@ def pack_left(
     so that a recursion over "the next token" runs over the masked tokens only."""
     m = mask.bool()
     order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # masked positions first
-    count = m.sum(1, keepdim=True)
-    packed_mask = torch.arange(m.shape[1], device=m.device)[None] < count
-    packed = torch.where(
+    packed_mask = torch.arange(m.shape[1], device=m.device)[None] < m.sum(1, keepdim=True)
+    return pack_like(x, order, packed_mask), packed_mask, order
+
+
+def pack_like(x: torch.Tensor, order: torch.Tensor, packed_mask: torch.Tensor) -> torch.Tensor:
+    """Another (B, T) tensor packed with ``pack_left``'s ``order`` and ``packed_mask`` (the
+    same mask's packing, without sorting again)."""
+    return torch.where(
         packed_mask, x.gather(1, order), torch.zeros((), dtype=x.dtype, device=x.device)
     )
-    return packed, packed_mask, order
 
 
 def unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -80,11 +80,9 @@ def as_messages(obs: Any, where: str, role: str = "user") -> Messages | None:
 
 def env_reward(prompts: list[str], responses: list[str], env_reward: list[float]) -> list[float]:
     """The reward source of an environment: the sum of its step rewards over the episode (a
-    column the multi-turn rollout fills). Combine it with other sources in ``rewards:``."""
+    column the multi-turn rollout fills: ``MultiTurn.provides``). Combine it with other sources
+    in ``rewards:``."""
     return list(env_reward)
-
-
-env_reward.columns = ()  # filled by the rollout, not read from the prompts file
 
 
 def make_factory(spec_factory: str, tools: list[str], parser: str, tool_timeout: float):

@@ -27,6 +27,7 @@ from rlhfkit.algos import (
     masked_var,
     masked_whiten,
     pack_left,
+    pack_like,
     rollout_correction_weights,
     shape_rewards,
     unpack,
@@ -51,11 +52,11 @@ def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, 
     est = get_estimator(pc.estimator)
     kl = kl_penalty(exp.logprobs, exp.ref_logprobs, pc.kl_estimator)  # (B, T)
     kl, m, order = pack_left(kl, exp.loss_mask)  # identity for a single-turn response
-    values = None if exp.values is None else pack_left(exp.values, exp.loss_mask)[0]
+    values = None if exp.values is None else pack_like(exp.values, order, m)
     reward_kl_coef = kl_coef if pc.kl_in == "reward" else 0.0
     rewards, rstats = shape_rewards(kl, exp.scores, m, reward_kl_coef)
     if exp.turn_rewards is not None:  # env.reward_at: turn, at each model turn's last token
-        rewards = rewards + pack_left(exp.turn_rewards, exp.loss_mask)[0]
+        rewards = rewards + pack_like(exp.turn_rewards, order, m)
     # an estimator that reads only per-response scores gets the sequence reward sum_t r_t =
     # R_final - beta sum_t KL_t, so the reward-side KL penalty reaches it (TRL's RLOO and
     # OpenRLHF do the same); with kl_in: loss that is R_final alone
