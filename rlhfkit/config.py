@@ -71,6 +71,12 @@ class ModelConfig:
         "logprobs and losses in fp32: what GPU users want, docs/decisions.md)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    cpu_gemm: Literal["onednn", "torch"] = knob(
+        "onednn",
+        "fp32 linear layers on the CPU: oneDNN's matmul (2-3x MKL's sgemm on the AMD EPYCs "
+        "measured, forward and backward; benchmarks/cpu_gemm.py) or torch's own (MKL); equal up "
+        "to fp32 rounding. Other dtypes and devices always use torch's",
+    )
     allow_pickle: bool = knob(
         False, "allow loading .bin (pickle) weights; off: safetensors only (security)"
     )

@@ -278,3 +278,35 @@ def test_the_static_cache_keeps_each_dtype_under_bf16_autocast(policy):
     assert static_err <= dynamic_err + bf16_step, (static_err, dynamic_err, bf16_step)
     # and the two bf16 paths differ by at most that much from each other
     assert (logits["static"] - logits["dynamic"]).abs().max() <= 2 * dynamic_err + bf16_step
+
+
+def test_the_loop_draws_what_a_cache_free_replay_with_softmax_draws(policy):
+    """The loop samples from exp(log_softmax(z / T)), the one full-vocabulary pass it also takes
+    the logprobs and the entropy from (issue 24); the loop before ran softmax(z / T) again for the
+    draw. A replay without a KV cache, one full forward per step, sampling each step with
+    ``sample_from_logits`` from the same seed, draws the same tokens, and its logprobs and
+    entropies equal the loop's to fp32 rounding."""
+    from rlhfkit.algos import position_ids
+
+    tok, model = policy
+    prompts = [tok("copy : red blue :")["input_ids"], tok("say gold")["input_ids"]] * 3
+    ids, mask = pad_left(prompts, tok.pad_token_id)
+    n, temp = 12, 0.7
+    out = generate(model, ids, mask, max_new_tokens=n, eos_id=None, pad_id=tok.pad_token_id,
+                   temperature=temp, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    seq, m = ids, mask.long()
+    with torch.no_grad():
+        for t in range(n):
+            logits = model(input_ids=seq, attention_mask=m, position_ids=position_ids(m)).logits
+            drawn = sample_from_logits(logits[:, -1] / temp, g)  # the old loop's draw
+            z = logits[:, -1].double() / temp
+            assert torch.equal(drawn, out.tokens[:, t]), t
+            logp = torch.log_softmax(z, -1)
+            want_lp = logp.gather(1, drawn[:, None]).squeeze(1)
+            torch.testing.assert_close(out.logprobs[:, t].double(), want_lp, rtol=0, atol=1e-5)
+            want_h = -(logp.exp() * logp).sum(-1)
+            torch.testing.assert_close(out.entropy[:, t].double(), want_h, rtol=0, atol=1e-5)
+            seq = torch.cat([seq, drawn[:, None]], 1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    assert len(set(map(tuple, out.tokens.tolist()))) > 1  # the rows really sampled

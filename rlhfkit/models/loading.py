@@ -13,6 +13,7 @@ from torch import nn
 
 from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
+from rlhfkit.models.cpu_gemm import use_onednn
 
 PAD_TOKEN = "<|pad|>"
 
@@ -132,6 +133,8 @@ def device_of(model) -> torch.device:
 def _apply_options(model, cfg: ModelConfig, trainable: bool):
     model.to(resolve_device(cfg.device))
     disable_dropout(model)
+    if cfg.cpu_gemm == "onednn":
+        use_onednn(model)  # a no-op on other devices and dtypes at call time (models.cpu_gemm)
     if cfg.gradient_checkpointing and trainable:
         enable_checkpointing(model)
         model.config.use_cache = False

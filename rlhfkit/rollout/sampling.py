@@ -53,7 +53,14 @@ def sample_from_logits(
     logits: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """One token per row from softmax(logits), by inverse CDF. (B, V) -> (B,)"""
-    probs = torch.softmax(logits.float(), dim=-1)
+    return sample_from_probs(torch.softmax(logits.float(), dim=-1), generator)
+
+
+def sample_from_probs(
+    probs: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token per row from probabilities (B, V), by inverse CDF: the first token whose
+    cumulative mass reaches u * total, u ~ U(0, 1). Rows need not sum to exactly 1. (B,)"""
     cdf = torch.cumsum(probs, dim=-1)
     # a seeded generator may live on the CPU while the model runs on a GPU
     gen_device = generator.device if generator is not None else probs.device
@@ -256,14 +263,21 @@ def generate(
     stopped = torch.zeros(b, dtype=torch.bool, device=device)
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
     entropy = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
+    filtered = bool(top_k) or top_p < 1.0
     for t in range(max_new_tokens):
-        scaled = logits.float() / temperature  # (B, V)
-        tok = sample_from_logits(filter_logits(scaled, top_k, top_p), generator)
+        # one log-softmax pass per step: its exp is both the sampling distribution (unless a
+        # top-k/p filter changes it) and the entropy's weights; no division at temperature 1
+        scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, V)
+        logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        probs = logp.exp()
+        if filtered:
+            tok = sample_from_logits(filter_logits(scaled, top_k, top_p), generator)
+        else:
+            tok = sample_from_probs(probs, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
-        logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
         logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
-        entropy[:, t] = -(logp.exp() * logp).sum(-1)
+        entropy[:, t] = -(probs * logp).sum(-1)
         hit = (
             _ends_with(tokens[:, : t + 1], stops)
             if eos_id is None

@@ -1,0 +1,109 @@
+"""fp32 linear layers on the CPU through oneDNN's matmul instead of MKL's sgemm.
+
+PyTorch's CPU wheel runs an fp32 ``nn.Linear`` through MKL's ``sgemm``. On the AMD EPYC machines
+this project runs on that reaches ~180 GFLOP/s on 2 cores, while oneDNN, which ships in the same
+wheel, reaches ~400 on the same products; at the few rows of a decode step (M = 32-64) MKL gets
+~90 GFLOP/s and oneDNN ~230 (``benchmarks/cpu_gemm.py``, benchmarks/RESULTS.md session 8).
+
+``use_onednn(model)`` turns every ``nn.Linear`` of a model into a ``OneDNNLinear``: the same module
+(same parameters, state dict and ``isinstance``), whose forward runs the three products of a linear
+layer on oneDNN when the input and weights are fp32 on the CPU:
+
+    forward     y  = x W^T + b
+    backward    dx = dy W        dW = dy^T x        db = sum over rows of dy
+
+Anything else (another dtype, bf16 autocast, a GPU, ``torch.compile`` tracing, a build without the
+op) takes ``F.linear`` as before. The results equal ``F.linear``'s up to fp32 rounding: another
+GEMM sums the K products in another order (tests/test_cpu_gemm.py bounds it against float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's linear op (CPU wheels do)."""
+    return _OP is not None and torch.backends.mkldnn.is_available()
+
+
+def _mm_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T (+ bias) on oneDNN. ``a`` and ``b`` may be transposed views."""
+    return _OP(a, b, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias):
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
+        ctx.has_bias = bias is not None
+        return _mm_nt(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        g = g.contiguous()  # an expanded or sliced gradient: oneDNN wants plain strides
+        gx = _mm_nt(g, weight.t()) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
+        gw = _mm_nt(g.t(), x2.t()) if ctx.needs_input_grad[1] else None  # (N, M) @ (M, K)
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    f32 = torch.float32
+    return (
+        x.device.type == "cpu"
+        and x.dtype == f32
+        and weight.dtype == f32
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == f32)
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on oneDNN where it applies (see the module docstring)."""
+    if _OP is None or not _eligible(x, weight, bias):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    out = _Linear.apply(x2, weight, bias) if needs_grad else _mm_nt(x2, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is ``cpu_gemm.linear``. Made by ``use_onednn`` by swapping
+    the class of an existing layer, so parameters, hooks and the state dict stay as they were."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+def use_onednn(model: nn.Module) -> int:
+    """Route every plain ``nn.Linear`` of ``model`` through oneDNN (in place). Returns how many
+    layers were switched (0 when this torch build lacks the op)."""
+    if not available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+            n += 1
+    return n
+
+
+def use_torch(model: nn.Module) -> None:
+    """Undo ``use_onednn``: plain ``nn.Linear`` layers again."""
+    for m in model.modules():
+        if type(m) is OneDNNLinear:
+            m.__class__ = nn.Linear

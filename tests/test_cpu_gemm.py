@@ -1,0 +1,151 @@
+"""oneDNN linear layers (models.cpu_gemm): the three products of a linear layer against float64,
+within the fp32 bound of a K-term dot product; the routing (which calls reach oneDNN, which fall
+back to F.linear exactly); and a whole model and its training step equal to torch's path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhfkit.config import ModelConfig
+from rlhfkit.models import cpu_gemm, load_policy, load_tokenizer
+
+pytestmark = [
+    pytest.mark.skipif(not cpu_gemm.available(), reason="torch build without oneDNN"),
+    pytest.mark.cpu_isa,  # oneDNN picks its kernels by CPU: run again capped at AVX2
+]
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def _bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|fl(a @ b) - a @ b| <= K eps |a| @ |b| elementwise (Higham, Accuracy and Stability, 3.5),
+    for float64 a (M, K) and b (K, N); plus one rounding of the result."""
+    k = a.shape[-1]
+    return (k + 1) * EPS * (a.abs() @ b.abs())
+
+
+def _check(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, extra: torch.Tensor | None = None):
+    ref = a @ b + (0 if extra is None else extra)
+    err = (got.double() - ref).abs()
+    bound = _bound(a, b) + (0 if extra is None else 2 * EPS * extra.abs())
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize(
+    "shape,n,bias",
+    [((7, 13), 5, True), ((3, 4, 16), 1, False), ((2, 576), 3000, False), ((2, 5, 8), 3, True)],
+)
+def test_forward_and_both_backward_products_within_the_fp32_bound(shape, n, bias):
+    torch.manual_seed(0)
+    k = shape[-1]
+    layer = nn.Linear(k, n, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    y = cpu_gemm.linear(x, layer.weight, layer.bias)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2, w = x.detach().double().reshape(-1, k), layer.weight.detach().double()
+    g2 = g.double().reshape(-1, n)
+    b = layer.bias.detach().double() if bias else None
+    assert y.shape == (*shape[:-1], n)
+    _check(y.reshape(-1, n), x2, w.T, b)
+    _check(x.grad.reshape(-1, k), g2, w)  # dx = dy W
+    _check(layer.weight.grad, g2.T, x2)  # dW = dy^T x
+    if bias:
+        torch.testing.assert_close(layer.bias.grad.double(), g2.sum(0), rtol=0, atol=n * 8 * EPS)
+
+
+def test_strided_inputs_and_gradients():
+    torch.manual_seed(1)
+    layer = nn.Linear(16, 8)
+    base = torch.randn(4, 10, 16)
+    for x in (base[:, 2:7], torch.randn(16, 6).t(), base[:, ::2]):
+        x = x.detach().requires_grad_(True)
+        y = cpu_gemm.linear(x, layer.weight, layer.bias)
+        _check(y.reshape(-1, 8), x.detach().double().reshape(-1, 16), layer.weight.double().T,
+               layer.bias.double())  # fmt: skip
+        y.sum().backward()  # an expanded (stride 0) gradient
+        ones = torch.ones(y.numel() // 8, 8, dtype=torch.float64)
+        _check(x.grad.reshape(-1, 16), ones, layer.weight.detach().double())
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    op = cpu_gemm._OP
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(cpu_gemm, "_OP", counted)
+    return calls
+
+
+def test_fp32_cpu_calls_reach_onednn_and_others_fall_back_exactly(monkeypatch):
+    calls = _counting(monkeypatch)
+    torch.manual_seed(2)
+    layer = nn.Linear(8, 4)
+    cpu_gemm.use_onednn(layer)
+    assert isinstance(layer, nn.Linear) and type(layer) is cpu_gemm.OneDNNLinear
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 3  # forward, dx, dW
+    calls.clear()
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1
+    calls.clear()
+    # bf16 weights, bf16 autocast and an empty batch take F.linear, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(got, want) and got.dtype == torch.bfloat16
+    lb = nn.Linear(8, 4).to(torch.bfloat16)
+    cpu_gemm.use_onednn(lb)
+    xb = x.detach().to(torch.bfloat16)
+    assert torch.equal(lb(xb), F.linear(xb, lb.weight, lb.bias))
+    assert layer(torch.randn(0, 8)).shape == (0, 4)
+    assert calls == []
+    cpu_gemm.use_torch(layer)
+    assert type(layer) is nn.Linear
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_lm):
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_lm)))
+
+
+def test_the_loaded_model_uses_onednn_by_default_and_torch_when_told(tiny_lm, tok):
+    on = load_policy(ModelConfig(name_or_path=str(tiny_lm)), tok)
+    off = load_policy(ModelConfig(name_or_path=str(tiny_lm), cpu_gemm="torch"), tok)
+    kinds_on = {type(m) for m in on.modules() if isinstance(m, nn.Linear)}
+    kinds_off = {type(m) for m in off.modules() if isinstance(m, nn.Linear)}
+    assert kinds_on == {cpu_gemm.OneDNNLinear} and kinds_off == {nn.Linear}
+    assert on.state_dict().keys() == off.state_dict().keys()
+
+
+def test_a_training_step_equals_torchs_path(tiny_lm, tok, tmp_path):
+    """Loss, gradients and the saved checkpoint of one SGD step: oneDNN vs MKL, to fp32 rounding;
+    the checkpoint loads with plain from_pretrained as plain nn.Linear layers."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(name_or_path=str(tiny_lm))
+    a = load_policy(cfg, tok)
+    b = load_policy(ModelConfig(name_or_path=str(tiny_lm), cpu_gemm="torch"), tok)
+    ids = torch.tensor([tok("copy : red blue : red blue")["input_ids"]] * 3)
+    losses = []
+    for m in (a, b):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    # logits of magnitude ~1-10 through a few layers of 32-wide products: a few hundred fp32 eps
+    torch.testing.assert_close(losses[0], losses[1], rtol=256 * EPS, atol=0)
+    ga = torch.cat([p.grad.flatten() for p in a.parameters()])
+    gb = torch.cat([p.grad.flatten() for p in b.parameters()])
+    scale = float(gb.abs().max())
+    assert float((ga - gb).abs().max()) <= 1024 * EPS * scale
+    a.save_pretrained(tmp_path / "ck")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert {type(m) for m in plain.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
