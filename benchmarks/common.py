@@ -51,21 +51,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
-    """The machine's achievable matmul rate: the best n x n x n product (F.linear, the kernel that
-    nn.Linear uses) over ``seconds`` of repeats, after a 0.5 s warm-up (a fresh process's first
-    products run at half speed here). bf16 is measured at n=512: on this machine's torch build it
-    runs at ~1-20 GFLOP/s, and a big bf16 product would take minutes."""
+def matmul_peak_gflops(
+    dtype: torch.dtype, n: int = 1024, seconds: float = 1.5, kernel: str = "best"
+) -> float:
+    """The machine's achievable matmul rate: the best n x n x n product over ``seconds`` of
+    repeats, after a 0.5 s warm-up (a fresh process's first products run at half speed here).
+    ``kernel``: ``torch`` (F.linear: MKL's sgemm in the CPU wheel), ``onednn`` (oneDNN's matmul,
+    the same wheel: ``rlhfkit.models.cpu_gemm``; fp32 only) or ``best`` of the two. On the AMD
+    EPYCs here oneDNN runs fp32 at ~2.2x MKL's rate, so the peak is oneDNN's (session 8; earlier
+    sessions' fractions of peak were of MKL's rate). bf16 is measured at n=512 with torch's kernel:
+    on this machine's torch build it runs at ~1-20 GFLOP/s, and a big product would take minutes."""
+    from rlhfkit.models import cpu_gemm
+
     if dtype == torch.bfloat16:
-        n, seconds = 512, 0.5
+        n, seconds, kernel = 512, 0.5, "torch"
+    if kernel == "best":
+        kinds = ["torch"] + (["onednn"] if cpu_gemm.available() else [])
+        return max(matmul_peak_gflops(dtype, n, seconds, k) for k in kinds)
+    f = torch.nn.functional.linear if kernel == "torch" else cpu_gemm.linear
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     end = time.perf_counter() + 0.5
     while time.perf_counter() < end:
-        torch.nn.functional.linear(a, b)
+        f(a, b)
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
-        torch.nn.functional.linear(a, b)
+        f(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -135,6 +146,17 @@ def length_reward(prompts, completions, **kwargs) -> list[float]:
     """The GRPO benchmarks' reward on both sides: the completion's length in characters / 100
     (cheap and the same for rlhfkit's ``reward_fn`` and TRL's ``reward_funcs``)."""
     return [len(c) / 100 for c in completions]
+
+
+WITH_MKL = (
+    "also run rlhfkit with model.cpu_gemm=torch (MKL's sgemm, as before session 8) as a third "
+    "runner in each round: what the oneDNN linear layers change"
+)
+
+
+def impls(compare_trl: bool, with_mkl: bool) -> list[str]:
+    """The runners of one A B (A' B) round."""
+    return ["rlhfkit"] + (["rlhfkit-mkl"] if with_mkl else []) + (["trl"] if compare_trl else [])
 
 
 def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[dict]:

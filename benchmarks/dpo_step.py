@@ -32,6 +32,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | reference | `rlhfkit dpo`'s cache: one no-grad pass over the pairs, batch 16 | `precompute_ref_log_probs=True`, `precompute_ref_batch_size=16` |
 | step | `fit` with `LabelledLogprobs` (the LM head on completion positions only), 32 sequences | `DPOTrainer` concatenated forward of chosen + rejected, 32 sequences |
 | loss | sigmoid, beta 0.1 | `loss_type=["sigmoid"]`, beta 0.1 |
+| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
 | gradient checkpointing | off | off (set explicitly) |
 | lengths | prompt 31 words + BOS, completions 48 words + EOS | the same text, TRL's tokenization (EOS appended) |"""
 
@@ -57,7 +58,7 @@ def flops_per_step(model_n: int, hidden: int, vocab: int) -> float:
     return 3 * 2 * BATCH * (seq * 2 * model_n + (COMPLETION + 1) * 2 * hidden * vocab)
 
 
-def run_ours(size: str, steps: int) -> list[dict]:
+def run_ours(size: str, steps: int, cpu_gemm: str = "onednn") -> list[dict]:
     import torch
 
     import rlhfkit.stages.dpo as dpo_stage
@@ -78,6 +79,7 @@ def run_ours(size: str, steps: int) -> list[dict]:
             f"train.output_dir={tmp / 'run'}", f"train.batch_size={BATCH}",
             f"train.max_steps={steps}", "train.lr=1e-5", "dpo.beta=0.1", "dpo.loss=sigmoid",
             "log.tensorboard=false", "log.progress=false", "train.log_every=1000",
+            f"model.cpu_gemm={cpu_gemm}",
         ],
     )  # fmt: skip
     marks: dict[str, list[float]] = {"precompute": [], "steps": []}
@@ -102,7 +104,12 @@ def run_ours(size: str, steps: int) -> list[dict]:
         common.layer_params(model), model.config.hidden_size, model.config.vocab_size
     )
     return [
-        {"impl": "rlhfkit", "step": b - a, "precompute": sum(marks["precompute"]), "flops": fl}
+        {
+            "impl": "rlhfkit" if cpu_gemm == "onednn" else "rlhfkit-mkl",
+            "step": b - a,
+            "precompute": sum(marks["precompute"]),
+            "flops": fl,
+        }
         for a, b in zip(st[1:-1], st[2:], strict=True)  # the first step is the warm-up
     ]
 
@@ -112,7 +119,9 @@ def _subprocess(impl: str, args) -> list[dict]:
     python = sys.executable if ours else str(ensure_venv())
     script = "dpo_step.py" if ours else "trl_dpo.py"
     argv = ["--size", args.size, "--steps", str(args.steps)]  # fmt: skip
-    return common.runner_rows(impl, script, argv + (["--json"] if ours else []), python)
+    if ours:
+        argv += ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
+    return common.runner_rows(impl, script, argv, python)
 
 
 def main() -> None:
@@ -125,10 +134,12 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compare-trl", action="store_true")
+    ap.add_argument("--with-mkl", action="store_true", help=common.WITH_MKL)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-gemm", default="onednn", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:
-        for r in run_ours(args.size, args.steps):
+        for r in run_ours(args.size, args.steps, args.cpu_gemm):
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
         return
     import torch
@@ -139,9 +150,9 @@ def main() -> None:
     )
     print(f"work: size={args.size} {common.SIZES[args.size]}, {PAIRS} pairs, {BATCH} per step, "
           f"prompt {PROMPT} + completions {COMPLETION}, sigmoid, beta 0.1, fp32")  # fmt: skip
-    impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
+    impls = common.impls(args.compare_trl, args.with_mkl)
     results: dict[str, list[dict]] = {i: [] for i in impls}
-    for _ in range(args.rounds if args.compare_trl else 1):
+    for _ in range(args.rounds if len(impls) > 1 else 1):
         for impl in impls:  # A B A B
             results[impl] += _subprocess(impl, args)
     peak = max(peak, common.matmul_peak_gflops(torch.float32))
@@ -157,6 +168,9 @@ def main() -> None:
         frac = rows[0]["flops"] / med[impl] / 1e9 / peak
         rss = max(r["peak_rss_mb"] for r in rows)
         print(f"| {impl} | {med[impl]:.3f} | {pre:.1f} | {frac:.2f} | {rss:.0f} | {len(rows)} |")
+    if args.with_mkl:
+        print(f"\noneDNN linears (median rlhfkit-mkl / median rlhfkit): "
+              f"{med['rlhfkit-mkl'] / med['rlhfkit']:.2f}x")  # fmt: skip
     if args.compare_trl:
         print(
             f"\nspeed-up (median TRL / median rlhfkit, s/step): {med['trl'] / med['rlhfkit']:.2f}x"

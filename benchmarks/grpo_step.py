@@ -68,6 +68,7 @@ def prompt_rows(size: str, n: int = 256) -> list:
     return [" ".join(f"w{t}" for t in p) for p in common.prompts(n, PROMPT - 1, vocab - 4)]
 
 
+WITH_MKL = common.WITH_MKL
 SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 |---|---|---|
 | sampler | own KV-cache loop, inverse-CDF sampling | HF `generate` (`do_sample`, top_k 0, top_p 1) |
@@ -75,6 +76,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | old logprobs | the sampler's own (fp32 fast path; 1 epoch, so = detached current) | detached current (num_iterations=1) |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
+| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
 | gradient checkpointing | off | off (`gradient_checkpointing=False`; TRL 1.16's default is on, which recomputes the forward in backward: less memory, more time) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
 | update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step | `gradient_accumulation_steps`, per-device batch 16, in sampling order |
@@ -92,7 +94,7 @@ def flops(model_n: int, hidden: int, vocab: int, prompts: list[int], lengths: li
     return {"generate": gen, "ref": fwd, "update": 3 * fwd}
 
 
-def run_ours(size: str, iters: int, micro: int) -> list[dict]:
+def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "onednn") -> list[dict]:
     import torch
 
     from rlhfkit.config import PPOConfig, load_config
@@ -129,6 +131,7 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
             f"ppo.micro_batch_size={micro}",
             "ppo.reward_norm=none",
             f"run.output_dir={tmp / 'run'}",
+            f"model.cpu_gemm={cpu_gemm}",
         ],
     )
     models = load_models(cfg, None, None)
@@ -149,7 +152,7 @@ def run_ours(size: str, iters: int, micro: int) -> list[dict]:
                    exp.prompt_mask.sum(1).tolist(), lengths)  # fmt: skip
         out.append(
             {
-                "impl": "rlhfkit",
+                "impl": "rlhfkit" if cpu_gemm == "onednn" else "rlhfkit-mkl",
                 "total": t2 - t0,
                 "generate": timer.generate,
                 "ref": timer.score,  # the reference forward and the reward function
@@ -203,7 +206,9 @@ def _subprocess(impl: str, args) -> list[dict]:
     script = "grpo_step.py" if ours else "trl_grpo.py"
     argv = ["--size", args.size, "--iters", str(args.iters), "--micro", str(args.micro),
             "--warmup", str(args.warmup)]  # fmt: skip
-    return common.runner_rows(impl, script, argv + (["--json"] if ours else []), python)
+    if ours:
+        argv += ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
+    return common.runner_rows(impl, script, argv, python)
 
 
 def main() -> None:
@@ -218,10 +223,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="uncounted steps per process first")
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
+    ap.add_argument("--with-mkl", action="store_true", help=WITH_MKL)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-gemm", default="onednn", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed steps, one JSON line each
-        for r in run_ours(args.size, args.iters + args.warmup, args.micro)[args.warmup :]:
+        rows = run_ours(args.size, args.iters + args.warmup, args.micro, args.cpu_gemm)
+        for r in rows[args.warmup :]:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
         return
     import torch
@@ -238,9 +246,9 @@ def main() -> None:
         f"{w['groups']} prompts x {w['samples']} samples, up to {w['max_new']} new tokens "
         f"({stop}), micro-batch {args.micro}, fp32"
     )
-    impls = ["rlhfkit", "trl"] if args.compare_trl else ["rlhfkit"]
+    impls = common.impls(args.compare_trl, args.with_mkl)
     results: dict[str, list[dict]] = {i: [] for i in impls}
-    for _ in range(args.rounds if args.compare_trl else 1):
+    for _ in range(args.rounds if len(impls) > 1 else 1):
         for impl in impls:  # A B A B: machine drift hits both
             results[impl] += _subprocess(impl, args)
     peak = max(peak, common.matmul_peak_gflops(torch.float32))
@@ -263,6 +271,10 @@ def main() -> None:
             for impl, ls in ((i, summarize(r, peak)["lengths"]) for i, r in results.items())
         )
     )
+    if args.with_mkl:
+        mkl = statistics.median(r["total"] for r in results["rlhfkit-mkl"])
+        ours = statistics.median(r["total"] for r in results["rlhfkit"])
+        print(f"\noneDNN linears (median rlhfkit-mkl / median rlhfkit, s/step): {mkl / ours:.2f}x")
     if args.compare_trl:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         theirs = statistics.median(r["total"] for r in results["trl"])
