@@ -52,6 +52,29 @@ def test_logprobs_and_entropy_match_reference_values_and_gradients(temperature, 
     torch.testing.assert_close(only_lp, lp.detach(), rtol=0, atol=0)
 
 
+def test_chunking_never_changes_fp32_logprobs_or_gradients():
+    """Rows are independent: any chunk size gives the same bits, forward and backward (the
+    default chunk is sized by bytes, ``chunk_rows_for``; the backward builds each chunk's
+    gradient in place from the forward's logsumexp)."""
+    from rlhfkit.algos.logprobs import CHUNK_BYTES, chunk_rows_for
+
+    assert chunk_rows_for(49152, None) == CHUNK_BYTES // (4 * 49152) and chunk_rows_for(7, 3) == 3
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 300, (4, 9), generator=g)
+    w = torch.randn(4, 9, generator=g)
+    outs = []
+    for chunk in (None, 5, 36):
+        logits = 3 * torch.randn(4, 9, 300, generator=torch.Generator().manual_seed(2))
+        logits.requires_grad_()
+        lp, ent = logprobs_and_entropy(logits, tokens, 0.8, chunk_rows=chunk)
+        (lp * w + 0.5 * ent).sum().backward()
+        only = token_logprobs(logits.detach().requires_grad_(), tokens, 0.8, chunk_rows=chunk)
+        outs.append((lp.detach(), ent.detach(), logits.grad, only.detach()))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.cpu_isa
 def test_logprobs_bf16_logits_give_float32_outputs_and_grads_in_input_dtype():
     logits = torch.randn(3, 4, 17).bfloat16().requires_grad_()

@@ -315,3 +315,32 @@ def test_length_buckets_change_the_update_only_by_rounding(tmp_path, tiny_lm):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
     for k in ("loss/policy", "loss/value", "loss/entropy"):
         assert s0[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-7), k
+
+
+def test_policy_logprobs_by_column_indices_equal_the_sliced_last_columns(buffer):
+    """policy_logprobs asks HF for the T state columns by index (contiguous logits, issue 24);
+    the path before asked for the last T+1 columns and sliced one off. Same log-probs, entropies
+    and gradients, up to fp32 rounding (the LM head runs on another row count)."""
+    from rlhfkit.algos import logprobs_and_entropy
+
+    cfg, models, exp = buffer
+    actor, temp = models.actor, cfg.rollout.temperature
+    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
+    outs = []
+    for by_index in (True, False):
+        actor.zero_grad(set_to_none=True)
+        if by_index:
+            lp, ent = policy_logprobs(actor, seq, temp, with_entropy=True)
+        else:
+            t = seq.response.shape[1]
+            logits = actor(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
+                           position_ids=seq.position_ids, logits_to_keep=t + 1).logits[:, :-1]  # fmt: skip
+            lp, ent = logprobs_and_entropy(logits, seq.response, temp)
+        (lp[seq.response_mask].sum() + 0.1 * ent[seq.response_mask].sum()).backward()
+        outs.append((lp.detach(), ent.detach(), [p.grad.clone() for p in actor.parameters()]))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = outs
+    torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-5)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    actor.zero_grad(set_to_none=True)

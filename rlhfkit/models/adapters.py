@@ -98,15 +98,18 @@ class ActorCritic(nn.Module):
     def trunk_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
-        """-> logits (B, logits_to_keep, V) of the last columns, values (B, L) float32."""
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int | torch.Tensor):
+        """-> logits (B, K, V) of the last ``logits_to_keep`` columns (or of the columns a tensor
+        of indices names, as HF's ``logits_to_keep``), values (B, L) float32."""
         hidden = backbone(self.policy)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state  # (B, L, H)
-        logits = self.policy.get_output_embeddings()(hidden[:, -logits_to_keep:])
+        keep = logits_to_keep
+        cols = slice(-keep, None) if isinstance(keep, int) else keep
+        logits = self.policy.get_output_embeddings()(hidden[:, cols])
         return logits, self.value_head(hidden).sum(-1).float()  # (B, L): see PerTokenScalar
 
 

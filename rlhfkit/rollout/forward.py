@@ -38,17 +38,26 @@ def _logprobs(logits, tokens, temperature: float, with_entropy: bool):
     return token_logprobs(logits, tokens, temperature), None  # skips the entropy's work
 
 
+def state_indices(seq: Sequences) -> torch.Tensor:
+    """The T column indices P-1 .. P+T-2 of the states s_t, for ``logits_to_keep``."""
+    p, t = seq.prompt_width, seq.response.shape[1]
+    return torch.arange(p - 1, p - 1 + t, device=seq.input_ids.device)
+
+
 def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: bool = False):
-    """log pi(a_t|s_t) (B, T) and, if asked, the entropy (B, T). Logits only for response positions."""
-    t = seq.response.shape[1]
-    # logits_to_keep=T+1 keeps columns P-1 .. P+T-1; the last one predicts past the end: drop it
+    """log pi(a_t|s_t) (B, T) and, if asked, the entropy (B, T). Logits only for response positions.
+
+    ``logits_to_keep`` as the state columns' indices (HF models take a tensor there) gives
+    contiguous (B, T, V) logits: with ``logits_to_keep=T+1`` and a ``[:, :-1]`` slice, the
+    log-softmax copied the whole slice in forward and autograd wrote a zero-filled (B, T+1, V)
+    gradient in backward, ~1 GB each at 16 x 256 positions of a 49k vocabulary (issue 24)."""
     logits = model(
         input_ids=seq.input_ids,
         attention_mask=seq.attention_mask,
         position_ids=seq.position_ids,
         use_cache=False,
-        logits_to_keep=t + 1,
-    ).logits[:, :-1]  # (B, T, V)
+        logits_to_keep=state_indices(seq),
+    ).logits  # (B, T, V)
     return _logprobs(logits, seq.response, temperature, with_entropy)
 
 
@@ -66,9 +75,9 @@ def critic_values(critic, seq: Sequences) -> torch.Tensor:
 def actor_critic_outputs(ac, seq: Sequences, temperature: float, with_entropy: bool = False):
     """Shared trunk: log pi(a_t|s_t), entropy (or None) and V(s_t), each (B, T), from one forward.
     ``ac``: a ``models.ActorCritic`` (or DDP of one)."""
-    t = seq.response.shape[1]
-    logits, v = ac(seq.input_ids, seq.attention_mask, seq.position_ids, logits_to_keep=t + 1)
-    logp, ent = _logprobs(logits[:, :-1], seq.response, temperature, with_entropy)
+    cols = state_indices(seq)
+    logits, v = ac(seq.input_ids, seq.attention_mask, seq.position_ids, logits_to_keep=cols)
+    logp, ent = _logprobs(logits, seq.response, temperature, with_entropy)
     return logp, ent, _state_columns(v, seq)
 
 
