@@ -77,6 +77,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
 | linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
+| allocator | glibc (both runners); rlhfkit sets glibc's mmap/trim thresholds when it loads a CPU model (`rlhfkit.launch.tune_glibc_malloc`, off with `RLHFKIT_MALLOC_TUNE=0`; session 8) | glibc, its defaults |
 | gradient checkpointing | off | off (`gradient_checkpointing=False`; TRL 1.16's default is on, which recomputes the forward in backward: less memory, more time) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
 | update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step | `gradient_accumulation_steps`, per-device batch 16, in sampling order |

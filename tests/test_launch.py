@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from rlhfkit.launch import TCMALLOC, tcmalloc_env
 
 
@@ -40,3 +42,34 @@ def test_rlhfkit_command_preloads_tcmalloc_when_installed():
     installed = any(os.path.exists(p) for p in TCMALLOC)  # scripts/setup.sh installs it as root
     assert _allocator() == ("tcmalloc" if installed else "system")
     assert _allocator(RLHFKIT_TCMALLOC="0") == "system"
+
+
+_MAPPED = """
+import ctypes, torch
+from rlhfkit.launch import tune_glibc_malloc
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks "
+                                               "fsmblks uordblks fordblks keepcost").split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+tuned = tune_glibc_malloc()
+x = torch.ones(25_000_000)  # 100 MB, alive
+print(tuned, libc.mallinfo2().hblkhd)  # bytes glibc holds in mmap'd blocks
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tuned_glibc_serves_large_tensors_from_the_heap_not_fresh_mmaps():
+    """After ``tune_glibc_malloc`` a 100 MB tensor comes from glibc's heap (memory that stays
+    with the process when freed); without it, from an mmap of its own that is unmapped at free
+    and faulted in again by the next one. glibc's own count of mmap'd bytes (``mallinfo2``) tells
+    which. Fresh processes without tcmalloc preloaded."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    runs = {}
+    for tune in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", _MAPPED], env={**env, "RLHFKIT_MALLOC_TUNE": tune},
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        tuned, mapped = out.stdout.split()
+        runs[tune] = (tuned == "True", int(mapped))
+    assert runs["1"][0] and runs["1"][1] < 50_000_000, runs
+    assert not runs["0"][0] and runs["0"][1] >= 100_000_000, runs

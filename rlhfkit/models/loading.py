@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from rlhfkit.config import ConfigError, ModelConfig
+from rlhfkit.launch import tune_glibc_malloc
 from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
 from rlhfkit.models.cpu_gemm import use_onednn
 
@@ -132,6 +133,8 @@ def device_of(model) -> torch.device:
 
 def _apply_options(model, cfg: ModelConfig, trainable: bool):
     model.to(resolve_device(cfg.device))
+    if device_of(model).type == "cpu":
+        tune_glibc_malloc()  # large CPU tensors stay mapped between steps (rlhfkit.launch)
     disable_dropout(model)
     if cfg.cpu_gemm == "onednn":
         use_onednn(model)  # a no-op on other devices and dtypes at call time (models.cpu_gemm)
