@@ -159,6 +159,13 @@ def impls(compare_trl: bool, with_mkl: bool) -> list[str]:
     return ["rlhfkit"] + (["rlhfkit-mkl"] if with_mkl else []) + (["trl"] if compare_trl else [])
 
 
+def ours_flags(impl: str) -> list[str]:
+    """The child flags of one of our runners (``rlhfkit``, ``rlhfkit-mkl``); none for TRL's."""
+    if impl == "trl":
+        return []
+    return ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
+
+
 def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[dict]:
     """Run one benchmark runner process (ours with ``--json``, or TRL's script in its own
     virtualenv) under the glibc allocator, and return its ``BENCH {json}`` lines."""

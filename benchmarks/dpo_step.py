@@ -120,9 +120,7 @@ def _subprocess(impl: str, args) -> list[dict]:
     python = sys.executable if ours else str(ensure_venv())
     script = "dpo_step.py" if ours else "trl_dpo.py"
     argv = ["--size", args.size, "--steps", str(args.steps)]  # fmt: skip
-    if ours:
-        argv += ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
-    return common.runner_rows(impl, script, argv, python)
+    return common.runner_rows(impl, script, argv + common.ours_flags(impl), python)
 
 
 def main() -> None:

@@ -207,9 +207,7 @@ def _subprocess(impl: str, args) -> list[dict]:
     script = "grpo_step.py" if ours else "trl_grpo.py"
     argv = ["--size", args.size, "--iters", str(args.iters), "--micro", str(args.micro),
             "--warmup", str(args.warmup)]  # fmt: skip
-    if ours:
-        argv += ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
-    return common.runner_rows(impl, script, argv, python)
+    return common.runner_rows(impl, script, argv + common.ours_flags(impl), python)
 
 
 def main() -> None:

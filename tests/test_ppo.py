@@ -55,9 +55,8 @@ def ppo_cfg(tmp_path, lm, *extra):
     )
 
 
-@pytest.fixture()
-def buffer(tmp_path, tiny_lm):
-    cfg = ppo_cfg(tmp_path, tiny_lm)
+def _seeded_buffer(cfg):
+    """Models and one rollout's advantaged Experience under ``cfg``, seed 0."""
     torch.manual_seed(0)
     models = load_models(cfg, None, count_good)
     prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
@@ -65,7 +64,13 @@ def buffer(tmp_path, tiny_lm):
         models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
     )
     advantages(exp, 0.05, cfg.ppo)
-    return cfg, models, exp
+    return models, exp
+
+
+@pytest.fixture()
+def buffer(tmp_path, tiny_lm):
+    cfg = ppo_cfg(tmp_path, tiny_lm)
+    return cfg, *_seeded_buffer(cfg)
 
 
 def test_ratio_is_one_before_the_first_update(buffer):
@@ -291,13 +296,7 @@ def test_length_buckets_change_the_update_only_by_rounding(tmp_path, tiny_lm):
     from rlhfkit.rl.update import by_length
 
     cfg = ppo_cfg(tmp_path, tiny_lm, "ppo.micro_batch_size=4", "ppo.epochs=2", "ppo.ent_coef=0.01")
-    torch.manual_seed(0)
-    models = load_models(cfg, None, count_good)
-    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
-    exp, _ = collect(
-        models, prompts, PromptStream(len(prompts), 0), cfg, ScoreNormalizer("none", None, 0)
-    )
-    advantages(exp, 0.05, cfg.ppo)
+    models, exp = _seeded_buffer(cfg)
     lengths = exp.response_mask.sum(1)
     assert len(set(lengths.tolist())) > 2, "the buffer needs responses of different lengths"
     idx = torch.randperm(16)
