@@ -14,6 +14,7 @@ from torch import nn
 from rlhfkit.config import ConfigError, ModelConfig
 from rlhfkit.launch import tune_glibc_malloc
 from rlhfkit.models.compat import enable_checkpointing, quiet_peft_wrapping
+from rlhfkit.models.cpu_fused import fuse_blocks
 from rlhfkit.models.cpu_gemm import use_onednn
 
 PAD_TOKEN = "<|pad|>"
@@ -138,6 +139,8 @@ def _apply_options(model, cfg: ModelConfig, trainable: bool):
     disable_dropout(model)
     if cfg.cpu_gemm == "onednn":
         use_onednn(model)  # a no-op on other devices and dtypes at call time (models.cpu_gemm)
+    if cfg.cpu_blocks == "fused":
+        fuse_blocks(model)  # fp32 CPU training only, decided at call time (models.cpu_fused)
     if cfg.gradient_checkpointing and trainable:
         enable_checkpointing(model)
         model.config.use_cache = False
