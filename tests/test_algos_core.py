@@ -75,6 +75,36 @@ def test_chunking_never_changes_fp32_logprobs_or_gradients():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("entropy,temperature", [(True, 0.8), (False, 1.0)])
+def test_consumed_logits_take_their_own_gradient_bit_for_bit(entropy, temperature):
+    """``consume=True`` (the LM head's temporary logits inside a forward): the backward writes
+    the logits' gradient into their memory; every gradient upstream is the same bits as with a
+    new tensor, and a second backward through the overwritten logits fails loudly."""
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(2, 7, 16, generator=g), torch.randn(300, 16, generator=g)
+    tokens = torch.randint(0, 300, (2, 7), generator=g)
+    weights = torch.randn(2, 7, generator=g)
+    grads, seen = [], []
+    for consume in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logits = h @ w.T  # a temporary, as the LM head's output is
+        logits.register_hook(lambda grad: seen.append(grad.clone()))
+        if entropy:
+            lp, ent = logprobs_and_entropy(logits, tokens, temperature, 5, consume=consume)
+            loss = (lp * weights + 0.3 * ent).sum()
+        else:
+            loss = (token_logprobs(logits, tokens, temperature, 5, consume=consume) * weights).sum()
+        loss.backward(retain_graph=True)
+        grads.append((h.grad, w.grad))
+        if consume:
+            assert torch.equal(logits.detach(), seen[-1])  # the gradient, in the logits' memory
+            with pytest.raises(RuntimeError, match="inplace"):
+                loss.backward()
+    assert torch.equal(seen[0], seen[1])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.cpu_isa
 def test_logprobs_bf16_logits_give_float32_outputs_and_grads_in_input_dtype():
     logits = torch.randn(3, 4, 17).bfloat16().requires_grad_()

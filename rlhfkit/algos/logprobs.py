@@ -47,7 +47,7 @@ def _scaled(chunk: torch.Tensor, work: torch.dtype, temperature: float) -> torch
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, chunk_rows, need_entropy):
+    def forward(ctx, logits, tokens, temperature, chunk_rows, need_entropy, consume):
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)  # (N, V), N = B*T
         tok = tokens.reshape(-1)
@@ -66,6 +66,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 ent[s : s + chunk_rows] = h
         ctx.save_for_backward(logits, tokens, ent, lse)
         ctx.temperature, ctx.chunk_rows, ctx.need_entropy = temperature, chunk_rows, need_entropy
+        ctx.consume = consume
         shape = tokens.shape
         return logp.view(shape), (ent.view(shape) if need_entropy else ent)
 
@@ -80,7 +81,10 @@ class _LogprobEntropy(torch.autograd.Function):
         g_logp = g_logp.reshape(-1).to(work)
         use_ent = ctx.need_entropy and g_ent is not None and g_ent.numel() > 0
         g_ent = g_ent.reshape(-1).to(work) if use_ent else None
-        grad = torch.empty_like(flat)
+        # consume: the caller's logits are a temporary; their memory becomes the gradient (the
+        # version counter makes a second backward through them fail, not read garbage)
+        reuse = ctx.consume and flat.dtype == work and flat.is_contiguous()
+        grad = flat if reuse else torch.empty_like(flat)
         in_place = grad.dtype == work  # fp32 logits: build each chunk's gradient in its own rows
         for s in range(0, flat.shape[0], rows):
             sl = slice(s, s + rows)
@@ -100,7 +104,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 gz.div_(temp)  # z = logits / T
             if not in_place:
                 grad[sl] = gz
-        return grad.view_as(logits), None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None
 
 
 def logprobs_and_entropy(
@@ -108,6 +112,7 @@ def logprobs_and_entropy(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a_t|s_t) of the taken tokens and the entropy H(pi(.|s_t)), both (B, T).
 
@@ -116,9 +121,12 @@ def logprobs_and_entropy(
     logits: (B, T, V) already aligned so that ``logits[:, t]`` predicts ``tokens[:, t]``.
     The distribution is softmax(logits / temperature): use the sampling temperature, or the
     ratio pi_new / pi_old compares two different distributions.
+
+    consume: the logits are a temporary nobody reads after this (the LM head's output inside a
+    forward): backward writes their gradient into their memory instead of a new (B, T, V) tensor.
     """
     rows = chunk_rows_for(logits.shape[-1], chunk_rows)
-    return _LogprobEntropy.apply(logits, tokens, float(temperature), rows, True)
+    return _LogprobEntropy.apply(logits, tokens, float(temperature), rows, True, consume)
 
 
 def token_logprobs(
@@ -126,10 +134,11 @@ def token_logprobs(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    consume: bool = False,
 ) -> torch.Tensor:
     """log softmax(logits / temperature)[tokens], (B, T); see ``logprobs_and_entropy``."""
     rows = chunk_rows_for(logits.shape[-1], chunk_rows)
-    return _LogprobEntropy.apply(logits, tokens, float(temperature), rows, False)[0]
+    return _LogprobEntropy.apply(logits, tokens, float(temperature), rows, False, consume)[0]
 
 
 def full_kl_from_logits(

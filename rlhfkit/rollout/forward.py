@@ -33,9 +33,10 @@ def join(prompt_ids, prompt_mask, response, response_mask) -> Sequences:
 
 
 def _logprobs(logits, tokens, temperature: float, with_entropy: bool):
+    # the logits are this forward's own temporary: their memory takes their gradient (consume)
     if with_entropy:
-        return logprobs_and_entropy(logits, tokens, temperature)
-    return token_logprobs(logits, tokens, temperature), None  # skips the entropy's work
+        return logprobs_and_entropy(logits, tokens, temperature, consume=True)
+    return token_logprobs(logits, tokens, temperature, consume=True), None  # no entropy work
 
 
 def state_indices(seq: Sequences) -> torch.Tensor:
