@@ -179,3 +179,27 @@ def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[di
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
     return [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+
+
+def synthetic_grpo_buffer(b: int, p: int, t: int, high: int, min_len: int, seed: int = 0):
+    """A GRPO experience buffer of random tokens in [4, high): b episodes in groups of 4, prompts
+    of p tokens, response lengths uniform in [min_len, t], constant old/ref logprobs, random
+    scores (the update benchmarks' work)."""
+    from rlhfkit.rollout.experience import Experience
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None] < lengths[:, None]
+    return Experience(
+        prompt_ids=torch.randint(4, high, (b, p), generator=g),
+        prompt_mask=torch.ones(b, p, dtype=torch.long),
+        response=torch.where(mask, torch.randint(4, high, (b, t), generator=g), 0),
+        response_mask=mask,
+        logprobs=torch.where(mask, -9.0, 0.0),
+        ref_logprobs=torch.where(mask, -9.0, 0.0),
+        values=None,
+        scores=torch.randn(b, generator=g),
+        raw_scores=torch.zeros(b),
+        stopped=torch.ones(b, dtype=torch.bool),
+        group=torch.arange(b // 4).repeat_interleave(4),
+    )

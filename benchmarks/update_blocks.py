@@ -40,7 +40,6 @@ def run(size: str, blocks: str) -> list[dict]:
 
     from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.rl.update import advantages, rl_update
-    from rlhfkit.rollout.experience import Experience
     from rlhfkit.stages.ppo import load_models
 
     tmp = Path(tempfile.mkdtemp())
@@ -60,22 +59,7 @@ def run(size: str, blocks: str) -> list[dict]:
     )  # fmt: skip
     models = load_models(cfg, None, None)
     vocab = models.actor.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(64, t + 1, (b,), generator=g)
-    mask = torch.arange(t)[None] < lengths[:, None]
-    exp = Experience(
-        prompt_ids=torch.randint(4, vocab - 1, (b, p), generator=g),
-        prompt_mask=torch.ones(b, p, dtype=torch.long),
-        response=torch.where(mask, torch.randint(4, vocab - 1, (b, t), generator=g), 0),
-        response_mask=mask,
-        logprobs=torch.where(mask, -9.0, 0.0),
-        ref_logprobs=torch.where(mask, -9.0, 0.0),
-        values=None,
-        scores=torch.randn(b, generator=g),
-        raw_scores=torch.zeros(b),
-        stopped=torch.ones(b, dtype=torch.bool),
-        group=torch.arange(b // 4).repeat_interleave(4),
-    )
+    exp = common.synthetic_grpo_buffer(b, p, t, vocab - 1, 64)  # the last id: the pad token
     advantages(exp, 0.04, cfg.ppo)
     rows = []
     for phase in ("cold", "warm"):

@@ -32,7 +32,6 @@ def main() -> None:
     args = ap.parse_args()
     from rlhfkit.config import PPOConfig, load_config
     from rlhfkit.rl.update import advantages, rl_update
-    from rlhfkit.rollout.experience import Experience
     from rlhfkit.stages.ppo import load_models
 
     dirs = common.build(args.size)
@@ -51,23 +50,9 @@ def main() -> None:
             f"run.output_dir={tmp / 'run'}",
         ],
     )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
     vocab = common.SIZES[args.size][3]
-    lengths = torch.randint(8, t + 1, (b,), generator=g)
-    mask = torch.arange(t)[None] < lengths[:, None]
-    exp = Experience(
-        prompt_ids=torch.randint(4, vocab, (b, p), generator=g),
-        prompt_mask=torch.ones(b, p, dtype=torch.long),
-        response=torch.where(mask, torch.randint(4, vocab, (b, t), generator=g), 0),
-        response_mask=mask,
-        logprobs=torch.where(mask, -9.0, 0.0),
-        ref_logprobs=torch.where(mask, -9.0, 0.0),
-        values=None,
-        scores=torch.randn(b, generator=g),
-        raw_scores=torch.zeros(b),
-        stopped=torch.ones(b, dtype=torch.bool),
-        group=torch.arange(b // 4).repeat_interleave(4),
-    )
+    exp = common.synthetic_grpo_buffer(b, p, t, vocab, 8)
+    lengths = exp.response_mask.sum(1)
     advantages(exp, 0.04, cfg.ppo)
     models = load_models(cfg, None, None)
     times = {"shuffled": [], "length buckets": []}

@@ -84,3 +84,28 @@ def count_calls(monkeypatch, module, name: str, calls: dict | None = None) -> di
 
     monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+def lm_step(models, ids):
+    """Each model's LM loss on ``ids`` (labels = inputs), after its backward, and the model's
+    gradient flattened: [(loss, grad), ...]."""
+    out = []
+    for m in models:
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    return out
+
+
+def loads_plain(model, path):
+    """Save ``model`` with save_pretrained and load it back with plain ``from_pretrained``: the
+    same state dict, bit for bit. Returns the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(path)
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    for (k, v), (k2, v2) in zip(
+        model.state_dict().items(), plain.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+    return plain

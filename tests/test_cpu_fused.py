@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_step, loads_plain
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -195,26 +196,14 @@ def tok(tiny_lm):
 def test_a_loaded_models_training_step_equals_hfs_and_saves_plain(tiny_lm, tok, tmp_path):
     """``model.cpu_blocks``: fused by default, HF's when told; one step's loss and gradients equal
     to fp32 rounding; the checkpoint loads with plain from_pretrained as HF's classes."""
-    from transformers import AutoModelForCausalLM
-
     a = load_policy(ModelConfig(name_or_path=str(tiny_lm)), tok)
     b = load_policy(ModelConfig(name_or_path=str(tiny_lm), cpu_blocks="hf"), tok)
     assert sum(type(m) in cpu_fused._SWAPPED.values() for m in a.modules()) == 7
     assert not any(type(m) in cpu_fused._SWAPPED.values() for m in b.modules())
     ids = torch.tensor([tok("copy : red blue : red blue")["input_ids"]] * 3)
-    losses = []
-    for m in (a, b):
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    assert torch.equal(losses[0], losses[1])  # the forward is HF's, bit for bit
-    ga = torch.cat([p.grad.flatten() for p in a.parameters()])
-    gb = torch.cat([p.grad.flatten() for p in b.parameters()])
+    (la, ga), (lb, gb) = lm_step((a, b), ids)
+    assert torch.equal(la, lb)  # the forward is HF's, bit for bit
     # a few 32-wide dot products and 2 layers deep: the same allowance as test_cpu_gemm's
     assert float((ga - gb).abs().max()) <= 1024 * EPS * float(gb.abs().max())
-    a.save_pretrained(tmp_path / "ck")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
-    kinds = {type(m) for m in plain.modules()}
+    kinds = {type(m) for m in loads_plain(a, tmp_path / "ck").modules()}
     assert not kinds & set(cpu_fused._SWAPPED.values()) and cpu_gemm.OneDNNLinear not in kinds
-    for (k, v), (k2, v2) in zip(a.state_dict().items(), plain.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(v, v2)

@@ -5,6 +5,7 @@ back to F.linear exactly); and a whole model and its training step equal to torc
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_step, loads_plain
 from torch import nn
 
 from rlhfkit.config import ModelConfig
@@ -127,25 +128,14 @@ def test_the_loaded_model_uses_onednn_by_default_and_torch_when_told(tiny_lm, to
 def test_a_training_step_equals_torchs_path(tiny_lm, tok, tmp_path):
     """Loss, gradients and the saved checkpoint of one SGD step: oneDNN vs MKL, to fp32 rounding;
     the checkpoint loads with plain from_pretrained as plain nn.Linear layers."""
-    from transformers import AutoModelForCausalLM
-
     cfg = ModelConfig(name_or_path=str(tiny_lm))
     a = load_policy(cfg, tok)
     b = load_policy(ModelConfig(name_or_path=str(tiny_lm), cpu_gemm="torch"), tok)
     ids = torch.tensor([tok("copy : red blue : red blue")["input_ids"]] * 3)
-    losses = []
-    for m in (a, b):
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
+    (la, ga), (lb, gb) = lm_step((a, b), ids)
     # logits of magnitude ~1-10 through a few layers of 32-wide products: a few hundred fp32 eps
-    torch.testing.assert_close(losses[0], losses[1], rtol=256 * EPS, atol=0)
-    ga = torch.cat([p.grad.flatten() for p in a.parameters()])
-    gb = torch.cat([p.grad.flatten() for p in b.parameters()])
+    torch.testing.assert_close(la, lb, rtol=256 * EPS, atol=0)
     scale = float(gb.abs().max())
     assert float((ga - gb).abs().max()) <= 1024 * EPS * scale
-    a.save_pretrained(tmp_path / "ck")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    plain = loads_plain(a, tmp_path / "ck")
     assert {type(m) for m in plain.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
-    for (k, v), (k2, v2) in zip(a.state_dict().items(), plain.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(v, v2)
