@@ -80,7 +80,7 @@ class ModelConfig:
     cpu_blocks: Literal["fused", "hf"] = knob(
         "fused",
         "fp32 CPU training of Llama-family models: fused RMSNorm and SwiGLU-MLP blocks that keep "
-        "fewer activations for backward (SmolLM2 update micro-batch of 16: peak RSS -3 GB; "
+        "fewer activations for backward (a SmolLM2 update in micro-batches of 16: peak RSS -2.6 GB; "
         "models.cpu_fused), forward bit-identical to HF's, gradients equal up to fp32 rounding; "
         "or HF's own modules. Other dtypes, devices and adapters always use HF's",
     )
