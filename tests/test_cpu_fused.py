@@ -91,6 +91,10 @@ def test_fp32_swiglu_is_hfs_forward_and_gradients_within_the_rounding_bound():
     _within(f.up_proj.weight.grad, du.T @ x2, (m + D + 8) * EPS * (du_abs.T @ x2.abs()))
     dx_bound = (INTER + D + 8) * EPS * (dg_abs @ wg.abs() + du_abs @ wu.abs())
     _within(xf.grad.reshape(-1, D), dg @ wg + du @ wu, dx_bound)
+    frozen = _fused(hf).requires_grad_(False)  # weights frozen: dx only, the same bits
+    xz = x.detach().clone().requires_grad_()
+    frozen(xz).backward(dy)
+    assert torch.equal(xz.grad, xf.grad) and all(p.grad is None for p in frozen.parameters())
 
 
 def test_fp32_rmsnorm_is_hfs_forward_and_gradients_within_the_rounding_bound():

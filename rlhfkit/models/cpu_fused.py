@@ -44,23 +44,13 @@ SILU_CLASSES = {"SiLU", "SiLUActivation"}  # torch's, and transformers' F.silu m
 
 
 def _fast(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """fp32 on the CPU, eager, no autocast: where the fused blocks apply."""
-    f32 = torch.float32
-    return (
-        x.device.type == "cpu"
-        and x.dtype == f32
-        and all(p.dtype == f32 and p.device.type == "cpu" for p in params)
-        and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
+    """fp32 on the CPU, eager, no autocast: where the fused blocks apply (``cpu_gemm``'s test)."""
+    return all(cpu_gemm._eligible(x, p, None) for p in params)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T: on oneDNN for fp32 when the layers were (``cpu_gemm``), else torch's."""
-    if onednn and a.dtype == torch.float32:
-        return cpu_gemm._mm_nt(a, b)
-    return a @ b.t()
+    """a (M, K) @ b (N, K)^T: on oneDNN when the layers are (``cpu_gemm``), else torch's."""
+    return cpu_gemm._mm_nt(a, b) if onednn else a @ b.t()
 
 
 # ---------------------------------------------------------------------------------- SwiGLU MLP
@@ -79,16 +69,16 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, g, u, wg, wu, wd = ctx.saved_tensors
-        on = ctx.onednn
+        on, need = ctx.onednn, ctx.needs_input_grad
         dy = dy.contiguous()
         s = F.silu(g)  # recomputed: not kept from forward
-        dwd = _mm(dy.t(), (s * u).t(), on)  # dL/dW_d = dy^T h, h = silu(g) * u
+        dwd = _mm(dy.t(), (s * u).t(), on) if need[3] else None  # dy^T h, h = silu(g) * u
         dh = _mm(dy, wd.t(), on)  # (M, I)
         du = s.mul_(dh)  # dL/du = dh * silu(g), in s's memory
         dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # dL/dg = dh * u * silu'(g)
-        dx = _mm(dg, wg.t(), on).add_(_mm(du, wu.t(), on))
-        dwg = _mm(dg.t(), x2.t(), on)
-        dwu = _mm(du.t(), x2.t(), on)
+        dx = _mm(dg, wg.t(), on).add_(_mm(du, wu.t(), on)) if need[0] else None
+        dwg = _mm(dg.t(), x2.t(), on) if need[1] else None
+        dwu = _mm(du.t(), x2.t(), on) if need[2] else None
         return dx, dwg, dwu, dwd, None
 
 
@@ -111,7 +101,7 @@ class FusedSwiGLU(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        onednn = type(self.gate_proj) is cpu_gemm.OneDNNLinear and cpu_gemm.available()
+        onednn = type(self.gate_proj) is cpu_gemm.OneDNNLinear  # swapped only where available
         y = _SwiGLU.apply(x2, *w, onednn)
         return y.view(*x.shape[:-1], y.shape[-1])
 
