@@ -139,3 +139,82 @@ def test_a_training_step_equals_torchs_path(tiny_lm, tok, tmp_path):
     assert float((ga - gb).abs().max()) <= 1024 * EPS * scale
     plain = loads_plain(a, tmp_path / "ck")
     assert {type(m) for m in plain.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
+
+
+def _reorders(monkeypatch) -> list[tuple]:
+    made: list[tuple] = []
+    reorder = cpu_gemm._REORDER
+
+    def counted(w, batch):
+        made.append(tuple(w.shape))
+        return reorder(w, batch)
+
+    monkeypatch.setattr(cpu_gemm, "_REORDER", counted)
+    return made
+
+
+@pytest.mark.parametrize("shape,bias", [((40, 24), True), ((24, 72), False), ((130, 64), False)])
+def test_packed_weights_give_the_plain_weights_bits(monkeypatch, shape, bias):
+    """Inside ``packed_weights`` a no-grad forward equals the plain weight's bit for bit, at
+    every row count (one row takes the plain weight); each layer is packed once per scope and
+    the copies are dropped when the scope closes."""
+    made = _reorders(monkeypatch)
+    torch.manual_seed(3)
+    layer = nn.Linear(shape[1], shape[0], bias=bias)
+    cpu_gemm.use_onednn(layer)
+    xs = [torch.randn(m, shape[1]) for m in [*range(1, 34), 64, 257]] + [
+        torch.randn(3, 5, shape[1])
+    ]
+    with torch.no_grad():
+        plain = [layer(x) for x in xs]
+        with cpu_gemm.packed_weights():
+            with cpu_gemm.packed_weights():  # nested scopes share the copies
+                packed = [layer(x) for x in xs]
+            assert len(cpu_gemm._Packs.by_layer) == 1
+        assert cpu_gemm._Packs.by_layer == {} and cpu_gemm._Packs.depth == 0
+    assert made == [shape]
+    for x, a, b in zip(xs, plain, packed, strict=True):
+        assert torch.equal(a, b), x.shape
+
+
+def test_packed_weights_follow_a_changed_weight_and_skip_recorded_calls(monkeypatch):
+    made = _reorders(monkeypatch)
+    calls = _counting(monkeypatch)
+    torch.manual_seed(4)
+    layer = nn.Linear(16, 8)
+    cpu_gemm.use_onednn(layer)
+    x = torch.randn(5, 16)
+    with cpu_gemm.packed_weights():
+        layer(x).sum().backward()  # records a gradient: the plain weight, no copy
+        assert made == [] and len(calls) == 2  # forward and dW (x needs no gradient)
+        with torch.no_grad():
+            layer(x)
+            layer.weight.add_(0.5)  # changed in place: its version moves, so it is packed again
+            got = layer(x)
+            layer.weight = nn.Parameter(layer.weight.detach().clone() * 2)  # a new tensor
+            got2 = layer(x)
+    assert made == [(8, 16)] * 3
+    with torch.no_grad():
+        assert torch.equal(got2, layer(x))
+        layer.weight.mul_(0.5)
+        assert torch.equal(got, layer(x))
+
+
+def test_generation_with_packed_weights_is_bit_identical(tiny_lm, tok, monkeypatch):
+    """``generate`` packs the weights for its forwards: the same samples, logprobs and entropies
+    on a seed as without packing (``_REORDER`` removed)."""
+    from rlhfkit.data.tokenize import pad_left
+    from rlhfkit.rollout.sampling import generate
+
+    model = load_policy(ModelConfig(name_or_path=str(tiny_lm)), tok, trainable=False)
+    prompts = [tok("copy : red blue :")["input_ids"], tok("say gold")["input_ids"]] * 3
+    ids, mask = pad_left(prompts, tok.pad_token_id)
+    kw = dict(max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    made = _reorders(monkeypatch)
+    a = generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    n_linear = sum(type(m) is cpu_gemm.OneDNNLinear for m in model.modules())
+    assert len(made) == n_linear  # each layer once, for the whole generation
+    monkeypatch.setattr(cpu_gemm, "_REORDER", None)
+    b = generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    for f in ("tokens", "lengths", "stopped", "logprobs", "entropy"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f

@@ -19,11 +19,15 @@ GEMM sums the K products in another order (tests/test_cpu_gemm.py bounds it agai
 
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 
 
 def available() -> bool:
@@ -81,12 +85,67 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+class _Packs:
+    """The weights packed inside ``packed_weights`` scopes: layer id -> (weak reference to the
+    weight, its storage address, its version, the packed copy). ``depth`` counts the open scopes; the copies go when the last closes."""
+
+    depth = 0
+    by_layer: dict[int, tuple] = {}
+
+
+@contextmanager
+def packed_weights():
+    """Inside this scope, a ``OneDNNLinear``'s forwards that record no gradient and have more than
+    one row run on a copy of its weight reordered once into oneDNN's blocked layout, made at the
+    layer's first such call; outside, every call reorders the plain weight on the fly. For a
+    rollout (generation, then the old/reference forwards: the weights do not change) that is
+    25-35% off a decode step's linears, which stream every weight once per token, and 5-15% off
+    large forwards (benchmarks/RESULTS.md session 10). Results are bit-identical to the plain
+    weight's (tests/test_cpu_gemm.py); one row takes the plain weight, whose matrix-vector kernel
+    rounds differently. Costs one copy of the weights used inside the scope.
+
+    The copy is keyed to the weight tensor, its storage and its version counter, so a weight
+    swapped, resharded or changed in place is packed again. The optimizer must not step inside the
+    scope all the same: fused AdamW writes parameters without bumping their version."""
+    _Packs.depth += 1
+    try:
+        yield
+    finally:
+        _Packs.depth -= 1
+        if _Packs.depth == 0:
+            _Packs.by_layer.clear()
+
+
+def _packed(layer: nn.Linear) -> torch.Tensor | None:
+    """The layer's packed weight in an open scope (made now if new or stale), else None."""
+    w = layer.weight
+    entry = _Packs.by_layer.get(id(layer))
+    if entry is not None and entry[0]() is w and entry[1:3] == (w.data_ptr(), w._version):
+        return entry[3]
+    packed = _REORDER(w.detach(), None)
+    _Packs.by_layer[id(layer)] = (weakref.ref(w), w.data_ptr(), w._version, packed)
+    return packed
+
+
 class OneDNNLinear(nn.Linear):
     """An ``nn.Linear`` whose forward is ``cpu_gemm.linear``. Made by ``use_onednn`` by swapping
     the class of an existing layer, so parameters, hooks and the state dict stay as they were."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear(input, self.weight, self.bias)
+        w, b = self.weight, self.bias
+        if (
+            _Packs.depth
+            and _REORDER is not None
+            and input.numel() > input.shape[-1]  # more than one row
+            and not (torch.is_grad_enabled() and (input.requires_grad or w.requires_grad))
+            and (b is None or not (torch.is_grad_enabled() and b.requires_grad))
+            and _eligible(input, w, b)
+        ):
+            x2 = input.reshape(-1, input.shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return _mm_nt(x2, _packed(self), b).view(*input.shape[:-1], w.shape[0])
+        return linear(input, w, b)
 
 
 def use_onednn(model: nn.Module) -> int:

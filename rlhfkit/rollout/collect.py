@@ -19,6 +19,7 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import autocast, device_of
+from rlhfkit.models.cpu_gemm import packed_weights
 from rlhfkit.rollout.columns import columns_of
 from rlhfkit.rollout.episodes import Episodes
 from rlhfkit.rollout.experience import Experience, concat
@@ -171,6 +172,7 @@ def _sampling(tok, rc) -> dict:
 
 
 @torch.no_grad()
+@packed_weights()  # the sampling and scoring forwards share one reordered copy of each weight
 def rollout_chunk(
     models: RolloutModels,
     prompts: list[PromptItem],

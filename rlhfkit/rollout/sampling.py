@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from rlhfkit.algos import position_ids
 from rlhfkit.models.compat import cache_kwargs, output_cache
+from rlhfkit.models.cpu_gemm import packed_weights
 
 
 @dataclass
@@ -216,6 +217,7 @@ def _ends_with(history: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
+@packed_weights()  # the weights stay fixed while sampling: reorder them once (models.cpu_gemm)
 def generate(
     model,
     prompt_ids: torch.Tensor,
