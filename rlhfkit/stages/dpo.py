@@ -30,6 +30,7 @@ from rlhfkit.models import (
     load_tokenizer,
     write_trainable,
 )
+from rlhfkit.models.cpu_gemm import packed_weights
 from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
 from rlhfkit.train.logger import MetricLogger
 from rlhfkit.train.loop import fit, to_device
@@ -92,6 +93,7 @@ def pair_loss(module, batch, cfg: DPOConfig):
 
 
 @torch.no_grad()
+@packed_weights()  # the reference is fixed: each weight reordered once (models.cpu_gemm)
 def compute_reference_logprobs(module, pairs: list[Pair], pad_id: int, batch_size: int) -> None:
     """Fill each pair's ``ref_chosen`` / ``ref_rejected`` with the reference's sequence logprobs."""
     for i in range(0, len(pairs), batch_size):
