@@ -310,3 +310,40 @@ def test_the_loop_draws_what_a_cache_free_replay_with_softmax_draws(policy):
             seq = torch.cat([seq, drawn[:, None]], 1)
             m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
     assert len(set(map(tuple, out.tokens.tolist()))) > 1  # the rows really sampled
+
+
+def test_distinct_prompts_finds_the_rows_of_each_prompt():
+    ids = torch.tensor([[0, 5, 6], [1, 2, 3], [0, 5, 6], [0, 5, 6], [1, 2, 3]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    first, inverse = sampling.distinct_prompts(ids, mask)
+    # row 3 has row 0's ids but not its mask: a prompt of its own
+    assert len(first) == 3
+    for row in range(5):
+        rep = int(first[inverse[row]])
+        assert torch.equal(ids[rep], ids[row]) and torch.equal(mask[rep], mask[row])
+        assert rep <= row  # the first row of its prompt
+    assert sampling.distinct_prompts(ids[:2], mask[:2]) is None
+
+
+def test_prefilling_each_distinct_prompt_once_changes_no_bit(policy, monkeypatch):
+    """GRPO's groups repeat a prompt: ``generate`` runs the prompt forward once per distinct
+    prompt and copies its KV cache and logits to the group's rows. Samples, logprobs and
+    entropies equal prefilling every row, bit for bit."""
+    tok, model = policy
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: (
+            prefill_rows.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        shared = _sample(policy, repeat=4, max_new_tokens=10, temperature=2.0, seed=3)
+        monkeypatch.setattr(sampling, "distinct_prompts", lambda ids, mask: None)
+        every = _sample(policy, repeat=4, max_new_tokens=10, temperature=2.0, seed=3)
+    finally:
+        hook.remove()
+    assert [s[0] for s in prefill_rows] == [len(TEXTS), 4 * len(TEXTS)]
+    for f in ("tokens", "lengths", "stopped", "logprobs", "entropy"):
+        assert torch.equal(getattr(shared, f), getattr(every, f)), f
+    assert len({tuple(r.tolist()) for r in shared.tokens}) > len(TEXTS)  # the rows sampled apart

@@ -98,6 +98,29 @@ class _FilledView(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
         return self.keys, self.values
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (repeats allowed): a prompt prefilled once, copied to
+        each row that samples from it (``generate``)."""
+        end = self.get_seq_length()
+        self.k_buf, self.v_buf = self.k_buf[index], self.v_buf[index]
+        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(first, inverse) when some rows of a left-padded prompt batch repeat (a group's n samples
+    of one prompt): ``first`` (U,) a row of each distinct prompt, ``inverse`` (B,) the position
+    in ``first`` of each row's prompt. None when every row is distinct."""
+    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    u = int(inverse.max()) + 1
+    if u == key.shape[0]:
+        return None
+    rows = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((u,), key.shape[0], device=key.device).scatter_reduce(
+        0, inverse, rows, "amin"
+    )
+    return first, inverse
+
 
 def preallocated_cache(model, capacity: int) -> DynamicCache | None:
     """A ``DynamicCache`` of ``_FilledView`` layers holding ``capacity`` columns; None when the
@@ -172,7 +195,9 @@ class _Decoder:
         self.static, self.cache = compiled, None
         if not compiled:
             self.cache = preallocated_cache(model, prompt_mask.shape[1] + max_new_tokens)
+            self.row_select = self.cache is not None  # a prompt prefilled once for its rows
             return
+        self.row_select = False  # the compiled step's static cache has a fixed batch
         b, p = prompt_mask.shape
         width = -(-(p + max_new_tokens) // _BUCKET) * _BUCKET
         self.cache = _reused_static_cache(model, b, width, prompt_mask.device)
@@ -189,6 +214,10 @@ class _Decoder:
             mode = "reduce-overhead" if self.graphs else None
             model._rlhfkit_compiled_forward = torch.compile(model.forward, dynamic=False, mode=mode)
         self.forward = model._rlhfkit_compiled_forward
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.select_rows(index)
 
     def step(self, tok: torch.Tensor, position: torch.Tensor, t: int) -> torch.Tensor:
         """Feed token t (B,) at ``position`` (B, 1); returns the next logits (B, V)."""
@@ -249,16 +278,24 @@ def generate(
     attn = prompt_mask.long()
     pos = position_ids(attn)  # positions of left-padded prompts start at 0
     decoder = _Decoder(model, attn, max_new_tokens, compile_decode)
+    # the prompt forward once per distinct prompt (GRPO's n samples share one), its cache and
+    # last logits copied to the rows that share it; rows are independent, so bit for bit the
+    # same as prefilling every row (tests/test_sampling.py)
+    shared = distinct_prompts(prompt_ids, attn) if decoder.row_select else None
+    first = slice(None) if shared is None else shared[0]
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=attn,
-        position_ids=pos,
+        input_ids=prompt_ids[first],
+        attention_mask=attn[first],
+        position_ids=pos[first],
         **cache_kwargs(model, decoder.cache),
         use_cache=True,
         logits_to_keep=1,
     )
     cache, next_pos = output_cache(out), pos[:, -1:] + 1
     logits = out.logits[:, -1]
+    if shared is not None:
+        decoder.select_rows(shared[1])
+        logits = logits[shared[1]]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
