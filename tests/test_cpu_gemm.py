@@ -218,3 +218,22 @@ def test_generation_with_packed_weights_is_bit_identical(tiny_lm, tok, monkeypat
     b = generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
     for f in ("tokens", "lengths", "stopped", "logprobs", "entropy"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+def test_packing_turns_off_with_its_environment_variable():
+    import os
+    import subprocess
+    import sys
+
+    code = "from rlhfkit.models import cpu_gemm; print(cpu_gemm._REORDER is None)"
+    out = {
+        v: subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "RLHFKIT_PACKED_WEIGHTS": v},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for v in ("0", "1")
+    }
+    assert out == {"0": "True", "1": "False"}

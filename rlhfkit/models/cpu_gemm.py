@@ -19,6 +19,7 @@ GEMM sums the K products in another order (tests/test_cpu_gemm.py bounds it agai
 
 from __future__ import annotations
 
+import os
 import weakref
 from contextlib import contextmanager
 
@@ -27,7 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 _OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+# packed_weights' reordering; RLHFKIT_PACKED_WEIGHTS=0 turns it off (plain weights, one weight
+# copy less memory inside the scopes)
+_REORDER = (
+    getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    if os.environ.get("RLHFKIT_PACKED_WEIGHTS", "1") != "0"
+    else None
+)
 
 
 def available() -> bool:
@@ -102,7 +109,11 @@ def packed_weights():
     25-35% off a decode step's linears, which stream every weight once per token, and 5-15% off
     large forwards (benchmarks/RESULTS.md session 10). Results are bit-identical to the plain
     weight's (tests/test_cpu_gemm.py); one row takes the plain weight, whose matrix-vector kernel
-    rounds differently. Costs one copy of the weights used inside the scope.
+    rounds differently. Costs one copy of the weights used inside the scope
+    (``RLHFKIT_PACKED_WEIGHTS=0``: none, and no reordering).
+
+    Not used in training: packing W and W^T between optimizer steps made a SmolLM2 micro-batch's
+    forward and backward slower in place (22.3 vs 21.0 s), though each product alone was faster.
 
     The copy is keyed to the weight tensor, its storage and its version counter, so a weight
     swapped, resharded or changed in place is packed again. The optimizer must not step inside the
