@@ -32,7 +32,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | reference | `rlhfkit dpo`'s cache: one no-grad pass over the pairs, batch 16 | `precompute_ref_log_probs=True`, `precompute_ref_batch_size=16` |
 | step | `fit` with `LabelledLogprobs` (the LM head on completion positions only), 32 sequences | `DPOTrainer` concatenated forward of chosen + rejected, 32 sequences |
 | loss | sigmoid, beta 0.1 | `loss_type=["sigmoid"]`, beta 0.1 |
-| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
+| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default), on weights reordered once for the reference precompute (`cpu_gemm.packed_weights`; plain in the step); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
 | allocator | glibc (both runners); rlhfkit sets glibc's mmap/trim thresholds when it loads a CPU model (`rlhfkit.launch.tune_glibc_malloc`, off with `RLHFKIT_MALLOC_TUNE=0`; session 8) | glibc, its defaults |
 | gradient checkpointing | off | off (set explicitly) |
 | lengths | prompt 31 words + BOS, completions 48 words + EOS | the same text, TRL's tokenization (EOS appended) |"""
