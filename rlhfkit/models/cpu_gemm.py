@@ -15,6 +15,9 @@ layer on oneDNN when the input and weights are fp32 on the CPU:
 Anything else (another dtype, bf16 autocast, a GPU, ``torch.compile`` tracing, a build without the
 op) takes ``F.linear`` as before. The results equal ``F.linear``'s up to fp32 rounding: another
 GEMM sums the K products in another order (tests/test_cpu_gemm.py bounds it against float64).
+
+Inside a ``packed_weights()`` scope (a rollout, DPO's reference precompute) the no-grad forwards
+run on weights reordered once into oneDNN's layout instead of on every call; bit-identical.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class _Packs:
     """The weights packed inside ``packed_weights`` scopes: layer id -> (weak reference to the
-    weight, its storage address, its version, the packed copy). ``depth`` counts the open scopes; the copies go when the last closes."""
+    weight, its storage address, its version, the packed copy). ``depth`` counts the open
+    scopes; the copies go when the last one closes."""
 
     depth = 0
     by_layer: dict[int, tuple] = {}
@@ -127,8 +131,8 @@ def packed_weights():
             _Packs.by_layer.clear()
 
 
-def _packed(layer: nn.Linear) -> torch.Tensor | None:
-    """The layer's packed weight in an open scope (made now if new or stale), else None."""
+def _packed(layer: nn.Linear) -> torch.Tensor:
+    """The layer's packed weight in the open scope (made now if new or stale)."""
     w = layer.weight
     entry = _Packs.by_layer.get(id(layer))
     if entry is not None and entry[0]() is w and entry[1:3] == (w.data_ptr(), w._version):
@@ -139,17 +143,20 @@ def _packed(layer: nn.Linear) -> torch.Tensor | None:
 
 
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward is ``cpu_gemm.linear``. Made by ``use_onednn`` by swapping
-    the class of an existing layer, so parameters, hooks and the state dict stay as they were."""
+    """An ``nn.Linear`` whose forward is ``cpu_gemm.linear`` (on a reordered copy of the weight
+    inside a ``packed_weights`` scope). Made by ``use_onednn`` by swapping the class of an
+    existing layer, so parameters, hooks and the state dict stay as they were."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
+        recorded = torch.is_grad_enabled() and (
+            input.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+        )
         if (
             _Packs.depth
             and _REORDER is not None
+            and not recorded  # training keeps the plain weight (see packed_weights)
             and input.numel() > input.shape[-1]  # more than one row
-            and not (torch.is_grad_enabled() and (input.requires_grad or w.requires_grad))
-            and (b is None or not (torch.is_grad_enabled() and b.requires_grad))
             and _eligible(input, w, b)
         ):
             x2 = input.reshape(-1, input.shape[-1])
