@@ -149,13 +149,13 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
+        if not _Packs.depth or _REORDER is None:  # no scope open (training): as before
+            return linear(input, w, b)
         recorded = torch.is_grad_enabled() and (
             input.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
         )
         if (
-            _Packs.depth
-            and _REORDER is not None
-            and not recorded  # training keeps the plain weight (see packed_weights)
+            not recorded  # a gradient keeps the plain weight (see packed_weights)
             and input.numel() > input.shape[-1]  # more than one row
             and _eligible(input, w, b)
         ):
