@@ -45,6 +45,110 @@ def test_math_checker_on_equivalent_forms_and_several_boxes(response, gold, scor
     assert verify.pop_metrics() == {"reward/unparsed": 0.0}  # read, right or wrong
 
 
+# math-verify's own regression table (tests/test_all.py of huggingface/Math-Verify: number
+# extraction, fractions, LaTeX notation, percent), run through our checker with the gold as the
+# row's ``answer``: math-verify's parse/verify grade every row as given here. Left out: golds
+# written with a decimal comma ("1,22", "0,111"): a bare gold is read as boxed, where a comma
+# separates thousands or list items (docs/rewards.md).
+MATH_VERIFY_TABLE = [
+    ("-5", "-5", 1),
+    ("7425000", "7,425,000", 1),
+    ("1000", "1 000", 1),
+    ("1000", "1000.0", 1),
+    ("1000.0", "1,000.0", 1),
+    ("2.74", "Soucis : 2,74 $ a..", 1),
+    ("0.4", ".4", 1),
+    ("1000.99", "1,000.99", 1),
+    ("1000.99", "$1,000.99", 1),
+    ("1000.99", "1,000.99$", 1),
+    ("1000.99", "the number is not 10 which is 1,000.99€", 1),
+    ("1000.99", "so the number is 10 which is 1,000.99m²", 1),
+    ("1000.99", "not it's not 10 it's 1,000.99m²", 1),
+    ("2", "AZYUK2A", 0),
+    ("10/9", "\\frac{10}{9}", 1),
+    ("-10/9", "-\\frac{10}{9}", 1),
+    ("$[0,1)$", "$[0,1)$", 1),
+    ("$[0,9)$", "$[0,1)$", 0),
+    ("$(0,9)$", "$[0,9)$", 0),
+    ("$9$", "Answer \\[ 9 \\]", 1),
+    ("$9$", "Answer $ 9 $", 1),
+    ("$9$", "Answer $$ 9 $$", 1),
+    ("$9$", "Answer \\( 9 \\)", 1),
+    ("$10$", "Answer \\( (9+1) \\)", 1),
+    ("$10/9$", "Answer $ \\frac{1}{2} \\$ = \\frac{10}{9} $", 1),
+    ("$1/3$", "$\\frac13 $", 1),
+    ("$\\sqrt{3}$", "$\\sqrt3 $", 1),
+    ("$1/3$", "$\\dfrac{1}{3} $", 1),
+    ("$1/3$", "$\\tfrac{1}{3} $", 1),
+    ("$1/3$", "$\\left( \\frac{1}{3} \\right)$", 1),
+    ("$1/3$", "$\\frac{1}{3} \\text{meters}$", 1),
+    ("$1/3$", "$k = \\frac{1}{3}$", 1),
+    ("$28\\%$", "28 percent", 1),
+    ("$28\\%$", "28 %", 1),
+    ("$28\\%$", "$28$ percent", 1),
+    ("$28\\%$", "28", 1),
+    ("$0.28$", "28", 0),
+    ("$28$", "28/100", 0),
+    ("$\\frac{28}{100}$", "28", 0),
+]
+
+
+@pytest.mark.parametrize("gold, response, score", MATH_VERIFY_TABLE)
+def test_math_checker_grades_math_verifys_regression_table(gold, response, score):
+    """Issue 36: our own extraction (last box, else the last number) ran before math-verify and
+    agreed with this table on about 26 of 37 rows; math-verify now reads unboxed answers."""
+    assert verify.math(["q"], [response], [gold]) == [float(score)]
+
+
+# How small models end their answers, each graded as a person would grade it (issue 36).
+SMALL_MODEL_ENDINGS = [
+    ("The answer is 12, which is even.", "12", 1),  # the comma is not part of the number
+    ("So the answer is 12.", "12", 1),
+    ("So the answer is 12!", "12", 1),
+    ("She pays $12.", "12", 1),  # currency
+    ("It costs $1,234.50 in all.", "1234.5", 1),  # thousands separator, cents
+    ("The rope is 12 cm long.", "12", 1),  # units
+    ("In total 7,425,000 people.", "7425000", 1),
+    ("The discount is 25%.", "25", 1),  # percent, gold without the sign
+    ("#### 42", "42", 1),  # GSM8K's marker
+    ("The answer is **42**.", "42", 1),  # bold
+    ("3 + 4 = 7", "7", 1),  # several numbers: the last is the answer
+    ("He had 5 apples and ate 2, so 3 are left.", "3", 1),
+    ("He had 5 apples and ate 2, so 3 are left.", "5", 0),
+    ("first 12 then 7", "12", 0),
+    ("The answer is -3.", "-3", 1),
+    ("x = \\frac{1}{2}", "0.5", 1),  # unboxed LaTeX
+    ("so \\boxed{7}. Then I checked: 7 * 2 = 14.", "7", 1),  # the box is the answer
+    ("\\boxed{3} no wait \\boxed{5}", "5", 1),  # several boxes: the last one counts
+    ("\\boxed{5} no wait \\boxed{3}", "5", 0),
+    ("the answer is \\boxed{N}", "5", 0),  # a placeholder is a wrong answer
+]
+
+
+@pytest.mark.parametrize("response, gold, score", SMALL_MODEL_ENDINGS)
+def test_math_checker_grades_small_model_endings_as_a_person_would(response, gold, score):
+    assert verify.math(["q"], [response], [gold]) == [float(score)]
+
+
+def test_exact_checker_reads_the_last_number_without_its_trailing_comma():
+    """Issue 36: the old last-number pattern kept the comma of "12," and scored it 0; a digit glued
+    to a word is no number."""
+    texts = ["The answer is 12, which is even.", "it is 1,000", "AZYUK2A", "about 3,5 or 4"]
+    assert verify.exact(["q"] * 4, texts, ["12", "1000", "2", "4"]) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_checkers_score_an_episodes_final_turn_not_its_tool_outputs():
+    """With an environment the trajectory holds tool outputs; the checkers read the model's final
+    turn (the ``final_response`` column), where the answer is."""
+    trajectory = ['<tool_call>{"name": "add"}</tool_call>', "tool: 12", "I could not add them."]
+    whole, final = [" ".join(trajectory)], [trajectory[-1]]
+    assert verify.math(["q"], whole, ["12"]) == [1.0]  # the tool's number, read as the answer
+    assert verify.math(["q"], whole, ["12"], final_response=final) == [0.0]
+    assert verify.exact(["q"], whole, ["12"], final_response=["The sum is 12."]) == [1.0]
+    boxed = ["\\boxed{11}"]
+    assert verify.format(["q"], whole, final_response=boxed) == [verify.FORMAT_WEIGHT]
+
+
 def test_math_checker_scores_unreadable_answers_zero_and_counts_them():
     verify.pop_metrics()
     long = "\\boxed{" + "9" * (verify.MAX_ANSWER_CHARS + 1) + "}"

@@ -6,11 +6,23 @@
     rlhfkit.rewards.verify:exact    1 if the final answer equals ``answer`` as a string (stripped)
     rlhfkit.rewards.verify:format   ``FORMAT_WEIGHT`` if the response ends in one \\boxed{...}
 
-The final answer is the content of the **last** ``\\boxed{...}`` (a response that boxes several
-values is judged by the last one, as verl's and DeepSeek's math rewards do), or without a box the
-last number in the response. A response with no answer, or one the checker cannot parse, scores 0
-and is counted (``reward/unparsed``), never crashes the run. So is an answer longer than
-``MAX_ANSWER_CHARS``: sympy can take minutes on a pathological expression.
+Where the answer is read (``math``): the content of the **last** ``\\boxed{...}`` if the response
+has a box (a response that boxes several values is judged by the last one, as verl's and
+DeepSeek's math rewards do); without a box, math-verify's own extraction reads the response as
+TRL's accuracy reward lets it: LaTeX (``$\\frac{1}{3}$``, ``\\(k = 2\\)``) and then plain
+expressions and numbers (``12, which is even``, ``$1,234.50``, ``#### 42``), the last one found.
+``exact`` reads the last box or else the last number (one not glued to a word: ``AZYUK2A`` holds
+none). A response with no answer, or one the checker cannot parse, scores 0 and is counted
+(``reward/unparsed``), never crashes the run. So is an answer longer than ``MAX_ANSWER_CHARS``:
+sympy can take minutes on a pathological expression. A box left open (a response cut off inside
+its answer) is no answer.
+
+The gold ``answer`` is read as if boxed (``3, 5`` is a set, ``1,000`` a thousand), unless it is
+LaTeX with its own delimiters (``$...$``, ``\\(...\\)``, ``\\[...\\]``, ``\\boxed``).
+
+With an environment (multi-turn episodes) the checkers score the model's **final turn** (the
+``final_response`` column the episode loop provides), not the whole trajectory: a number in a
+tool's output is not the model's answer.
 
 Set ``reward_fn: rlhfkit.rewards.verify:math`` and give every prompt row an ``answer`` field; a
 row without one is a data error naming the file, the line and the column when the data loads.
@@ -18,6 +30,7 @@ row without one is a data error naming the file, the line and the column when th
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -26,8 +39,12 @@ from collections.abc import Callable, Sequence
 MAX_ANSWER_CHARS = 100  # longer final answers score 0 (counted as unparsed)
 FORMAT_WEIGHT = 0.1  # what `format` gives a response that ends in exactly one \boxed{...}
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# a number not glued to a word before it (``AZYUK2A`` holds none), its thousands commas in groups
+# of three (so the comma of "12, which is even" is not part of it)
+_NUMBER = re.compile(r"(?<![A-Za-z_])-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# a gold answer that is LaTeX with its own delimiters is parsed as it is, any other one boxed
+_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")
 
 
 class _Unparsed:
@@ -73,68 +90,106 @@ def last_boxed(text: str) -> str | None:
 
 
 def final_answer(text: str) -> str | None:
-    """The last boxed content, else the last number (commas kept), else None. A box left open (a
-    response cut off at the length limit inside its answer) is no answer: its digits so far are
-    not read as one."""
+    """``exact``'s answer: the last boxed content, else the last number (thousands commas kept),
+    else None. A box left open (a response cut off at the length limit inside its answer) is no
+    answer: its digits so far are not read as one."""
     if _BOXED.search(text):
         return last_boxed(text)
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
 
-def _math_equal(pred: str, gold: str) -> bool | None:
-    """math-verify's verdict on two answers, or None if either does not parse. Its own timeouts
-    use SIGALRM, which only the main thread may set: elsewhere they are off, and the length cap
-    bounds the work instead."""
+@functools.cache
+def _extraction() -> list:
+    """math-verify's extraction targets, as TRL's accuracy reward sets them: boxed LaTeX first,
+    then any LaTeX, then plain expressions (the last match of the best kind wins)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def _math_grade(text: str, gold: str) -> bool | None:
+    """math-verify's verdict on a response against the gold answer, or None if either has no
+    answer it can read. Its own timeouts use SIGALRM, which only the main thread may set:
+    elsewhere they are off, and the length cap bounds the work instead."""
     from math_verify import parse, verify
 
-    main = threading.current_thread() is threading.main_thread()
-    timeout = 5 if main else None
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" per call
-    p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout)
-    g = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
-    if not p or not g:
+    if _BOXED.search(text):  # the last box is the answer (math-verify would join every box)
+        box = last_boxed(text)
+        if box is None or len(box) > MAX_ANSWER_CHARS:
+            return None
+        text = f"\\boxed{{{box}}}"
+    pred = parse(text, _extraction(), parsing_timeout=timeout)
+    if not pred or len(pred[-1]) > MAX_ANSWER_CHARS:
         return None
-    return bool(verify(g, p, timeout_seconds=timeout))
+    g = parse(gold if _DELIMITED.search(gold) else f"\\boxed{{{gold}}}", parsing_timeout=timeout)
+    if not g:
+        return None
+    return bool(verify(g, pred, timeout_seconds=timeout))
+
+
+def _exact_grade(text: str, gold: str) -> bool | None:
+    """The final answer equals the gold as a string, thousands commas dropped from numbers."""
+    pred = final_answer(text)
+    if pred is None or len(pred) > MAX_ANSWER_CHARS:
+        return None
+    norm = lambda s: s.replace(",", "") if _NUMBER.fullmatch(s) else s  # noqa: E731
+    return norm(pred) == norm(gold)
 
 
 def _check(
-    responses: Sequence[str], answer: Sequence, equal: Callable[[str, str], bool | None]
+    responses: Sequence[str],
+    answer: Sequence,
+    grade: Callable[[str, str], bool | None],
+    final_response: Sequence[str] | None,
 ) -> list[float]:
-    if len(answer) != len(responses):
-        raise ValueError(f"{len(answer)} answers for {len(responses)} responses")
+    texts = responses if final_response is None else final_response  # an episode: its last turn
+    if len(answer) != len(texts):
+        raise ValueError(f"{len(answer)} answers for {len(texts)} responses")
     scores, bad = [], 0
-    for text, gold in zip(responses, answer, strict=True):
-        pred = final_answer(text)
-        ok = None
-        if pred is not None and len(pred) <= MAX_ANSWER_CHARS:
-            try:
-                ok = equal(pred, str(gold).strip())
-            except Exception:  # a parser's failure is an unreadable answer, not a dead run
-                ok = None
+    for text, gold in zip(texts, answer, strict=True):
+        try:
+            ok = grade(text, str(gold).strip())
+        except Exception:  # a parser's failure is an unreadable answer, not a dead run
+            ok = None
         bad += ok is None
         scores.append(float(bool(ok)))
-    _unparsed.add(bad, len(responses))
+    _unparsed.add(bad, len(texts))
     return scores
 
 
-def math(prompts: Sequence[str], responses: Sequence[str], answer: Sequence, **_) -> list[float]:
-    """1.0 if the final answer equals the row's ``answer`` mathematically (math-verify), else 0."""
-    return _check(responses, answer, _math_equal)
+def math(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    answer: Sequence,
+    final_response: Sequence[str] | None = None,
+    **_,
+) -> list[float]:
+    """1.0 if the final answer equals the row's ``answer`` mathematically (math-verify), else 0.
+    ``final_response``: an episode's last model turn (multi-turn rollouts), scored instead."""
+    return _check(responses, answer, _math_grade, final_response)
 
 
-def exact(prompts: Sequence[str], responses: Sequence[str], answer: Sequence, **_) -> list[float]:
+def exact(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    answer: Sequence,
+    final_response: Sequence[str] | None = None,
+    **_,
+) -> list[float]:
     """1.0 if the final answer equals the row's ``answer`` as a string (both stripped, thousands
     commas dropped from numbers), else 0. For answers that are words or codes, not mathematics."""
-
-    def equal(pred: str, gold: str) -> bool:
-        norm = lambda s: s.replace(",", "") if _NUMBER.fullmatch(s) else s  # noqa: E731
-        return norm(pred) == norm(gold)
-
-    return _check(responses, answer, equal)
+    return _check(responses, answer, _exact_grade, final_response)
 
 
-def format(prompts: Sequence[str], responses: Sequence[str], **_) -> list[float]:  # noqa: A001
+def format(  # noqa: A001
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    final_response: Sequence[str] | None = None,
+    **_,
+) -> list[float]:
     """``FORMAT_WEIGHT`` if the response holds exactly one ``\\boxed{...}`` with an answer in
     it (a digit or a LaTeX command: not a placeholder such as ``\\boxed{N}``) and nothing after
     it but whitespace and punctuation, else 0: the format the math prompt asks for.
@@ -142,7 +197,7 @@ def format(prompts: Sequence[str], responses: Sequence[str], **_) -> list[float]
     The placeholder rule is a fixed reward hack: SmolLM2 trained with the first version learned to
     end every response in a literal ``\\boxed{N}`` (docs/rlvr.md, run 1)."""
     out = []
-    for text in responses:
+    for text in responses if final_response is None else final_response:
         boxes = list(_BOXED.finditer(text))
         end = _closing(text, boxes[0].end()) if len(boxes) == 1 else None
         ok = (
