@@ -563,10 +563,11 @@ class PPOAlgoConfig:
         "normalise scores: RM's stored mean/std (falls back to running), running stats, or none",
     )
     reward_clip: float = knob(0.0, "clip normalised scores to [-c, c] (0 = off)", lo=0)
-    aggregation: Literal["token", "sequence", "token_sum_norm"] = knob(
-        "token",
+    aggregation: Literal["auto", "token", "sequence", "token_sum_norm"] = knob(
+        "auto",
         "loss average over tokens, over sequences, or token sum / (max_new_tokens x sequences) "
-        "(Dr. GRPO's length-unbiased form)",
+        "(Dr. GRPO's length-unbiased form; with an env, max_total_tokens x sequences); auto = "
+        "the policy loss's paper: sequence for gspo (each response weighs 1/G), token otherwise",
     )
     critic_warmup_iterations: int = knob(0, "iterations that update only the critic, first", lo=0)
     policy_loss: Literal["ppo", "gspo", "cispo"] = knob(
@@ -610,6 +611,14 @@ class PPOAlgoConfig:
     rollout_correction_cap: float = knob(
         2.0, "rollout_correction: the cap C of the weight (> 1)", lo=1, lo_open=True
     )
+
+    def loss_aggregation(self) -> str:
+        """``aggregation`` with ``auto`` resolved: GSPO's objective is (1/G) sum_i of a
+        response's mean (Zheng et al. 2025, eq. 5), so each response weighs the same whatever
+        its length; the clipped surrogate and CISPO average over tokens (DAPO, MiniMax-M1)."""
+        if self.aggregation != "auto":
+            return self.aggregation
+        return "sequence" if self.policy_loss == "gspo" else "token"
 
 
 @dataclass(frozen=True)
@@ -840,6 +849,13 @@ class PPOConfig(RewardKeys):
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
 
+    def token_budget(self) -> int:
+        """The most tokens one response row can hold: ``max_new_tokens``, or with an
+        environment the whole episode's ``max_total_tokens`` (its turns and the env's).
+        Dr. GRPO's constant (``aggregation: token_sum_norm``) is sequences x this."""
+        rc = self.rollout
+        return rc.max_total_tokens if self.env.enabled else rc.max_new_tokens
+
     def _validate_env(self, prefix: str) -> None:
         """Multi-turn keys without an environment, or settings an episode cannot meet."""
         rc = self.rollout
@@ -859,6 +875,20 @@ class PPOConfig(RewardKeys):
             raise ConfigError(
                 f"{prefix}ppo.overlong_buffer: the overlong penalty is for single responses; an "
                 f"episode's length is bounded by {prefix}rollout.max_total_tokens"
+            )
+        # the environment's turn is appended after the model's end-of-turn token (EOS), as the
+        # chat template writes a conversation: a turn that ends another way has none
+        if rc.stop_strings:
+            raise ConfigError(
+                f"{prefix}rollout.stop_strings: a turn that ends on a stop string has no "
+                "end-of-turn token before the environment's turn, so the context would no "
+                "longer match the chat template; with an env a model turn ends at EOS"
+            )
+        if rc.ignore_eos:
+            raise ConfigError(
+                f"{prefix}rollout.ignore_eos: with an env every model turn would run to "
+                f"{prefix}rollout.max_new_tokens and end the episode as truncated after one "
+                "turn; remove the key"
             )
 
     def _validate_policy_loss(self, prefix: str, est) -> None:

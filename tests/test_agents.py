@@ -441,7 +441,7 @@ def test_a_single_turn_environment_is_todays_rollout_and_update(tmp_path, tiny_l
 
 def _loss_and_grads(models, exp, cfg):
     models.actor.zero_grad(set_to_none=True)
-    denom = minibatch_denominator(exp, cfg.ppo.aggregation, cfg.rollout.max_new_tokens)
+    denom = minibatch_denominator(exp, cfg.ppo.loss_aggregation(), cfg.token_budget())
     stats = micro_step(models.learner, exp, cfg.ppo, 1.0, 0.1, True, denom)
     grads = [p.grad.clone() for p in models.learner.actor.parameters() if p.grad is not None]
     return stats, grads

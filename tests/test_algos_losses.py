@@ -160,6 +160,8 @@ def test_gspo_matches_the_sequence_level_objective_in_float64(eps_low, eps_high)
     from rlhfkit.algos.losses import gspo_loss
 
     lp, old, adv, adv_seq, mask = _rl_batch(0)
+    # rows 1 and 3 barely off policy: at the paper's epsilons they stay unclipped, the rest not
+    old = torch.cat([old[:1], lp[1:2].detach() + 1e-5, old[2:3], lp[3:4].detach() - 2e-5, old[4:]])
     loss, stats = gspo_loss(lp, old, adv, mask, eps_low, "sequence", clip_eps_high=eps_high)
     (grad,) = torch.autograd.grad(loss, lp)
     ref_lp = lp.detach().clone().requires_grad_()
@@ -177,6 +179,8 @@ def test_gspo_matches_the_sequence_level_objective_in_float64(eps_low, eps_high)
     assert float(loss) == pytest.approx(float(ref), abs=1e-9)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-9)
     assert float(stats["clip_frac"]) == pytest.approx(clipped / len(terms), abs=1e-12)
+    if eps_high < 0.01:  # the paper's epsilons: some responses clipped, some not (issue 36)
+        assert 0 < clipped < len(terms)
     assert (grad[~mask] == 0).all()
 
 

@@ -3,6 +3,7 @@ shaping, and the rollout correction against a deliberately mismatched (bf16) sam
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,20 +53,70 @@ def test_overlong_penalty_is_daposs_piecewise_form():
     assert overlong_penalty(lengths, 20, 0).abs().sum() == 0  # off
 
 
-@pytest.mark.parametrize("loss", ["gspo", "cispo"])
-def test_each_policy_loss_trains_under_rlhfkit_ppo(tmp_path, tiny_lm, loss):
-    """GRPO with GSPO's and CISPO's losses through the whole recipe, with dynamic sampling:
-    finite losses, a ratio that starts at exactly 1 (one minibatch, one epoch: on policy), and
-    the filtering logged."""
+def _trained(tmp_path, tiny_lm, *extra):
+    """(metrics rows, final actor weights) of a seeded 2-iteration GRPO run with two epochs per
+    buffer (the second epoch is off policy, so the losses' clipping acts)."""
     cfg = ppo_cfg(
-        tmp_path, tiny_lm, *GRPO, f"ppo.policy_loss={loss}", "run.iterations=2", "ppo.epochs=1",
-        "ppo.minibatch_size=32", "rollout.filter_groups=true",
+        tmp_path, tiny_lm, *GRPO, "run.iterations=2", "ppo.epochs=2", "ppo.minibatch_size=32",
+        "ppo.micro_batch_size=16", "rollout.filter_groups=true", *extra,
     )  # fmt: skip
+    torch.manual_seed(0)
     run_ppo(cfg, reward_fn=_hash_or_flat)
-    rows = read_metrics(cfg.run.output_dir)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(cfg.run.output_dir) / "final" / "model.safetensors"))
+    return read_metrics(cfg.run.output_dir), weights
+
+
+@pytest.fixture(scope="module")
+def ppo_loss_run(tmp_path_factory, tiny_lm):
+    return _trained(tmp_path_factory.mktemp("ppo_loss"), tiny_lm)
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [("gspo", []), ("cispo", ["ppo.cispo_clip_eps_high=0.001"])],
+)
+def test_each_policy_loss_trains_under_rlhfkit_ppo(tmp_path, tiny_lm, ppo_loss_run, loss, extra):
+    """GRPO with GSPO's and CISPO's losses through the whole recipe, with dynamic sampling. Each
+    run must show what only its own loss does (issue 36: finite values and a first ratio of 1
+    held with either one mapped to the plain PPO loss):
+    - the weights differ from the same seeded run with ``policy_loss: ppo``;
+    - GSPO clips whole responses at the paper's epsilons (3e-4, 4e-4): in the off-policy epoch
+      most sequence ratios leave [1 - 3e-4, 1 + 4e-4], where PPO's 0.2 clips next to nothing;
+    - CISPO caps the IS weight of tokens (here at 1.001) and still trains every token."""
+    rows, weights = _trained(tmp_path, tiny_lm, f"ppo.policy_loss={loss}", *extra)
+    ppo_rows, ppo_weights = ppo_loss_run
     assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
-    assert rows[0]["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert all(0 < r["rollout/filtered"] < 1 and r["rollout/sampling_rounds"] >= 1 for r in rows)
+    assert any(not torch.equal(weights[k], ppo_weights[k]) for k in weights)
+    # the first epoch is on policy, the second is not: the mean over both epochs is about half
+    # the off-policy epoch's share
+    assert all(r["policy/clip_frac"] > 0.1 for r in rows)  # measured: gspo ~0.5, cispo ~0.23
+    assert all(r["policy/clip_frac"] < 0.05 for r in ppo_rows)
+
+
+@pytest.mark.parametrize("lengths", [[1, 7], [5, 2]])
+def test_gspo_weighs_each_response_equally_by_default(lengths):
+    """Issue 36: GSPO's objective is 1/G sum_i over responses (Zheng et al. 2025, eq. 5), so a
+    response's total gradient on its log-probabilities is -s_i A_i / G whatever its length. The
+    default aggregation (auto) resolves to that for gspo; token averaging, the default of the
+    other losses, would weigh each response by its length."""
+    from rlhfkit.algos.losses import POLICY_LOSSES
+
+    cfg = load_config(PPOConfig, None, ["ppo.policy_loss=gspo", *GRPO])
+    assert cfg.ppo.aggregation == "auto" and cfg.ppo.loss_aggregation() == "sequence"
+    assert load_config(PPOConfig, None, GRPO).ppo.loss_aggregation() == "token"
+    mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]  # (2, 7)
+    lp = torch.full((2, 7), -1.0, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[1.5], [-0.5]], dtype=torch.float64).expand(2, 7)
+    loss, _ = POLICY_LOSSES["gspo"](
+        lp, lp.detach(), adv, mask, aggregation=cfg.ppo.loss_aggregation(), clip_eps=3e-4,
+        clip_eps_high=4e-4,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, lp)
+    per_response = grad.sum(1)  # on policy: s_i = 1
+    assert per_response.tolist() == pytest.approx([-1.5 / 2, 0.5 / 2], abs=1e-12)
 
 
 # --------------------------------------------------------------------------- dynamic sampling
@@ -163,33 +214,69 @@ def mismatched(tmp_path, tiny_lm):
 def _grads(models, exp, cfg, **ppo):
     pc = dataclasses.replace(cfg.ppo, **ppo)
     models.actor.zero_grad(set_to_none=True)
-    denom = minibatch_denominator(exp, pc.aggregation, cfg.rollout.max_new_tokens)
+    denom = minibatch_denominator(exp, pc.loss_aggregation(), cfg.token_budget())
     stats = micro_step(models.learner, exp, pc, cfg.rollout.temperature, 0.05, True, denom)
     grads = [p.grad.clone() for p in models.actor.parameters() if p.grad is not None]
     return grads, stats
 
 
+def _reference_grads(models, exp, cfg, loss: str, w: torch.Tensor) -> list[torch.Tensor]:
+    """The actor's gradient of the weighted policy loss written out from each paper in float64,
+    independently of ``algos.losses``: only the forward that gives log pi is shared.
+    - ppo:   -1/N sum_t w_t min(r_t A_t, clip(r_t, 1 -+ eps) A_t)
+    - cispo: -1/N sum_t w_t sg(min(r_t, 1 + eps_high)) A_t log pi_t
+    - gspo:  -1/G sum_i 1/|y_i| sum_t w_t A_t s_i [unclipped] log pi_t, s_i detached: the
+             gradient of GSPO-token (eq. 13) with the weights on its per-token advantages."""
+    pc = cfg.ppo
+    models.actor.zero_grad(set_to_none=True)
+    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
+    logp, _, _ = models.learner.train_outputs(seq, cfg.rollout.temperature, False, True)
+    lp, old, adv = logp.double(), exp.logprobs.double(), exp.advantages.double()
+    m = exp.response_mask.bool()
+    r = torch.exp(lp - old)
+    if loss == "ppo":
+        per = -w * torch.min(r * adv, r.clamp(1 - pc.clip_eps, 1 + pc.clip_eps) * adv)
+        total = per[m].sum() / m.sum()
+    elif loss == "cispo":
+        per = -w * r.detach().clamp(max=1 + pc.cispo_clip_eps_high) * adv * lp
+        total = per[m].sum() / m.sum()
+    else:
+        n = m.sum(1)
+        s = torch.exp(torch.where(m, lp - old, 0.0).sum(1) / n).detach()[:, None]  # (B, 1)
+        out = ((s > 1 + pc.gspo_clip_eps_high) & (adv > 0)) | (
+            (s < 1 - pc.gspo_clip_eps) & (adv < 0)
+        )
+        per = -w * adv * s * (~out) * lp
+        total = torch.stack([per[i][m[i]].sum() / n[i] for i in range(len(n))]).mean()
+    total.backward()
+    return [p.grad.clone() for p in models.actor.parameters() if p.grad is not None]
+
+
 @pytest.mark.cpu_isa
+@pytest.mark.parametrize("loss", ["ppo", "gspo", "cispo"])
 @pytest.mark.parametrize("mode", ["tis", "mis"])
-def test_correction_reweights_the_update_as_its_formula_says(mismatched, mode):
+def test_correction_reweights_the_update_as_its_formula_says(mismatched, mode, loss):
+    """Issue 36: the reference is each loss written out with the weights on it, not the code's
+    own advantages-times-weights; all three losses. With gspo the TIS weights are per token
+    (GSPO-token's per-token advantages), MIS's one per response (docs/decisions.md)."""
     cfg, models, exp = mismatched
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, policy_loss=loss, ent_coef=0.0))
     m = exp.response_mask
     gap = (exp.logprobs - exp.sampler_logprobs)[m].abs()
     assert gap.max() > 0  # the bf16 sampler really differs
     cap = 1.0 + float(gap.max()) / 2 if mode == "tis" else 1.0005  # some weights capped
     got, stats = _grads(models, exp, cfg, rollout_correction=mode, rollout_correction_cap=cap)
-    # the formula, in float64 on the same buffer: advantages times the weights
+    # the weights in float64 on the same buffer
     log_rho = (exp.logprobs.double() - exp.sampler_logprobs.double()).masked_fill(~m, 0)
     if mode == "tis":
         w = log_rho.exp().clamp(max=cap)
     else:
         seq = log_rho.sum(1)
         w = torch.where(seq <= math.log(cap), seq.exp(), 0.0)[:, None].expand_as(log_rho)
-    weighted = dataclasses.replace(exp, advantages=(exp.advantages.double() * w).float())
-    want, _ = _grads(models, weighted, cfg)
+    want = _reference_grads(models, exp, cfg, loss, w)
     plain, _ = _grads(models, exp, cfg)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
     assert any(not torch.allclose(a, b) for a, b in zip(got, plain, strict=True))
     assert 0 < stats["correction/capped"] < 1
     assert stats["correction/mismatch"] == pytest.approx(float(gap.mean()), rel=1e-5)

@@ -84,19 +84,20 @@ def advantages(exp: Experience, kl_coef: float, pc: PPOAlgoConfig) -> dict[str, 
     return dist.mean_over_ranks(stats)
 
 
-def minibatch_denominator(exp: Experience, aggregation: str, max_new_tokens: int) -> torch.Tensor:
+def minibatch_denominator(exp: Experience, aggregation: str, budget: int) -> torch.Tensor:
     """What the loss of a whole minibatch (all ranks) is divided by, over the number of ranks:
     each micro-batch's loss sum over this, summed and averaged by DDP, is exactly the minibatch
     loss (``algos.aggregate``'s ``denominator``). token: response tokens; sequence: non-empty
-    sequences; token_sum_norm: sequences x max_new_tokens (Dr. GRPO's constant). Only the
-    model's own tokens count (``loss_mask``)."""
+    sequences; token_sum_norm: sequences x ``budget`` (Dr. GRPO's constant: the most tokens a
+    row can hold, ``PPOConfig.token_budget``: max_new_tokens, or an episode's max_total_tokens).
+    Only the model's own tokens count (``loss_mask``)."""
     m = exp.loss_mask
     if aggregation == "token":
         count = m.sum()
     elif aggregation == "sequence":
         count = m.any(dim=1).sum()
     else:
-        count = torch.tensor(m.shape[0] * max_new_tokens, device=m.device)
+        count = torch.tensor(m.shape[0] * budget, device=m.device)
     return (dist.all_reduce_sum(count.double()) / dist.world()).clamp(min=1).float()
 
 
@@ -145,10 +146,10 @@ def micro_step(
     with_entropy = update_actor and pc.ent_coef > 0
     with autocast(dtype, m.device):
         logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)
-    loss, stats = torch.zeros((), device=m.device), {}
+    loss, stats, agg = torch.zeros((), device=m.device), {}, pc.loss_aggregation()
     if v is not None:
         vf, vstats = value_loss(
-            v, mb.values, mb.returns, m, pc.value_clip_eps or None, pc.aggregation, denom
+            v, mb.values, mb.returns, m, pc.value_clip_eps or None, agg, denom
         )
         loss = loss + pc.vf_coef * vf
         stats["loss/value"] = float(vf.detach())
@@ -160,19 +161,19 @@ def micro_step(
             mb.logprobs,
             adv,
             m,
-            aggregation=pc.aggregation,
+            aggregation=agg,
             denominator=denom,
             **policy_loss_knobs(pc),
         )
         stats.update(cstats)
         loss = loss + pg
         if with_entropy:
-            ent_term = entropy_bonus(ent, m, pc.aggregation, denom)
+            ent_term = entropy_bonus(ent, m, agg, denom)
             loss = loss - pc.ent_coef * ent_term
             stats["loss/entropy"] = float(ent_term.detach())
         if pc.kl_in == "loss":  # GRPO's form: + beta KL(pi_theta || pi_ref) in the loss
             kl = aggregate(
-                kl_penalty(logp, mb.ref_logprobs, pc.kl_estimator), m, pc.aggregation, denom
+                kl_penalty(logp, mb.ref_logprobs, pc.kl_estimator), m, agg, denom
             )
             loss = loss + kl_coef * kl
             stats["loss/kl"] = float(kl.detach())
@@ -210,7 +211,7 @@ def rl_update(
     micro-batches before one optimizer step per optimizer. Returns the mean statistics.
     ``length_buckets``: micro-batches of similar lengths (``by_length``; fp32 only, where the
     layout does not matter beyond rounding)."""
-    pc, temperature, max_new_tokens = cfg.ppo, cfg.rollout.temperature, cfg.rollout.max_new_tokens
+    pc, temperature, budget = cfg.ppo, cfg.rollout.temperature, cfg.token_budget()
     acc: dict[str, list[float]] = {}
     per_rank_mb = pc.minibatch_size // dist.world()
     per_rank_micro = max(pc.micro_batch_size // dist.world(), 1)
@@ -222,7 +223,7 @@ def rl_update(
             mb_idx = perm[start : start + per_rank_mb]
             if trim and length_buckets:
                 mb_idx = by_length(mb_idx, lengths)
-            denom = minibatch_denominator(exp.select(mb_idx), pc.aggregation, max_new_tokens)
+            denom = minibatch_denominator(exp.select(mb_idx), pc.loss_aggregation(), budget)
             sums: dict[str, float] = {}
             for j in range(0, len(mb_idx), per_rank_micro):
                 mb = exp.select(mb_idx[j : j + per_rank_micro], trim)
