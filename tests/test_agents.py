@@ -159,15 +159,114 @@ def test_tool_env_runs_calls_and_turns_failures_into_error_observations():
     for name, args, expect in [
         ("slow", '{"x": 1}', "timed out after 0.1 s"),
         ("broken", '{"x": 1}', "raised ValueError: no such record"),
-        ("multiply", '{"a": 1}', "raised TypeError"),  # a missing argument
+        ("multiply", '{"a": 1}', "'b' is a required property"),  # a missing argument
         ("divide", '{"a": 1}', "there is no tool 'divide'"),  # a made-up tool
     ]:
         (msg,), _, done = env.step(call.format(name, args))
         assert msg["content"].startswith("error:") and expect in msg["content"] and not done
     (msg,), _, _ = env.step("<tool_call>{oops</tool_call>")
     assert "not valid JSON" in msg["content"]
-    assert env.counts == {"tool_calls": 4, "tool_errors": 3, "invalid_calls": 2}
+    assert env.counts == {"tool_calls": 3, "tool_errors": 2, "invalid_calls": 3}
     assert env.step("the answer is 12") == (None, None, True)  # no call: the final answer
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: the first term
+        b: the second term
+    """
+    return a + b
+
+
+def tags(word: str) -> set:
+    """The letters of a word, as a set (JSON cannot encode it).
+
+    Args:
+        word: a word
+    """
+    return set(word)
+
+
+def when(day: int):
+    """A date (JSON cannot encode it).
+
+    Args:
+        day: the day of the month
+    """
+    import datetime
+
+    return datetime.date(2026, 1, day)
+
+
+def nap(seconds: float) -> float:
+    """Sleep, then answer.
+
+    Args:
+        seconds: how long
+    """
+    time.sleep(seconds)
+    return seconds
+
+
+CALL = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
+
+
+def test_wrong_typed_or_unknown_arguments_are_invalid_calls_not_silent_results():
+    """Issue 36: add("2", "3") returned "23"; the arguments are now checked against the JSON
+    schema the model was shown, and the model reads why."""
+    env = ToolEnv([add])
+    for args, expect in [
+        ('{"a": "2", "b": "3"}', "a: '2' is not of type 'integer'"),
+        ('{"a": 2, "b": 3.5}', "b: 3.5 is not of type 'integer'"),
+        ('{"a": true, "b": 3}', "a: True is not of type 'integer'"),
+        ('{"a": 2, "b": 3, "c": 4}', "Additional properties are not allowed ('c' was unexpected)"),
+    ]:
+        (msg,), _, _ = env.step(CALL.format("add", args))
+        assert msg["content"].startswith("error: the arguments of 'add' do not match its schema")
+        assert expect in msg["content"], msg["content"]
+    (msg,), _, _ = env.step(CALL.format("add", '{"a": 2, "b": 3}'))
+    assert msg["content"] == "5"
+    assert env.counts == {"tool_calls": 1, "tool_errors": 0, "invalid_calls": 4}
+
+
+def test_a_result_json_cannot_encode_is_an_error_message_not_a_dead_run():
+    env = ToolEnv([tags, when])
+    text = CALL.format("tags", '{"word": "aa"}') + CALL.format("when", '{"day": 3}')
+    (a, b), _, done = env.step(text)
+    assert (
+        a["content"]
+        == "error: tags returned a set that JSON cannot encode (Object of type set is not JSON serializable)"
+    )
+    assert b["content"].startswith("error: when returned a date that JSON cannot encode")
+    assert not done and env.counts == {"tool_calls": 2, "tool_errors": 2, "invalid_calls": 0}
+
+
+def test_a_turns_tool_calls_run_concurrently_under_one_deadline():
+    """Issue 36: six calls of 0.3 s ran one after another (1.8 s); they now run together, and
+    the turn waits at most ``timeout`` for all of them."""
+    env = ToolEnv([nap], timeout=1.0)
+    t0 = time.perf_counter()
+    msgs, _, _ = env.step(CALL.format("nap", '{"seconds": 0.3}') * 6)
+    took = time.perf_counter() - t0
+    assert [m["content"] for m in msgs] == ["0.3"] * 6
+    assert took < 1.2  # 6 x 0.3 s one after another would be 1.8 s
+    env = ToolEnv([nap], timeout=0.5)
+    t0 = time.perf_counter()
+    msgs, _, _ = env.step(
+        CALL.format("nap", '{"seconds": 0.1}') + CALL.format("nap", '{"seconds": 2}') * 3
+    )
+    assert time.perf_counter() - t0 < 1.5  # one deadline for the turn, not 0.5 s per call
+    assert msgs[0]["content"] == "0.1"
+    assert all(m["content"] == "error: nap timed out after 0.5 s" for m in msgs[1:])
+
+
+def test_an_unclosed_tool_call_does_not_swallow_the_next_valid_one():
+    text = '<tool_call>{"name": "add", "arg' + CALL.format("add", '{"a": 1, "b": 2}')
+    calls = parse_hermes(text)
+    assert calls[0] == {"name": "add", "arguments": {"a": 1, "b": 2}}
+    assert len(calls) == 2 and "is not closed" in calls[1].reason
 
 
 # --------------------------------------------------------------------------- trajectories

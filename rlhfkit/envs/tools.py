@@ -6,9 +6,13 @@ Each function's JSON schema comes from its type hints and docstring (transformer
 parser (``TOOL_PARSERS``, ``env.tool_parser``) reads the calls out of its turn. A turn without
 a call is the final answer: the episode ends and the reward sources score it.
 
-A call that cannot run (malformed JSON, a tool name the model made up, wrong arguments), a tool
-that raises, and one past its timeout all give the model an error message as the tool's answer
-and are counted (``env/invalid_calls``, ``env/tool_errors``); none of them stops the run.
+A call that cannot run (malformed JSON, a tool name the model made up, arguments that do not
+match the tool's JSON schema: a missing, unknown or wrong-typed one), a tool that raises, one
+past its timeout, and a result JSON cannot encode (a set, a datetime) all give the model an error
+message as the tool's answer and are counted (``env/invalid_calls``, ``env/tool_errors``); none
+of them stops the run. The calls of one turn run concurrently, and the turn waits at most
+``timeout`` seconds for all of them together (one deadline: six 10 s calls take 10 s, and a
+turn never outlasts the episode loop's ``env.timeout`` because of its tool calls).
 
 Adding a format: write ``parse(text) -> list[call]``, where a call is ``{"name", "arguments"}``
 or an ``InvalidCall(reason)``, and register it in ``TOOL_PARSERS``.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,7 +40,9 @@ class InvalidCall:
     reason: str
 
 
-_HERMES = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+# a block's body never holds another <tool_call>: an unclosed block followed by a closed one is
+# two blocks, the first invalid, not one block with the second inside it
+_HERMES = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)</tool_call>", re.DOTALL)
 
 
 def parse_hermes(text: str) -> list[dict | InvalidCall]:
@@ -107,6 +114,9 @@ class ToolEnv:
     ):
         self.fns = {fn.__name__: fn for fn in fns}
         self.tools = schemas if schemas is not None else tool_schemas(fns)
+        self.params = {
+            t["function"]["name"]: t["function"].get("parameters", {}) for t in self.tools
+        }
         self.parse, self.timeout = TOOL_PARSERS[parser], timeout
         self.counts = {"tool_calls": 0, "tool_errors": 0, "invalid_calls": 0}
 
@@ -117,31 +127,79 @@ class ToolEnv:
         calls = self.parse(text)
         if not calls:
             return None, None, True  # the final answer
-        return [self._answer(c) for c in calls], None, False
+        return self._answer_all(calls), None, False
 
-    def _answer(self, call: dict | InvalidCall) -> dict[str, str]:
-        """The tool message answering one call: its result, or an error the model can read."""
+    def _answer_all(self, calls: list[dict | InvalidCall]) -> list[dict[str, str]]:
+        """The tool messages answering a turn's calls, in order. Valid calls run concurrently
+        under one deadline of ``timeout`` seconds for the whole turn."""
+        out: list[dict[str, str] | None] = [self._reject(c) for c in calls]
+        futures = {
+            i: _POOL.submit(self.fns[c["name"]], **c["arguments"])
+            for i, c in enumerate(calls)
+            if out[i] is None
+        }
+        self.counts["tool_calls"] += len(futures)
+        deadline = time.monotonic() + self.timeout
+        for i, future in futures.items():
+            name = calls[i]["name"]
+            try:
+                result = future.result(timeout=max(deadline - time.monotonic(), 0.0))
+                out[i] = _tool_message(name, _encode(result))
+            except FutureTimeout:
+                self.counts["tool_errors"] += 1
+                out[i] = _tool_message(name, f"error: {name} timed out after {self.timeout:g} s")
+            except Exception as e:  # the tool's own exception, or a result JSON cannot encode
+                self.counts["tool_errors"] += 1
+                out[i] = _tool_message(name, f"error: {name} {_failure(e)}")
+        return out  # type: ignore[return-value]
+
+    def _reject(self, call: dict | InvalidCall) -> dict[str, str] | None:
+        """The error message for a call that cannot run (counted), or None for a valid one."""
         name = call.get("name", "?") if isinstance(call, dict) else "?"
         if isinstance(call, InvalidCall):
-            self.counts["invalid_calls"] += 1
-            return _tool_message(name, f"error: {call.reason}")
-        fn = self.fns.get(name)
-        if fn is None:
-            self.counts["invalid_calls"] += 1
-            return _tool_message(
-                name, f"error: there is no tool {name!r}; the tools are {sorted(self.fns)}"
-            )
-        self.counts["tool_calls"] += 1
-        future = _POOL.submit(fn, **call["arguments"])
-        try:
-            result = future.result(timeout=self.timeout)
-        except FutureTimeout:
-            self.counts["tool_errors"] += 1
-            return _tool_message(name, f"error: {name} timed out after {self.timeout:g} s")
-        except Exception as e:  # the tool's own exception, or wrong arguments (TypeError)
-            self.counts["tool_errors"] += 1
-            return _tool_message(name, f"error: {name} raised {type(e).__name__}: {e}")
-        return _tool_message(name, result if isinstance(result, str) else json.dumps(result))
+            reason = call.reason
+        elif name not in self.fns:
+            reason = f"there is no tool {name!r}; the tools are {sorted(self.fns)}"
+        else:
+            reason = _argument_error(name, call["arguments"], self.params.get(name, {}))
+            if reason is None:
+                return None
+        self.counts["invalid_calls"] += 1
+        return _tool_message(name, f"error: {reason}")
+
+
+class _Unencodable(TypeError):
+    """A tool returned something JSON cannot encode."""
+
+
+def _encode(result: Any) -> str:
+    """A tool's result as the text the model reads: a string as it is, anything else as JSON."""
+    if isinstance(result, str):
+        return result
+    try:
+        return json.dumps(result)
+    except (TypeError, ValueError) as e:
+        raise _Unencodable(
+            f"returned a {type(result).__name__} that JSON cannot encode ({e})"
+        ) from None
+
+
+def _failure(e: Exception) -> str:
+    return str(e) if isinstance(e, _Unencodable) else f"raised {type(e).__name__}: {e}"
+
+
+def _argument_error(name: str, args: dict, schema: dict) -> str | None:
+    """Why ``args`` do not match the tool's JSON schema (``jsonschema``; unknown arguments
+    included, which Python would reject too), or None. ``add("2", "3")`` would return "23"."""
+    import jsonschema
+
+    schema = {**schema, "additionalProperties": schema.get("additionalProperties", False)}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(args), key=str)
+    if not errors:
+        return None
+    e = errors[0]
+    where = "/".join(str(p) for p in e.absolute_path) or "arguments"
+    return f"the arguments of {name!r} do not match its schema: {where}: {e.message}"
 
 
 def _tool_message(name: str, content: str) -> dict[str, str]:

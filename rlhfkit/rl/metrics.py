@@ -20,6 +20,7 @@ RL_METRICS: dict[str, str] = {
     "reward/unparsed": "option",
     "policy/entropy": "always",
     "response/length": "always",
+    "response/env_length": "option",
     "response/eos_rate": "always",
     "loss/policy": "always",
     "loss/value": "critic",
@@ -71,7 +72,10 @@ def rollout_metrics(
 ) -> dict[str, float]:
     """Per-iteration statistics of the buffer and the clocks (per-rank values averaged over ranks;
     the std is the mean of the per-rank stds)."""
-    n_tokens = int(exp.response_mask.sum())
+    # the model's own tokens: an environment's are counted apart (response/env_length), and an
+    # episode dropped by env.on_error: skip (no tokens, score 0) is left out of the score stats
+    n_tokens = int(exp.loss_mask.sum())
+    scored = exp.raw_scores[exp.group >= 0] if bool((exp.group < 0).any()) else exp.raw_scores
     sampling = {}
     if timings.groups:  # rollout.filter_groups (DAPO dynamic sampling)
         sampling = {
@@ -87,6 +91,7 @@ def rollout_metrics(
             "env/truncated": timings.env_truncated / episodes,
             "env/skipped": timings.env_skipped,
             "env/tool_calls": timings.env_tool_calls / episodes,
+            "response/env_length": int((exp.response_mask & ~exp.loss_mask).sum()) / len(exp),
             "env/tool_errors": timings.env_tool_errors,
             "env/invalid_calls": timings.env_invalid_calls,
         }
@@ -94,8 +99,8 @@ def rollout_metrics(
         {
             **sampling,
             **env,
-            "score/mean": float(exp.raw_scores.mean()),
-            "score/std": float(exp.raw_scores.std()),
+            "score/mean": float(scored.mean()) if len(scored) else 0.0,
+            "score/std": float(scored.std()) if len(scored) > 1 else 0.0,
             "score/normalized_mean": float(exp.scores.mean()),
             "policy/entropy": timings.entropy_sum / max(timings.episodes, 1),
             "response/length": n_tokens / len(exp),

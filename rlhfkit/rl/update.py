@@ -148,9 +148,7 @@ def micro_step(
         logp, ent, v = learner.train_outputs(seq, temperature, with_entropy, update_actor)
     loss, stats, agg = torch.zeros((), device=m.device), {}, pc.loss_aggregation()
     if v is not None:
-        vf, vstats = value_loss(
-            v, mb.values, mb.returns, m, pc.value_clip_eps or None, agg, denom
-        )
+        vf, vstats = value_loss(v, mb.values, mb.returns, m, pc.value_clip_eps or None, agg, denom)
         loss = loss + pc.vf_coef * vf
         stats["loss/value"] = float(vf.detach())
         stats["value/clip_frac"] = float(vstats["value_clip_frac"])
@@ -172,9 +170,7 @@ def micro_step(
             loss = loss - pc.ent_coef * ent_term
             stats["loss/entropy"] = float(ent_term.detach())
         if pc.kl_in == "loss":  # GRPO's form: + beta KL(pi_theta || pi_ref) in the loss
-            kl = aggregate(
-                kl_penalty(logp, mb.ref_logprobs, pc.kl_estimator), m, agg, denom
-            )
+            kl = aggregate(kl_penalty(logp, mb.ref_logprobs, pc.kl_estimator), m, agg, denom)
             loss = loss + kl_coef * kl
             stats["loss/kl"] = float(kl.detach())
         stats.update(

@@ -207,20 +207,18 @@ def rollout_chunk(
     else:
         ref_logprobs, _ = policy_logprobs(models.ref, seq, rc.temperature)
     columns = {**columns_of(prompts), **models.sampler.columns(ep)}
-    raw = models.reward(seq, tok, columns).to(prompt_ids.device)  # (B,)
+    kept = ~ep.skipped
+    raw = _score_kept(models.reward, seq, tok, columns, kept).to(prompt_ids.device)  # (B,)
     pc = cfg.ppo
     scores = (
-        normalize(raw)
+        normalize(raw, kept)
         - rc.missing_eos_penalty * (~gen.stopped).float()
         + overlong_penalty(gen.lengths, rc.max_new_tokens, pc.overlong_buffer, pc.overlong_penalty)
     )
     # an episode dropped by env.on_error: skip keeps its row (every rank keeps its batch size)
     # with no action tokens, a score of 0 and a group of its own (out of every group baseline)
-    n, skipped = rc.samples_per_prompt, ep.skipped
-    own = -1 - (
-        group.to(skipped.device) * n + torch.arange(len(prompts), device=skipped.device) % n
-    )
-    group = torch.where(skipped, own, group.to(skipped.device))
+    skipped = ep.skipped
+    group = own_groups(group.to(skipped.device), skipped, rc.samples_per_prompt)
     raw, scores = (torch.where(skipped, torch.zeros_like(x), x) for x in (raw, scores))
     timings = Timings(
         generate=t1 - t0,
@@ -246,6 +244,38 @@ def rollout_chunk(
         turn_rewards=None if ep.turn_rewards is None else _pad_cols(ep.turn_rewards, gen.mask),
     )
     return exp, timings
+
+
+def _score_kept(reward, seq, tokenizer, columns: dict, keep: torch.Tensor) -> torch.Tensor:
+    """R_final (B,) of the rows in ``keep``, 0 elsewhere: an episode dropped by
+    ``env.on_error: skip`` is never shown to the reward source (a checker would count its
+    placeholder as unparsed, a server would score it). With every row dropped the batch is
+    scored whole and zeroed, so that every rank still makes its reward call."""
+    if bool(keep.all()) or not bool(keep.any()):
+        return torch.where(keep.cpu(), reward(seq, tokenizer, columns).cpu().float(), 0.0)
+    idx = keep.nonzero().squeeze(1)  # (K,)
+    sub = dataclasses.replace(
+        seq, **{f: getattr(seq, f)[idx] for f in SEQUENCE_ROWS}
+    )  # the kept rows, same layout
+    sub_cols = {k: [v[i] for i in idx.tolist()] for k, v in columns.items()}
+    out = torch.zeros(len(keep))
+    out[idx.cpu()] = reward(sub, tokenizer, sub_cols).cpu().float()
+    return out
+
+
+SEQUENCE_ROWS = ("input_ids", "attention_mask", "position_ids", "response", "response_mask")
+
+
+def own_groups(group: torch.Tensor, skipped: torch.Tensor, n: int) -> torch.Tensor:
+    """Group ids with each skipped row in a group of its own, -1 - (group x n + its place): out
+    of every group baseline, and traceable to the group it was sampled in (``parent_groups``)."""
+    place = torch.arange(len(group), device=group.device) % n
+    return torch.where(skipped, -1 - (group * n + place), group)
+
+
+def parent_groups(group: torch.Tensor, n: int) -> torch.Tensor:
+    """The group each row was sampled in: ``own_groups`` undone for the skipped rows."""
+    return torch.where(group < 0, torch.div(-1 - group, n, rounding_mode="floor"), group)
 
 
 def _pad_cols(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -281,7 +311,7 @@ def collect(
             kept = chunks
             break
         for exp in chunks:
-            good, bad = split_flat_groups(exp)
+            good, bad = split_flat_groups(exp, n)
             kept += [good] if len(good) else []
             flat += [bad] if len(bad) else []
         short = sum(len(e) for e in kept) < target
@@ -320,15 +350,20 @@ def _sample_round(models, prompts, stream, cfg, normalize, taken: int, total: Ti
     return chunks, taken
 
 
-def split_flat_groups(exp: Experience) -> tuple[Experience, Experience]:
+def split_flat_groups(exp: Experience, n: int) -> tuple[Experience, Experience]:
     """(the groups whose scores differ, the groups whose scores are all equal): a group of equal
     scores gives every group baseline a zero advantage, so it carries no policy gradient (DAPO,
-    sec. 3.2). Rows keep their order and their layout."""
-    _, inv = torch.unique(exp.group, return_inverse=True)
-    s = exp.scores.float()
-    hi = torch.full((int(inv.max()) + 1,), -torch.inf).scatter_reduce(0, inv, s, "amax")
-    lo = torch.full_like(hi, torch.inf).scatter_reduce(0, inv, s, "amin")
-    flat = (hi == lo)[inv]  # (B,)
+    sec. 3.2). Rows keep their order and their layout. An episode dropped by ``env.on_error:
+    skip`` goes with the group it was sampled in and takes no part in the comparison, so that
+    each part holds whole groups of ``n`` rows (a batch cut at a multiple of n never cuts one);
+    a group with fewer than two scored rows is flat."""
+    skipped = exp.group < 0
+    _, inv = torch.unique(parent_groups(exp.group, n), return_inverse=True)
+    s = torch.where(skipped, torch.nan, exp.scores.float())
+    k = int(inv.max()) + 1
+    hi = torch.full((k,), -torch.inf).scatter_reduce(0, inv, s.nan_to_num(-torch.inf), "amax")
+    lo = torch.full((k,), torch.inf).scatter_reduce(0, inv, s.nan_to_num(torch.inf), "amin")
+    flat = ~(hi > lo)[inv]  # (B,)
     return (
         exp.select(torch.nonzero(~flat).squeeze(1), trim=False),
         exp.select(torch.nonzero(flat).squeeze(1), trim=False),

@@ -32,7 +32,9 @@ class ScoreNormalizer:
         self.mode = "running" if (mode == "rm_stats" and rm_stats is None) else mode
         self.rm_stats, self.clip, self.running = rm_stats, clip, RunningMeanStd()
 
-    def __call__(self, raw: torch.Tensor) -> torch.Tensor:
+    def __call__(self, raw: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` (B,) bool: the rows whose scores may enter the running statistics (an
+        episode dropped by ``env.on_error: skip`` has no real score)."""
         if self.mode == "none":
             x = raw
         elif self.mode == "rm_stats":
@@ -41,7 +43,7 @@ class ScoreNormalizer:
             # moments over all ranks, so every rank keeps the same running statistics; a
             # non-finite score (a bad reward) goes to the guard, never into the statistics
             r = raw.detach().double()
-            r = r[torch.isfinite(r)]
+            r = r[torch.isfinite(r) & (True if keep is None else keep.to(r.device))]
             n = dist.all_reduce_sum(torch.tensor(float(r.numel()), dtype=torch.float64))
             mean = dist.all_reduce_sum(r.sum()) / n
             var = dist.all_reduce_sum(((r - mean) ** 2).sum()) / n
