@@ -341,6 +341,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
             raw = {shorthand: raw}
         if dataclasses.is_dataclass(f.default) and isinstance(raw, dict):
             raw = _merge(dataclasses.asdict(f.default), raw)  # a section's own defaults (critic.lr)
+        if raw is None:
+            raw = _unset(f, hints[name], prefix + name)
         value = _coerce(raw, hints[name], prefix + name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             _check_range(f, value, prefix + name)
@@ -350,6 +352,22 @@ def _build(cls: type, data: dict[str, Any], prefix: str = ""):
     if check is not None:
         check(prefix)
     return obj
+
+
+def _unset(f: dataclasses.Field, tp: Any, key: str) -> Any:
+    """``key=null`` (YAML's null, or ``null`` / ``~`` on the command line): the key unset, for
+    keys whose unset value is their empty default (``reward_model=null`` undoes a preset's RM)
+    or None. Any other key needs a value, and the error says which one it has by default."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    if type(None) in args:
+        return None
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default in ("", []):
+        return default
+    raise ConfigError(
+        f"{key}: null unsets only keys that can be empty; this one needs a value "
+        f"(its default is {default!r})"
+    )
 
 
 _SHORT = "__shorthand__"  # a section given as one value (``EnvConfig.SHORTHAND``) plus sub-keys
@@ -706,6 +724,13 @@ class EnvConfig:
         "the prompt, or drop the episode and count it (env/skipped)",
     )
     threads: int = knob(8, "environment steps run concurrently on this many threads", lo=1)
+    max_observation_chars: int = knob(
+        2000,
+        "an observation message (a tool's output, an env's turn) longer than this is cut to it "
+        "and ends in '... [cut N characters]' (counted: env/observations_cut), so that the "
+        "model sees it within rollout.max_total_tokens (0 = never cut)",
+        lo=0,
+    )
     reward_at: Literal["end", "turn"] = knob(
         "end",
         "where the env's step rewards go: end = summed into R_final at the episode's end (the "

@@ -46,3 +46,29 @@ class NanReward(Echo):
 
 def make_nan():
     return NanReward()
+
+
+class SkipsSome(Echo):
+    """Fails to start every 5th episode it is made for (a class-level counter, the factory being
+    called in order): with env.on_error: skip, some episodes of a group are dropped."""
+
+    made = 0
+
+    def __init__(self):
+        super().__init__()
+        SkipsSome.made += 1
+        self.fails = SkipsSome.made % 5 == 0
+
+    def reset(self, row):
+        if self.fails:
+            raise RuntimeError("the sandbox did not start")
+        return super().reset(row)
+
+
+def make_skips_some():
+    return SkipsSome()
+
+
+def hash_reward(prompts, responses):
+    """A score that differs between samples of a prompt (groups are rarely flat)."""
+    return [float(sum(map(ord, r)) % 7) for r in responses]

@@ -24,7 +24,13 @@ from rlhfkit.envs import EnvError, ToolEnv, as_step, tool_schemas
 from rlhfkit.envs.tools import InvalidCall, parse_hermes
 from rlhfkit.rl.update import advantages, micro_step, minibatch_denominator, rl_update
 from rlhfkit.rollout.collect import ScoreNormalizer, SingleTurn, rollout_chunk
-from rlhfkit.rollout.episodes import EnvSettings, MultiTurn, observation_ids, run_episodes
+from rlhfkit.rollout.episodes import (
+    EnvSettings,
+    MultiTurn,
+    cap_observation,
+    observation_ids,
+    run_episodes,
+)
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.stages.ppo import load_models, run_ppo
@@ -645,6 +651,49 @@ def test_on_error_skip_drops_the_episode_and_counts_it(chat):
     assert ep.env_reward == [1.0, 1.0, 0.0, 1.0]
 
 
+def test_skipped_episodes_through_the_update(tmp_path, tiny_chat_lm):
+    """Issue 36: with env.on_error: skip, a skipped episode's placeholder score entered the
+    running normaliser, and dynamic sampling could cut a group in half. Through collect, the
+    advantages, the update and the metrics: skipped rows are never scored, stay with the group
+    they were sampled in (every group of the buffer has n rows), get no advantage, and are left
+    out of the normaliser and of score/mean."""
+    from rlhfkit.rl.metrics import rollout_metrics
+    from rlhfkit.rollout.collect import PromptStream, collect, parent_groups
+
+    cfg = agent_cfg(
+        tmp_path, tiny_chat_lm, "env=agent_env:make_skips_some", "env.on_error=skip",
+        "rollout.max_turns=2", "rollout.max_total_tokens=32", "ppo.estimator=grpo",
+        "rollout.samples_per_prompt=4", "rollout.filter_groups=true", "ppo.reward_norm=running",
+    )  # fmt: skip
+    scored = []
+
+    def reward(prompts, responses):
+        scored.append(len(responses))
+        return agent_env.hash_reward(prompts, responses)
+
+    torch.manual_seed(0)
+    models = load_models(cfg, None, reward)
+    prompts, _ = load_prompts(cfg.data.train_file, models.tokenizer, cfg.data)
+    norm = ScoreNormalizer("running", None, 0.0)
+    exp, t = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
+    skipped = exp.group < 0
+    assert t.env_skipped > 0 and skipped.any()
+    assert sum(scored) == t.episodes - t.env_skipped  # a skipped episode is never scored
+    assert norm.running.count == t.episodes - t.env_skipped
+    _, sizes = torch.unique(parent_groups(exp.group, 4), return_counts=True)
+    assert (sizes == 4).all()  # whole groups, skipped rows included
+    assert not exp.loss_mask[skipped].any() and (exp.raw_scores[skipped] == 0).all()
+    advantages(exp, 0.0, cfg.ppo)
+    assert (exp.advantages[skipped] == 0).all()
+    stats = rl_update(models.learner, exp, cfg, 0.0, True)
+    assert math.isfinite(stats["loss/policy"])
+    m = rollout_metrics(exp, t, 0.0, 0, 1.0, 1.0)
+    assert m["score/mean"] == pytest.approx(float(exp.raw_scores[~skipped].mean()))
+    assert m["response/length"] == pytest.approx(float(exp.loss_mask.sum()) / len(exp))
+    env_tokens = float((exp.response_mask & ~exp.loss_mask).sum())
+    assert env_tokens > 0 and m["response/env_length"] == pytest.approx(env_tokens / len(exp))
+
+
 def test_a_step_past_its_timeout_is_an_error_at_once(chat):
     """The error comes while the stuck step is still running: the rollout does not wait for
     its thread (a step that never returns would otherwise hang the run)."""
@@ -661,10 +710,48 @@ def test_a_step_past_its_timeout_is_an_error_at_once(chat):
         Stuck.release.set()
 
 
-def test_a_non_text_observation_is_an_error(chat):
+def test_a_non_text_observation_is_an_error_said_once_with_its_type(chat):
+    """Issue 36: the message used to wrap itself ("env x: step 1 ...: EnvError: env x: step 1
+    ..."); it now names the env, the step, the prompt and the type returned, once."""
     tok, policy = chat
-    with pytest.raises(EnvError, match="observation must be a string or chat messages.*int"):
+    with pytest.raises(EnvError) as e:
         run_episodes(policy, tok, items(tok, 1), settings(NumberObservation), sample_kw(tok))
+    msg = str(e.value)
+    assert msg.startswith("env test-env: step 1 for the prompt (p.jsonl:1) 'say red :'")
+    assert "observation must be a string or chat messages" in msg and "got int: '42'" in msg
+    assert msg.count("env test-env") == 1 and "EnvError" not in msg
+
+
+class LongObservation(OneStep):
+    """Answers every turn with a 5,000-character tool output, for two turns."""
+
+    def __init__(self):
+        self.n = 0
+
+    def step(self, text):
+        self.n += 1
+        return {"role": "tool", "content": "good " * 1000}, 0.0, self.n >= 2
+
+
+def test_a_long_observation_is_cut_with_a_marker_and_counted(chat):
+    """Issue 36: a long tool output ended the episode as truncated and the model never read it;
+    it is now cut to env.max_observation_chars with a marker, and the episode goes on."""
+    tok, policy = chat
+    boosted = EosBoost(policy, tok.eos_token_id, bias=20.0)  # every turn ends at once
+    cfg = settings(LongObservation, max_total_tokens=400, max_observation_chars=30)
+    torch.manual_seed(0)
+    ep = run_episodes(boosted, tok, items(tok, 2), cfg, sample_kw(tok))
+    assert ep.counts["observations_cut"] == 2 and ep.counts["truncated"] == 0
+    good = tok.convert_tokens_to_ids("good")
+    env_tokens = ep.gen.tokens[0][~ep.action_mask[0]][: int(ep.gen.lengths[0])]
+    assert int((env_tokens == good).sum()) == 6  # "good " x 6 = the first 30 characters
+    counts = {"observations_cut": 0}
+    (msg,) = cap_observation([{"role": "tool", "content": "good " * 1000}], 30, counts)
+    assert msg == {"role": "tool", "content": "good " * 6 + "... [cut 4970 characters]"}
+    assert counts == {"observations_cut": 1}
+    uncut = settings(LongObservation, max_total_tokens=400, max_observation_chars=0)
+    ep = run_episodes(boosted, tok, items(tok, 2), uncut, sample_kw(tok))
+    assert ep.counts["truncated"] == 2 and ep.counts["observations_cut"] == 0  # never read
 
 
 def test_a_non_finite_env_reward_reaches_the_guard(tmp_path, tiny_chat_lm):
@@ -705,6 +792,48 @@ def test_env_config_keys_are_checked(tmp_path, tiny_lm):
     assert cfg.env.factory == "tests_env:make" and cfg.env.on_error == "skip"
     with pytest.raises(ConfigError, match="'ppo.gamma' is not a section"):
         agent_cfg(tmp_path, tiny_lm, "env=a:b", "ppo.gamma=1", "ppo.gamma.x=2")
+
+
+def test_settings_an_episode_cannot_serve_are_config_errors(tmp_path, tiny_lm):
+    """Issue 36: a turn that ends on a stop string has no end-of-turn token before the env's
+    turn (the context would not match the chat template), and ignore_eos silently gave
+    one-turn episodes: both are rejected when the config loads."""
+    with pytest.raises(ConfigError, match="rollout.stop_strings: a turn that ends on a stop"):
+        agent_cfg(tmp_path, tiny_lm, "env=a:b", "rollout.stop_strings=[END]")
+    with pytest.raises(ConfigError, match="rollout.ignore_eos: with an env every model turn"):
+        agent_cfg(tmp_path, tiny_lm, "env=a:b", "rollout.ignore_eos=true")
+    cfg = agent_cfg(tmp_path, tiny_lm, "rollout.stop_strings=[END]", "rollout.ignore_eos=true")
+    assert cfg.rollout.stop_strings == ["END"]  # single turn: both still allowed
+
+
+def test_null_unsets_a_presets_key_and_says_which_keys_it_cannot_unset(tmp_path, tiny_lm):
+    """Issue 36: reward_model=null gave "expected a string, got None"."""
+    (tmp_path / "preset.yaml").write_text(
+        "reward_model: runs/rm/final\nrollout:\n  stop_strings: [x]\n"
+    )
+    cfg = load_config(
+        PPOConfig,
+        tmp_path / "preset.yaml",
+        ["reward_model=null", "reward_fn=a:b", "rollout.stop_strings=~"],
+    )
+    assert cfg.reward_model == "" and cfg.reward_fn == "a:b" and cfg.rollout.stop_strings == []
+    with pytest.raises(
+        ConfigError,
+        match=r"ppo.kl_coef: null unsets only keys that can be empty; .*default is 0.05",
+    ):
+        load_config(PPOConfig, None, ["ppo.kl_coef=null"])
+
+
+def test_dr_grpos_constant_is_the_episodes_token_budget(tmp_path, tiny_lm):
+    """Issue 36: with an env the constant used max_new_tokens, a per-turn limit; the loss of
+    token_sum_norm divides by sequences x max_total_tokens (the most a row can hold)."""
+    extra = ["ppo.aggregation=token_sum_norm", "rollout.max_new_tokens=6"]
+    single = agent_cfg(tmp_path, tiny_lm, *extra)
+    multi = agent_cfg(tmp_path, tiny_lm, *extra, "env=a:b", "rollout.max_total_tokens=40")
+    assert single.token_budget() == 6 and multi.token_budget() == 40
+    exp = fake_episode_buffer(critic=False)
+    assert float(minibatch_denominator(exp, "token_sum_norm", multi.token_budget())) == 5 * 40
+    assert float(minibatch_denominator(exp, "token", multi.token_budget())) == exp.action_mask.sum()
 
 
 # --------------------------------------------------------------------------- rlhfkit ppo
@@ -752,7 +881,14 @@ def test_tools_demo_runs_end_to_end_with_marked_trajectories(tmp_path):
     out = tmp_path / "tools"
     assert main(["demo", "--task", "tools", "--quick", "--output-dir", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert 0 <= result["sft_success"] <= 1 and 0 <= result["rl_success"] <= 1
+    # the reported success is the held-out episodes' checker scores, one per held-out pair
+    # (issue 36: a bound of [0, 1] could not fail)
+    held = (out / "data" / "heldout.jsonl").read_text().splitlines()
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())
+    for name, key in (("sft", "sft_success"), ("rl", "rl_success")):
+        judged = [s["judge"] for s in evaluated[name]["samples"]]
+        assert len(judged) == len(held) and set(judged) <= {0.0, 1.0}
+        assert result[key] == pytest.approx(sum(judged) / len(judged))
     rows = read_metrics(out / "rl")
     assert len(rows) == 3 and all(r["env/turns"] >= 1 for r in rows)
     assert sum(r["env/tool_calls"] for r in rows) > 0  # the SFT policy calls the tool
@@ -880,7 +1016,14 @@ def test_per_turn_rewards_sit_at_the_last_token_of_each_model_turn(chat):
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
 def test_gae_with_per_turn_rewards_matches_the_contract_in_float64(gamma, lam):
     cfg = load_config(
-        PPOConfig, None, ["ppo.estimator=gae", f"ppo.gamma={gamma}", f"ppo.lam={lam}"]
+        PPOConfig,
+        None,
+        [
+            "ppo.estimator=gae",
+            f"ppo.gamma={gamma}",
+            f"ppo.lam={lam}",
+            "ppo.whiten_advantages=false",
+        ],
     )
     exp = fake_episode_buffer(critic=True)
     act = exp.action_mask
@@ -897,7 +1040,7 @@ def test_gae_with_per_turn_rewards_matches_the_contract_in_float64(gamma, lam):
     r[torch.arange(5), last] += exp.scores.double()
     ref_a, ref_r = gae_over_actions_f64(r, exp.values.double(), act, gamma, lam)
     torch.testing.assert_close(exp.returns.double(), ref_r, rtol=0, atol=1e-5)
-    # whitened advantages: compare before whitening through the returns, and the mask
+    torch.testing.assert_close(exp.advantages.double(), ref_a, rtol=0, atol=1e-5)  # issue 36
     assert (exp.advantages[~act] == 0).all()
 
 

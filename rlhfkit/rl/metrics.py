@@ -40,6 +40,7 @@ RL_METRICS: dict[str, str] = {
     "env/tool_calls": "option",
     "env/tool_errors": "option",
     "env/invalid_calls": "option",
+    "env/observations_cut": "option",
     "value/clip_frac": "critic",
     "value/explained_var": "critic",
     "value/mean": "critic",
@@ -94,6 +95,7 @@ def rollout_metrics(
             "response/env_length": int((exp.response_mask & ~exp.loss_mask).sum()) / len(exp),
             "env/tool_errors": timings.env_tool_errors,
             "env/invalid_calls": timings.env_invalid_calls,
+            "env/observations_cut": timings.env_observations_cut,
         }
     return dist.mean_over_ranks(
         {

@@ -81,6 +81,7 @@ class Timings:
     env_tool_calls: float = 0.0
     env_tool_errors: float = 0.0
     env_invalid_calls: float = 0.0
+    env_observations_cut: float = 0.0
 
     def __iadd__(self, other: Timings) -> Timings:
         for f in dataclasses.fields(self):

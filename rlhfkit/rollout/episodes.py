@@ -49,6 +49,7 @@ class EnvSettings:
     timeout: float = 60.0  # seconds for one reset / step
     threads: int = 8
     reward_at: str = "end"  # or "turn": each step's reward at the last token of its model turn
+    max_observation_chars: int = 2000  # longer observation messages are cut (0 = never)
 
 
 @dataclass
@@ -130,6 +131,8 @@ def _fail(ep: _Episode, settings: EnvSettings, what: str, err: Exception, counts
     """An environment that raised or timed out: an error naming the env and the prompt, or,
     with ``env.on_error: skip``, the episode dropped and counted."""
     if settings.on_error != "skip":
+        if isinstance(err, EnvError):  # ours: it already names the env, the step and the prompt
+            raise err
         raise EnvError(ep.where(settings.name, what) + f": {type(err).__name__}: {err}") from err
     ep.done = ep.skipped = True
     counts["skipped"] += 1
@@ -149,7 +152,7 @@ def run_episodes(
     ``prompt_width`` (a fixed layout below fp32): starts padded to it, trajectories to
     ``max_total_tokens``."""
     device = next(actor.parameters()).device
-    counts = {"turns": 0.0, "truncated": 0.0, "skipped": 0.0}
+    counts = {"turns": 0.0, "truncated": 0.0, "skipped": 0.0, "observations_cut": 0.0}
     eps = []
     # not a `with` block: its exit waits for every thread, so a step past its timeout would
     # hold the run; the error is raised at once and the stuck thread is left to finish
@@ -230,6 +233,7 @@ def _env_turn(pool, tokenizer, live: list[_Episode], settings, counts) -> None:
             ep.stopped = ep.stopped and done
             counts["truncated"] += ep.truncated
             continue
+        obs = cap_observation(obs, settings.max_observation_chars, counts)
         delta = observation_ids(tokenizer, obs, getattr(ep.env, "tools", None))
         if len(ep.tokens) + len(delta) >= settings.max_total_tokens:  # no room for a reply
             ep.done, ep.truncated, ep.stopped = True, True, False
@@ -239,6 +243,21 @@ def _env_turn(pool, tokenizer, live: list[_Episode], settings, counts) -> None:
         ep.action += [False] * len(delta)
         ep.logprobs += [0.0] * len(delta)
         ep.entropy += [0.0] * len(delta)
+
+
+def cap_observation(messages: list[dict], cap: int, counts: dict) -> list[dict]:
+    """Each message's content cut to ``cap`` characters with a marker that says how much was
+    cut (``env.max_observation_chars``; 0 = never), counted in ``counts["observations_cut"]``:
+    a tool that returns a page of text would otherwise end the episode as truncated, and the
+    model would never read it."""
+    out = []
+    for m in messages:
+        text = m["content"]
+        if cap and len(text) > cap:
+            counts["observations_cut"] += 1
+            m = {**m, "content": text[:cap] + f"... [cut {len(text) - cap} characters]"}
+        out.append(m)
+    return out
 
 
 def _batch(eps, settings, counts, pad_id, device, prompt_width) -> Episodes:
@@ -323,5 +342,6 @@ def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: i
             env_cfg.timeout,
             env_cfg.threads,
             env_cfg.reward_at,
+            env_cfg.max_observation_chars,
         )  # fmt: skip
     )
