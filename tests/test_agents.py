@@ -206,16 +206,6 @@ def when(day: int):
     return datetime.date(2026, 1, day)
 
 
-def nap(seconds: float) -> float:
-    """Sleep, then answer.
-
-    Args:
-        seconds: how long
-    """
-    time.sleep(seconds)
-    return seconds
-
-
 CALL = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
 
 
@@ -250,22 +240,46 @@ def test_a_result_json_cannot_encode_is_an_error_message_not_a_dead_run():
 
 
 def test_a_turns_tool_calls_run_concurrently_under_one_deadline():
-    """Issue 36: six calls of 0.3 s ran one after another (1.8 s); they now run together, and
-    the turn waits at most ``timeout`` for all of them."""
-    env = ToolEnv([nap], timeout=1.0)
-    t0 = time.perf_counter()
-    msgs, _, _ = env.step(CALL.format("nap", '{"seconds": 0.3}') * 6)
-    took = time.perf_counter() - t0
-    assert [m["content"] for m in msgs] == ["0.3"] * 6
-    assert took < 1.2  # 6 x 0.3 s one after another would be 1.8 s
-    env = ToolEnv([nap], timeout=0.5)
-    t0 = time.perf_counter()
-    msgs, _, _ = env.step(
-        CALL.format("nap", '{"seconds": 0.1}') + CALL.format("nap", '{"seconds": 2}') * 3
-    )
-    assert time.perf_counter() - t0 < 1.5  # one deadline for the turn, not 0.5 s per call
-    assert msgs[0]["content"] == "0.1"
-    assert all(m["content"] == "error: nap timed out after 0.5 s" for m in msgs[1:])
+    """Issue 36: a turn's calls ran one after another, so six 10 s calls failed a 60 s step.
+    Six calls that each wait for all six to arrive (a barrier) can only pass if they run at
+    once; one after another, the first would wait alone and fail. Past the turn's deadline
+    every call still running is answered with the timeout error."""
+    import threading
+
+    barrier = threading.Barrier(6)
+
+    def meet(x: int) -> int:
+        """Wait until six calls are running together.
+
+        Args:
+            x: a number
+        """
+        barrier.wait(timeout=10)
+        return x
+
+    env = ToolEnv([meet], timeout=30.0)
+    msgs, _, _ = env.step("".join(CALL.format("meet", f'{{"x": {i}}}') for i in range(6)))
+    assert [m["content"] for m in msgs] == [str(i) for i in range(6)]
+    release = threading.Event()
+
+    def hang(x: int) -> int:
+        """Wait until the test releases it.
+
+        Args:
+            x: a number
+        """
+        release.wait(timeout=10)
+        return x
+
+    env = ToolEnv([multiply, hang], timeout=0.2)
+    try:
+        text = CALL.format("multiply", '{"a": 2, "b": 3}') + CALL.format("hang", '{"x": 1}') * 3
+        msgs, _, _ = env.step(text)
+    finally:
+        release.set()
+    assert msgs[0]["content"] == "6"
+    assert [m["content"] for m in msgs[1:]] == ["error: hang timed out after 0.2 s"] * 3
+    assert env.counts == {"tool_calls": 4, "tool_errors": 3, "invalid_calls": 0}
 
 
 def test_an_unclosed_tool_call_does_not_swallow_the_next_valid_one():
