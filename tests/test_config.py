@@ -102,3 +102,22 @@ def test_unsupported_parallel_combinations_are_config_errors():
         load_config(SFTConfig, None, ["train.parallel=fsdp", "model.lora.enabled=true"])
     cfg = load_config(PPOConfig, None, [*base, "run.parallel=fsdp", "shared_trunk=true"])
     assert cfg.run.parallel == "fsdp" and cfg.shared_trunk
+
+
+def test_every_shipped_config_loads_to_its_snapshot():
+    """Issue 32: config.py became a package; every config in configs/ must load to the values it
+    had before the move (tests/data/config_snapshot.json, taken on the single-file loader; a
+    deliberate change of a default regenerates it and says so in the commit)."""
+    import json
+    from pathlib import Path
+
+    import rlhfkit.config as config
+
+    root = Path(__file__).parent.parent
+    snapshot = json.loads((root / "tests" / "data" / "config_snapshot.json").read_text())
+    shipped = sorted(str(p.relative_to(root)) for p in (root / "configs").rglob("*.yaml"))
+    assert shipped == sorted(snapshot)  # a new config gets a snapshot too
+    for path, want in snapshot.items():
+        cls = getattr(config, want["class"])
+        got = config.to_dict(config.load_config(cls, root / path, want["overrides"]))
+        assert got == want["values"], path
