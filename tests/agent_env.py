@@ -72,3 +72,19 @@ def make_skips_some():
 def hash_reward(prompts, responses):
     """A score that differs between samples of a prompt (groups are rarely flat)."""
     return [float(sum(map(ord, r)) % 7) for r in responses]
+
+
+class Counts(Echo):
+    """Reports a count of its own: how many "good"s the model wrote (``env/goods``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"goods": 0}
+
+    def step(self, text):
+        self.counts["goods"] += text.split().count("good")
+        return super().step(text)
+
+
+def make_counts():
+    return Counts()

@@ -691,9 +691,9 @@ def test_skipped_episodes_through_the_update(tmp_path, tiny_chat_lm):
     norm = ScoreNormalizer("running", None, 0.0)
     exp, t = collect(models, prompts, PromptStream(len(prompts), 0), cfg, norm)
     skipped = exp.group < 0
-    assert t.env_skipped > 0 and skipped.any()
-    assert sum(scored) == t.episodes - t.env_skipped  # a skipped episode is never scored
-    assert norm.running.count == t.episodes - t.env_skipped
+    assert t.env["skipped"] > 0 and skipped.any()
+    assert sum(scored) == t.episodes - t.env["skipped"]  # a skipped episode is never scored
+    assert norm.running.count == t.episodes - t.env["skipped"]
     _, sizes = torch.unique(parent_groups(exp.group, 4), return_counts=True)
     assert (sizes == 4).all()  # whole groups, skipped rows included
     assert not exp.loss_mask[skipped].any() and (exp.raw_scores[skipped] == 0).all()
@@ -866,6 +866,20 @@ def test_rlhfkit_ppo_runs_episodes_with_every_estimator(tmp_path, tiny_chat_lm, 
     assert len(rows) == 2 and final.is_dir()
     assert all(r["env/turns"] > 1.0 for r in rows)  # the env answered: more than one turn
     assert all(math.isfinite(r["loss/policy"]) for r in rows)
+
+
+def test_an_environments_own_counts_are_logged_as_env_keys(tmp_path, tiny_chat_lm):
+    """Issue 32: counts beyond a fixed list were dropped; whatever an env's ``counts`` hold is
+    logged as env/<key> (here the "good"s the model wrote), summed over the episodes."""
+    cfg = agent_cfg(
+        tmp_path, tiny_chat_lm, "env=agent_env:make_counts", "rollout.max_turns=2",
+        "rollout.max_total_tokens=32", "run.iterations=1", "ppo.estimator=gae",
+    )  # fmt: skip
+    run_ppo(cfg)
+    (row,) = read_metrics(tmp_path / "ppo")
+    # the Echo reward is the same count, so the env's sum equals the score's over the buffer
+    assert row["env/goods"] == pytest.approx(row["score/mean"] * 16)
+    assert row["env/turns"] >= 1
 
 
 # --------------------------------------------------------------------------- the tools demo

@@ -25,7 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from rlhfkit.config import load_callable
 from rlhfkit.envs.tools import TOOL_PARSERS, ToolEnv, load_tools, tool_schemas
+from rlhfkit.rewards.env import env_reward  # the documented spec rlhfkit.envs:env_reward
 
 Messages = list[dict[str, Any]]
 Observation = str | dict | Messages | None
@@ -78,20 +80,11 @@ def as_messages(obs: Any, where: str, role: str = "user") -> Messages | None:
     return list(msgs)
 
 
-def env_reward(prompts: list[str], responses: list[str], env_reward: list[float]) -> list[float]:
-    """The reward source of an environment: the sum of its step rewards over the episode (a
-    column the multi-turn rollout fills: ``MultiTurn.provides``). Combine it with other sources
-    in ``rewards:``."""
-    return list(env_reward)
-
-
 def make_factory(spec_factory: str, tools: list[str], parser: str, tool_timeout: float):
     """The config's environment factory: ``env.factory`` imported, or a ``ToolEnv`` over
     ``env.tools``. Returns (factory, the name used in errors)."""
-    from rlhfkit.rollout.rewards import load_reward_fn
-
     if spec_factory:
-        return load_reward_fn(spec_factory, "env.factory"), spec_factory
+        return load_callable(spec_factory, "env.factory"), spec_factory
     fns = load_tools(tools)
     schemas = tool_schemas(fns)
     name = f"ToolEnv({', '.join(tools)})"

@@ -30,6 +30,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+from rlhfkit.config import ConfigError, load_callable
+
 # tool calls run here, so that a timeout can give up on one; a call past its timeout keeps its
 # thread until it returns (Python cannot kill a thread): a tool that never returns leaks one
 _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rlhfkit-tool")
@@ -76,17 +78,13 @@ TOOL_PARSERS: dict[str, Callable[[str], list[dict | InvalidCall]]] = {"hermes": 
 
 def load_tools(specs: list[str]) -> list[Callable]:
     """``['module:fn', ...]`` -> the functions (config key ``env.tools``)."""
-    from rlhfkit.rollout.rewards import load_reward_fn
-
-    return [load_reward_fn(s, f"env.tools[{i}]") for i, s in enumerate(specs)]
+    return [load_callable(s, f"env.tools[{i}]") for i, s in enumerate(specs)]
 
 
 def tool_schemas(fns: list[Callable]) -> list[dict]:
     """The JSON schemas of ``fns`` from their type hints and docstrings (``get_json_schema``);
     a function it cannot describe is a config error naming it."""
     from transformers.utils import get_json_schema
-
-    from rlhfkit.config import ConfigError
 
     out = []
     for fn in fns:

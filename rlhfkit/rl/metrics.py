@@ -68,6 +68,24 @@ RL_METRICS: dict[str, str] = {
 }
 
 
+# env counters logged as a mean per episode; every other one (ToolEnv's errors, skipped episodes,
+# a custom environment's own keys) as the iteration's count on each rank
+PER_EPISODE = ("turns", "truncated", "tool_calls")
+
+
+def env_metrics(counts: dict[str, float], episodes: int, exp: Experience) -> dict[str, float]:
+    """``env/<key>`` for whatever an environment's episodes counted (none without one), and the
+    environment's tokens per episode (``response/env_length``)."""
+    if not counts:
+        return {}
+    # an environment may report a key on one rank only: every rank logs the union (0 if unseen)
+    keys = sorted(set().union(*dist.gather_objects(sorted(counts))))
+    counts = {k: counts.get(k, 0.0) for k in keys}
+    out = {f"env/{k}": v / episodes if k in PER_EPISODE else v for k, v in counts.items()}
+    out["response/env_length"] = int((exp.response_mask & ~exp.loss_mask).sum()) / len(exp)
+    return out
+
+
 def rollout_metrics(
     exp: Experience, timings: Timings, beta: float, skipped: int, t_update: float, t_total: float
 ) -> dict[str, float]:
@@ -85,18 +103,7 @@ def rollout_metrics(
             "rollout/filled": timings.groups_filled,
         }
     episodes = max(timings.episodes, 1)
-    env = {}
-    if timings.env_turns:  # episodes with an environment (rollout/episodes.py)
-        env = {
-            "env/turns": timings.env_turns / episodes,
-            "env/truncated": timings.env_truncated / episodes,
-            "env/skipped": timings.env_skipped,
-            "env/tool_calls": timings.env_tool_calls / episodes,
-            "response/env_length": int((exp.response_mask & ~exp.loss_mask).sum()) / len(exp),
-            "env/tool_errors": timings.env_tool_errors,
-            "env/invalid_calls": timings.env_invalid_calls,
-            "env/observations_cut": timings.env_observations_cut,
-        }
+    env = env_metrics(timings.env, episodes, exp)
     return dist.mean_over_ranks(
         {
             **sampling,
@@ -119,9 +126,12 @@ def rollout_metrics(
 
 
 def check_names(metrics: dict[str, float], sources: tuple[str, ...] = ()) -> dict[str, float]:
-    """Every logged name must be one of ``RL_METRICS`` (a new metric is documented first), or
-    ``score/<name>`` of a configured reward source (``sources``: those names)."""
-    unknown = sorted(set(metrics) - set(RL_METRICS) - set(sources))
+    """Every logged name must be one of ``RL_METRICS`` (a new metric is documented first),
+    ``score/<name>`` of a configured reward source (``sources``: those names), or ``env/<key>``
+    of a count an environment reported (its own keys pass through)."""
+    unknown = sorted(
+        k for k in set(metrics) - set(RL_METRICS) - set(sources) if not k.startswith("env/")
+    )
     if unknown:
         raise KeyError(f"undocumented metric names {unknown}: add them to RL_METRICS and docs")
     return metrics

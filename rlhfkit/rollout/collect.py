@@ -73,23 +73,19 @@ class Timings:
     groups_filtered: float = 0.0
     groups_filled: float = 0.0
     rounds: float = 0.0
-    # episodes with an environment (rollout/episodes.py): turns, truncated and skipped episodes,
-    # and what tool environments counted
-    env_turns: float = 0.0
-    env_truncated: float = 0.0
-    env_skipped: float = 0.0
-    env_tool_calls: float = 0.0
-    env_tool_errors: float = 0.0
-    env_invalid_calls: float = 0.0
-    env_observations_cut: float = 0.0
+    # what an environment's episodes counted (rollout/episodes.py: turns, truncated, skipped,
+    # observations cut; and whatever the env's own ``counts`` hold, ToolEnv's tool calls and
+    # errors among them), summed: logged as env/<key>
+    env: dict[str, float] = field(default_factory=dict)
 
     def __iadd__(self, other: Timings) -> Timings:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.name == "env":
+                for k, v in other.env.items():
+                    self.env[k] = self.env.get(k, 0.0) + v
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
-
-
-_ENV_COUNTS = {f.name for f in dataclasses.fields(Timings) if f.name.startswith("env_")}
 
 
 def fixed_layout(dtype: str) -> bool:
@@ -226,7 +222,7 @@ def rollout_chunk(
         score=time.perf_counter() - t1,
         entropy_sum=float(masked_mean(entropy, action)) * len(prompts),
         episodes=len(prompts),
-        **{f"env_{k}": v for k, v in ep.counts.items() if f"env_{k}" in _ENV_COUNTS},
+        env={k: float(v) for k, v in ep.counts.items()},
     )
     exp = Experience(
         prompt_ids=prompt_ids,

@@ -17,6 +17,7 @@ when the next observation would pass ``rollout.max_total_tokens`` (truncated, co
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -324,24 +325,26 @@ class MultiTurn:
 
 def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: int,
                max_prompt_length: int) -> MultiTurn:  # fmt: skip
-    """The sampler of a config's ``env`` section (``env.factory`` or ``env.tools``)."""
+    """The sampler of a config's ``env`` section (``env.factory`` or ``env.tools``): the
+    settings that ``EnvConfig`` and ``EnvSettings`` share are taken by name."""
     from rlhfkit.envs import make_factory
 
     factory, name = make_factory(
         env_cfg.factory, env_cfg.tools, env_cfg.tool_parser, env_cfg.tool_timeout
     )
+    shared = {
+        f.name: getattr(env_cfg, f.name)
+        for f in dataclasses.fields(EnvSettings)
+        if f.name != "factory" and hasattr(env_cfg, f.name)  # env.factory is the spec string
+    }
     return MultiTurn(
         EnvSettings(
-            factory,
-            name,
-            max_turns,
-            max_new_tokens,
-            max_total_tokens,
-            max_prompt_length,
-            env_cfg.on_error,
-            env_cfg.timeout,
-            env_cfg.threads,
-            env_cfg.reward_at,
-            env_cfg.max_observation_chars,
-        )  # fmt: skip
+            factory=factory,
+            name=name,
+            max_turns=max_turns,
+            max_new_tokens=max_new_tokens,
+            max_total_tokens=max_total_tokens,
+            max_prompt_length=max_prompt_length,
+            **shared,
+        )
     )

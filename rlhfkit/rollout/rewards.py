@@ -6,13 +6,13 @@ several combined) plug into the rollout here."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
 from rlhfkit.algos import RunningMeanStd, clip_abs
-from rlhfkit.config import ConfigError
+from rlhfkit.config import load_callable
+from rlhfkit.rewards.env import env_reward
 from rlhfkit.rollout.columns import Columns, columns_for, required_columns
 from rlhfkit.rollout.forward import reward_scores
 from rlhfkit.train import dist
@@ -55,16 +55,7 @@ class ScoreNormalizer:
 def load_reward_fn(spec: str, key: str = "reward_fn") -> RewardFn:
     """'package.module:function' -> the function. It gets decoded prompts and responses and
     returns one float per response. ``key``: the config key that named it, for the error."""
-    if ":" not in spec:
-        raise ConfigError(f"{key}: {spec!r} is not of the form 'module:function'")
-    mod, name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}: cannot import {spec!r} ({e})") from None
-    if not callable(fn):
-        raise ConfigError(f"{key}: {spec!r} is not callable")
-    return fn
+    return load_callable(spec, key)
 
 
 class RMReward:
@@ -282,7 +273,5 @@ def build_reward(cfg, model_cfg, tokenizer, reward_fn: RewardFn | None = None):
     if cfg.reward_url:
         return url_reward(cfg.reward_url, cfg)
     if not (reward_fn or cfg.reward_fn) and cfg.env.enabled:  # the environment's own rewards
-        from rlhfkit.envs import env_reward
-
         return FnReward(env_reward, "env")
     return FnReward(reward_fn or load_reward_fn(cfg.reward_fn))

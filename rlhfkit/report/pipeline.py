@@ -1,7 +1,7 @@
 """The run report (`rlhfkit pipeline` and `rlhfkit demo`): one self-contained HTML page, its PNG
 plots, and summary.json.
 
-It shows the held-out comparison of every policy (evaluate.metrics_table), the training curves of
+It shows the held-out comparison of every policy (report.html.metrics_table), the training curves of
 the RL run, and the over-optimisation picture of Gao et al. 2022 ("Scaling Laws for Reward Model
 Overoptimization", fig. 1): the judge score and the RM score against sqrt(KL to the reference)
 over the run. A proxy that keeps rising while the judge falls shows as a divergence of the two.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.stages.evaluate import EVAL_METRICS, STYLE, metrics_table, samples_table
+from rlhfkit.report.html import EVAL_METRICS, STYLE, metrics_table, samples_table
 from rlhfkit.train.logger import read_metrics
 
 CURVES = [  # (metric, title) against RL iteration
