@@ -203,3 +203,32 @@ def synthetic_grpo_buffer(b: int, p: int, t: int, high: int, min_len: int, seed:
         stopped=torch.ones(b, dtype=torch.bool),
         group=torch.arange(b // 4).repeat_interleave(4),
     )
+
+
+def timed(fn, timing: dict[str, float], bucket: str, only_no_grad: bool = False):
+    """``fn`` wrapped to add its wall time to ``timing[bucket]`` (the runners' phase clocks);
+    ``only_no_grad``: time only its calls without autograd (a forward the update also calls)."""
+
+    def wrapper(*a, **k):
+        if only_no_grad and torch.is_grad_enabled():
+            return fn(*a, **k)
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            timing[bucket] += time.perf_counter() - t
+
+    return wrapper
+
+
+def rollout_keys(train_file, batch: int, prompt: int, response: int) -> list[str]:
+    """The config overrides the PPO-family runners share: their prompts, and a rollout of
+    ``batch`` episodes of exactly ``response`` tokens (EOS ignored: both sides do the same work)."""
+    return [
+        f"data.train_file={train_file}",
+        f"data.max_prompt_length={prompt}",
+        f"rollout.episodes_per_iteration={batch}",
+        f"rollout.chunk_size={batch}",
+        f"rollout.max_new_tokens={response}",
+        "rollout.ignore_eos=true",
+    ]

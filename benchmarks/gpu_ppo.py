@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py: the runners' shared settings)
 
 SIZES = {"0.5b": (1280, 24, 20, 3456, 32000), "tiny": (64, 2, 4, 256, 512)}
 BATCH, PROMPT, RESPONSE = 64, 64, 128
@@ -102,12 +104,7 @@ def run(dirs, device: str, dtype: str, compiled: bool, iters: int) -> dict:
             f"model.device={device}",
             f"model.dtype={dtype}",
             f"reward_model={dirs['rm']}",
-            f"data.train_file={tmp / 'p.jsonl'}",
-            f"data.max_prompt_length={PROMPT}",
-            f"rollout.episodes_per_iteration={BATCH}",
-            f"rollout.chunk_size={BATCH}",
-            f"rollout.max_new_tokens={RESPONSE}",
-            "rollout.ignore_eos=true",
+            *common.rollout_keys(tmp / "p.jsonl", BATCH, PROMPT, RESPONSE),
             f"rollout.compile={str(compiled).lower()}",
             "ppo.epochs=1",
             "ppo.minibatch_size=64",

@@ -76,12 +76,7 @@ def run_ours(
         [
             f"model.name_or_path={dirs['policy']}",
             f"reward_model={dirs['reward']}",
-            f"data.train_file={tmp / 'p.jsonl'}",
-            f"data.max_prompt_length={PROMPT}",
-            f"rollout.episodes_per_iteration={BATCH}",
-            f"rollout.chunk_size={BATCH}",
-            f"rollout.max_new_tokens={RESPONSE}",
-            "rollout.ignore_eos=true",
+            *common.rollout_keys(tmp / "p.jsonl", BATCH, PROMPT, RESPONSE),
             f"ppo.epochs={epochs}",
             f"ppo.minibatch_size={BATCH if one_step else mb}",
             f"ppo.micro_batch_size={mb}",

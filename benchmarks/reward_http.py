@@ -76,12 +76,7 @@ def run(dirs, reward: list[str], iters: int) -> list[dict]:
         [
             f"model.name_or_path={dirs['policy']}",
             *reward,
-            f"data.train_file={tmp / 'p.jsonl'}",
-            f"data.max_prompt_length={PROMPT}",
-            f"rollout.episodes_per_iteration={BATCH}",
-            f"rollout.chunk_size={BATCH}",
-            f"rollout.max_new_tokens={RESPONSE}",
-            "rollout.ignore_eos=true",
+            *common.rollout_keys(tmp / "p.jsonl", BATCH, PROMPT, RESPONSE),
             "ppo.epochs=1",
             f"ppo.minibatch_size={BATCH}",
             f"ppo.micro_batch_size={BATCH}",

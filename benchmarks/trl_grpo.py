@@ -84,16 +84,7 @@ def main() -> None:
     )
 
     def timed(fn, bucket, only_no_grad=False):
-        def wrapper(*a, **k):
-            if only_no_grad and torch.is_grad_enabled():
-                return fn(*a, **k)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timing[bucket] += time.perf_counter() - t
-
-        return wrapper
+        return common.timed(fn, timing, bucket, only_no_grad)
 
     trainer._generate = timed(trainer._generate, "generate")
     trainer._get_per_token_logps_and_entropies = timed(

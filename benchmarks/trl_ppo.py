@@ -53,16 +53,7 @@ def main() -> None:
     timing = {"generate": 0.0, "score": 0.0}
 
     def timed(fn, bucket, only_no_grad=False):
-        def wrapper(*a, **k):
-            if only_no_grad and torch.is_grad_enabled():
-                return fn(*a, **k)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timing[bucket] += time.perf_counter() - t
-
-        return wrapper
+        return common.timed(fn, timing, bucket, only_no_grad)
 
     pt.batch_generation = timed(pt.batch_generation, "generate")
     pt.forward = timed(pt.forward, "score", only_no_grad=True)

@@ -6,8 +6,7 @@ never written to afterwards.
 
     load.py      the loader: YAML, overrides, coercion, errors, help text, ``module:fn`` imports
     common.py    the schemas several stages share (model, data, train/run knobs, rollout, env)
-    sft_rm.py    ``rlhfkit sft`` and ``rlhfkit rm``
-    dpo.py       ``rlhfkit dpo``
+    supervised.py  ``rlhfkit sft``, ``rlhfkit rm`` and ``rlhfkit dpo`` (fit on a data set)
     ppo.py       ``rlhfkit ppo`` with its cross-field checks
     eval.py      ``rlhfkit eval``
     pipeline.py  ``rlhfkit pipeline`` and the generated reference (docs/config.md)
@@ -28,7 +27,6 @@ from rlhfkit.config.common import (
     check_parallel,
     check_unused_data,
 )
-from rlhfkit.config.dpo import DPOAlgoConfig, DPOConfig
 from rlhfkit.config.eval import EvalConfig, EvalRunConfig
 from rlhfkit.config.load import (
     ConfigError,
@@ -44,7 +42,7 @@ from rlhfkit.config.load import (
 )
 from rlhfkit.config.pipeline import PipelineConfig, reference_markdown
 from rlhfkit.config.ppo import PPOAlgoConfig, PPOConfig, RLEvalConfig
-from rlhfkit.config.sft_rm import RMConfig, SFTConfig
+from rlhfkit.config.supervised import DPOAlgoConfig, DPOConfig, RMConfig, SFTConfig
 
 __all__ = [
     "ConfigError",

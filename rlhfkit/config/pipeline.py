@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhfkit.config.dpo import DPOConfig
 from rlhfkit.config.eval import EvalConfig, EvalRunConfig
 from rlhfkit.config.load import ConfigError, help_text, knob, sub
 from rlhfkit.config.ppo import PPOConfig
-from rlhfkit.config.sft_rm import RMConfig, SFTConfig
+from rlhfkit.config.supervised import DPOConfig, RMConfig, SFTConfig
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Small helpers the stage recipes share: threads/seed, output directory, final export."""
+"""Small helpers the stage recipes share: threads/seed, output directory, resuming, the
+supervised stages' training step, final export."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from typing import Any
 import torch
 
 from rlhfkit.config import ModelConfig, TrainConfig, to_dict
-from rlhfkit.models import export_model, load_policy, load_scalar_model, restore_adapter
+from rlhfkit.data.build import train_eval
+from rlhfkit.models import (
+    export_model,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    restore_adapter,
+)
 from rlhfkit.train import dist
 from rlhfkit.train.checkpoint import (
     latest_checkpoint,
@@ -18,6 +26,8 @@ from rlhfkit.train.checkpoint import (
     save_run_config,
     write_atomic_dir,
 )
+from rlhfkit.train.logger import MetricLogger
+from rlhfkit.train.loop import fit
 
 
 def setup_run(train: TrainConfig) -> Path:
@@ -28,6 +38,17 @@ def setup_run(train: TrainConfig) -> Path:
     out = Path(train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def load_data(cfg, loader) -> tuple[Any, list, list]:
+    """(tokenizer, train, held-out) of a stage that fits on a data set: ``cfg.data`` read by
+    ``loader`` with the model's tokenizer, split by ``cfg.train.seed``; every file's skips and
+    truncations are printed."""
+    tokenizer = load_tokenizer(cfg.model)
+    train, evals, reports = train_eval(loader, tokenizer, cfg.data, cfg.train.seed)
+    for r in reports:
+        print(r.line(), file=sys.stderr)
+    return tokenizer, train, evals
 
 
 def find_resume(train: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
@@ -57,6 +78,31 @@ def load_trainable_scalar(
             restore_adapter(model, ckpt)
         return model
     return load_scalar_model(cfg, tokenizer, str(ckpt / "model"), fresh_head=False)
+
+
+def train_stage(cfg, out: Path, state: dict | None, model, train: list, *, collate, loss,
+                evaluate, write_model, forward_module) -> None:  # fmt: skip
+    """The training step of SFT, RM and DPO: ``fit`` over ``train`` with the stage's collate,
+    loss, held-out evaluation and checkpoint writer, logged to ``out`` (continuing the step
+    count of a resumed run). ``cfg``: the stage's config (``train``, ``log``, ``model``)."""
+    step = state["position"]["step"] if state else 0
+    logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=step)
+    fit(
+        model,
+        train,
+        collate,
+        loss,
+        cfg.train,
+        logger,
+        evaluate=evaluate,
+        write_model=write_model,
+        run_config=to_dict(cfg),
+        resume_state=state,
+        show_progress=cfg.log.progress,
+        dtype=cfg.model.dtype,
+        forward_module=forward_module,
+    )
+    logger.close()
 
 
 def export_final(model, tokenizer, out: Path, cfg, extra=None) -> Path:

@@ -19,21 +19,26 @@ from pathlib import Path
 import torch
 
 from rlhfkit.algos import dpo_loss
-from rlhfkit.config import DPOConfig, LoraConfig, to_dict
-from rlhfkit.data.build import RankItem, load_preferences, train_eval
+from rlhfkit.config import DPOConfig, LoraConfig
+from rlhfkit.data.build import RankItem, load_preferences
 from rlhfkit.data.tokenize import pad_right
 from rlhfkit.models import (
     LabelledLogprobs,
     autocast,
     device_of,
     load_policy,
-    load_tokenizer,
     write_trainable,
 )
 from rlhfkit.models.cpu_gemm import packed_weights
-from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
-from rlhfkit.train.logger import MetricLogger
-from rlhfkit.train.loop import fit, to_device
+from rlhfkit.stages.common import (
+    export_final,
+    find_resume,
+    load_data,
+    load_trainable_policy,
+    setup_run,
+    train_stage,
+)
+from rlhfkit.train.loop import to_device
 
 IGNORE_INDEX = -100
 REF_CACHE = "ref_logprobs.pt"  # beside the model in every checkpoint
@@ -153,12 +158,7 @@ def _save_cache(d: Path, pairs: list[Pair]) -> None:
 def run_dpo(cfg: DPOConfig) -> Path:
     out = setup_run(cfg.train)
     # 1. tokenizer and preference pairs
-    tokenizer = load_tokenizer(cfg.model)
-    train_items, eval_items, reports = train_eval(
-        load_preferences, tokenizer, cfg.data, cfg.train.seed
-    )
-    for r in reports:
-        print(r.line(), file=sys.stderr)
+    tokenizer, train_items, eval_items = load_data(cfg, load_preferences)
     train, evals = to_pairs(train_items), to_pairs(eval_items)
     # 2. the policy (SFT, or the newest checkpoint) and the reference's logprobs, cached
     ckpt, state = find_resume(cfg.train)
@@ -166,9 +166,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     how = reference_cache(model, tokenizer, cfg, train, evals, ckpt)
     print(f"[dpo] reference log-probs of {len(train) + len(evals)} pairs {how}", file=sys.stderr)
     # 3. train on the preference loss
-    logger = MetricLogger(
-        out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
-    )
     pad = tokenizer.pad_token_id
     forward = LabelledLogprobs(model, IGNORE_INDEX)
 
@@ -176,20 +173,16 @@ def run_dpo(cfg: DPOConfig) -> Path:
         write_trainable(model, tokenizer, d, weights)
         _save_cache(d, train + evals)
 
-    fit(
+    train_stage(
+        cfg,
+        out,
+        state,
         model,
         train,
-        lambda b: collate_pairs(b, pad),
-        lambda m, b: pair_loss(m, b, cfg),
-        cfg.train,
-        logger,
+        collate=lambda b: collate_pairs(b, pad),
+        loss=lambda m, b: pair_loss(m, b, cfg),
         evaluate=lambda: evaluate_dpo(forward, evals, pad, cfg.train.batch_size, cfg),
         write_model=write,
-        run_config=to_dict(cfg),
-        resume_state=state,
-        show_progress=cfg.log.progress,
-        dtype=cfg.model.dtype,
         forward_module=forward,
     )
-    logger.close()
     return export_final(model, tokenizer, out, cfg)

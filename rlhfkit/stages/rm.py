@@ -6,25 +6,29 @@ the InstructGPT K-way loss over all C(K, 2) pairs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from rlhfkit.algos import pairwise_loss, ranking_loss
-from rlhfkit.config import RMConfig, to_dict
-from rlhfkit.data.build import RankItem, load_preferences, train_eval
+from rlhfkit.config import RMConfig
+from rlhfkit.data.build import RankItem, load_preferences
 from rlhfkit.data.tokenize import packed_batch, pad_left, pad_right
 from rlhfkit.models import (
     PromptSharingScorer,
     device_of,
-    load_tokenizer,
     save_reward_stats,
     write_trainable,
 )
-from rlhfkit.stages.common import export_final, find_resume, load_trainable_scalar, setup_run
-from rlhfkit.train.logger import MetricLogger
-from rlhfkit.train.loop import fit, to_device
+from rlhfkit.stages.common import (
+    export_final,
+    find_resume,
+    load_data,
+    load_trainable_scalar,
+    setup_run,
+    train_stage,
+)
+from rlhfkit.train.loop import to_device
 
 
 def shared_prefix(seqs: list[list[int]]) -> int:
@@ -157,37 +161,27 @@ def reward_reference_stats(
 def run_rm(cfg: RMConfig) -> Path:
     out = setup_run(cfg.train)
     # 1. tokenizer and preference data
-    tokenizer = load_tokenizer(cfg.model)
-    train, evals, reports = train_eval(load_preferences, tokenizer, cfg.data, cfg.train.seed)
-    for r in reports:
-        print(r.line(), file=sys.stderr)
+    tokenizer, train, evals = load_data(cfg, load_preferences)
     # 2. SFT backbone + freshly initialised scalar head (or the newest checkpoint when resuming)
     ckpt, state = find_resume(cfg.train)
     model = load_trainable_scalar(
         cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True
     )
     # 3. train on the ranking loss
-    logger = MetricLogger(
-        out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
-    )
     pad = tokenizer.pad_token_id
     scorer = PromptSharingScorer(model)  # each prompt forwarded once for its K responses
-    fit(
+    train_stage(
+        cfg,
+        out,
+        state,
         model,
         train,
-        lambda b: collate_ranked(b, pad, cfg.data.max_length if cfg.data.packing else None),
-        lambda m, b: rm_loss(m, b, cfg.use_margin),
-        cfg.train,
-        logger,
+        collate=lambda b: collate_ranked(b, pad, cfg.data.max_length if cfg.data.packing else None),
+        loss=lambda m, b: rm_loss(m, b, cfg.use_margin),
         evaluate=lambda: evaluate_rm(scorer, evals, pad, cfg.train.batch_size),
         write_model=lambda d, weights: write_trainable(model, tokenizer, d, weights),
-        run_config=to_dict(cfg),
-        resume_state=state,
-        show_progress=cfg.log.progress,
-        dtype=cfg.model.dtype,
         forward_module=scorer,
     )
-    logger.close()
     # 4. reward statistics on a reference set, stored beside the weights for PPO's normalisation
     mean, std, n = reward_reference_stats(
         scorer, train[: cfg.norm_examples] or train, pad, cfg.train.batch_size

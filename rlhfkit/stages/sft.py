@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import SFTConfig, to_dict
-from rlhfkit.data.build import SFTItem, load_sft, train_eval
+from rlhfkit.config import SFTConfig
+from rlhfkit.data.build import SFTItem, load_sft
 from rlhfkit.data.tokenize import IGNORE_INDEX, packed_batch, pad_right
-from rlhfkit.models import LabelledLogprobs, device_of, load_tokenizer, write_trainable
-from rlhfkit.stages.common import export_final, find_resume, load_trainable_policy, setup_run
-from rlhfkit.train.logger import MetricLogger
-from rlhfkit.train.loop import fit, to_device
+from rlhfkit.models import LabelledLogprobs, device_of, write_trainable
+from rlhfkit.stages.common import (
+    export_final,
+    find_resume,
+    load_data,
+    load_trainable_policy,
+    setup_run,
+    train_stage,
+)
+from rlhfkit.train.loop import to_device
 
 
 def collate_sft(
@@ -64,35 +69,25 @@ def evaluate_sft(module, items: list[SFTItem], pad_id: int, batch_size: int) -> 
 def run_sft(cfg: SFTConfig) -> Path:
     out = setup_run(cfg.train)
     # 1. tokenizer and data (every skip and truncation is counted and printed)
-    tokenizer = load_tokenizer(cfg.model)
-    train, evals, reports = train_eval(load_sft, tokenizer, cfg.data, cfg.train.seed)
-    for r in reports:
-        print(r.line(), file=sys.stderr)
+    tokenizer, train, evals = load_data(cfg, load_sft)
     # 2. the model: the pretrained LM, or the newest checkpoint when resuming
     ckpt, state = find_resume(cfg.train)
     model = load_trainable_policy(cfg.model, tokenizer, ckpt)
     # 3. train on next-token loss
-    logger = MetricLogger(
-        out, cfg.log, to_dict(cfg), resume_step=state["position"]["step"] if state else 0
-    )
     pad = tokenizer.pad_token_id
     pack_to = cfg.data.max_length if cfg.data.packing else None  # padding-free rows
     forward = LabelledLogprobs(model, IGNORE_INDEX)
-    fit(
+    train_stage(
+        cfg,
+        out,
+        state,
         model,
         train,
-        lambda b: collate_sft(b, pad, pack_to),
-        sft_loss,
-        cfg.train,
-        logger,
+        collate=lambda b: collate_sft(b, pad, pack_to),
+        loss=sft_loss,
         evaluate=lambda: evaluate_sft(forward, evals, pad, cfg.train.batch_size),
         write_model=lambda d, weights: write_trainable(model, tokenizer, d, weights),
-        run_config=to_dict(cfg),
-        resume_state=state,
-        show_progress=cfg.log.progress,
-        dtype=cfg.model.dtype,
         forward_module=forward,
     )
-    logger.close()
     # 4. a plain HF checkpoint for the next stages
     return export_final(model, tokenizer, out, cfg)
