@@ -109,3 +109,32 @@ def loads_plain(model, path):
     ):
         assert k == k2 and torch.equal(v, v2)
     return plain
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_chat_lm):
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import load_policy, load_tokenizer
+
+    mc = ModelConfig(name_or_path=str(tiny_chat_lm))
+    tok = load_tokenizer(mc)
+    return tok, load_policy(mc, tok, trainable=False)
+
+
+def assert_same_run(a_final, b_final, keys=("score/mean",)) -> None:
+    """Two PPO runs of the same seed ended alike: the same metrics at every step (``keys``
+    exactly, the policy loss to fp32 rounding) and the same final weights (a resumed run against
+    one straight through)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.train.logger import read_metrics
+
+    ma, mb = read_metrics(Path(a_final).parent), read_metrics(Path(b_final).parent)
+    assert [r["step"] for r in mb] == [r["step"] for r in ma]
+    for ra, rb in zip(ma, mb, strict=True):
+        assert all(ra[k] == rb[k] for k in keys)
+        assert ra["loss/policy"] == pytest.approx(rb["loss/policy"], abs=1e-6)
+    wa = AutoModelForCausalLM.from_pretrained(a_final).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b_final).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)

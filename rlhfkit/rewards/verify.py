@@ -160,28 +160,26 @@ def _check(
     return scores
 
 
-def math(
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    answer: Sequence,
-    final_response: Sequence[str] | None = None,
-    **_,
-) -> list[float]:
-    """1.0 if the final answer equals the row's ``answer`` mathematically (math-verify), else 0.
-    ``final_response``: an episode's last model turn (multi-turn rollouts), scored instead."""
-    return _check(responses, answer, _math_grade, final_response)
+def answer_checker(grade: Callable[[str, str], bool | None], name: str, doc: str):
+    """A reward function ``fn(prompts, responses, answer, final_response=None, **columns)`` that
+    scores 1.0 where ``grade(text, gold)`` holds, else 0 (None: unreadable, counted). It reads
+    ``final_response`` instead of ``responses`` when the rollout gives one (an episode's last
+    model turn); it needs the column ``answer`` on every row."""
 
+    def check(
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        answer: Sequence,
+        final_response: Sequence[str] | None = None,
+        **_,
+    ) -> list[float]:
+        return _check(responses, answer, grade, final_response)
 
-def exact(
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    answer: Sequence,
-    final_response: Sequence[str] | None = None,
-    **_,
-) -> list[float]:
-    """1.0 if the final answer equals the row's ``answer`` as a string (both stripped, thousands
-    commas dropped from numbers), else 0. For answers that are words or codes, not mathematics."""
-    return _check(responses, answer, _exact_grade, final_response)
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = doc
+    check.columns = ("answer",)  # type: ignore[attr-defined]  (checked when the prompts load)
+    check.pop_metrics = pop_metrics  # type: ignore[attr-defined]
+    return check
 
 
 def format(  # noqa: A001
@@ -215,7 +213,16 @@ def pop_metrics() -> dict[str, float]:
     return _unparsed.pop()
 
 
-# the columns each checker needs on every row (checked when the prompts load)
-math.columns = exact.columns = ("answer",)  # type: ignore[attr-defined]
-format.columns = ()  # type: ignore[attr-defined]
-math.pop_metrics = exact.pop_metrics = pop_metrics  # type: ignore[attr-defined]
+format.columns = ()  # type: ignore[attr-defined]  (it reads no column)
+
+math = answer_checker(
+    _math_grade,
+    "math",
+    "1.0 if the final answer equals the row's ``answer`` mathematically (math-verify), else 0.",
+)
+exact = answer_checker(
+    _exact_grade,
+    "exact",
+    "1.0 if the final answer equals the row's ``answer`` as a string (both stripped, thousands "
+    "commas dropped from numbers), else 0. For answers that are words or codes, not mathematics.",
+)
