@@ -206,3 +206,93 @@ def test_an_unclosed_tool_call_does_not_swallow_the_next_valid_one():
     calls = parse_hermes(text)
     assert calls[0] == {"name": "add", "arguments": {"a": 1, "b": 2}}
     assert len(calls) == 2 and "is not closed" in calls[1].reason
+
+
+# --------------------------------------------------------------------------- templates (issue 31)
+
+# SmolLM2-Instruct's chat template (ChatML with a default system prompt): no tools section
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# a template with its own tools section (the shape of Qwen 2.5's)
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+# a template that drops system messages and ignores tools: it can never show them
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] }}: {{ m['content'] }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _tok(template: str):
+    from rlhfkit.toy import build_tokenizer
+
+    return build_tokenizer(["hi", "what", "is"], template)
+
+
+def test_a_template_without_a_tools_section_gets_the_schemas_in_its_system_prompt():
+    """Issue 31: SmolLM2's template drops ``tools`` silently, so the model never saw a tool. The
+    schemas now go into the system prompt (the Hermes/Qwen words), with a warning once per
+    template; a template with its own tools section is left to render them itself."""
+    import json
+    import warnings
+
+    from rlhfkit.data import tokenize
+
+    (schema,) = tool_schemas([add])
+    tok = _tok(SMOLLM2_TEMPLATE)
+    plain = tokenize.render_prompt(tok, "what is 2 + 3")
+    assert "add" not in plain and "You are a helpful AI assistant named SmolLM" in plain
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        text = tokenize.render_prompt(tok, "what is 2 + 3", [schema])
+        again = tokenize.render_prompt(tok, "what is 4 + 5", [schema])
+    assert text.startswith("<|im_start|>system\n# Tools\n") and json.dumps(schema) in text
+    assert "<tool_call>" in text and "named SmolLM" not in text  # ours is the system prompt
+    assert "what is 4 + 5" in again
+    assert sum("has no tools section" in str(w.message) for w in seen) <= 1  # once per template
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    text = tokenize.render_prompt(tok, own, [schema])
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")  # its text first
+    # the completion after such a prompt is still the template's continuation (SFT traces)
+    completion = tokenize.render_completion(tok, "what is 2 + 3", "5", "row 1", [schema])
+    assert completion == "5<|im_end|>"
+    tok = _tok(TOOLS_TEMPLATE)
+    text = tokenize.render_prompt(tok, "what is 2 + 3", [schema])
+    assert text.startswith("<|im_start|>system\n<tools>") and "# Tools" not in text
+
+
+def test_a_template_that_cannot_show_tools_is_a_config_error_naming_the_key(tmp_path):
+    from rlhfkit.data import tokenize
+
+    tok = _tok(NO_SYSTEM_TEMPLATE)
+    with pytest.raises(ConfigError, match=r"env.tools: the chat template of .* renders neither"):
+        tokenize.check_tools_shown(tok, "env.tools")
+    with pytest.raises(tokenize.ToolsNotShown):
+        tokenize.render_prompt(tok, "what is 2 + 3", tool_schemas([add]))
+    tokenize.check_tools_shown(_tok(TOOLS_TEMPLATE), "env.tools")  # fine: no error
+
+
+def test_rlhfkit_ppo_with_tools_stops_before_any_work_on_a_template_that_cannot_show_them(
+    tmp_path,
+):
+    from agent_kit import agent_cfg
+    from conftest import WORDS
+
+    from rlhfkit.stages.ppo import run_ppo
+    from rlhfkit.toy import build_tiny_lm
+
+    lm = build_tiny_lm(tmp_path / "lm", WORDS, hidden=16, layers=1, heads=2,
+                       chat_template=NO_SYSTEM_TEMPLATE)  # fmt: skip
+    cfg = agent_cfg(tmp_path, lm, "env.tools=[test_agent_tools:add]")
+    with pytest.raises(ConfigError, match="env.tools: the chat template of .* renders neither"):
+        run_ppo(cfg)
+    assert not (tmp_path / "ppo" / "checkpoints").exists()

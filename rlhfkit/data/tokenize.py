@@ -8,6 +8,7 @@ completion are concatenated as they are. EOS is appended to every completion.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +41,94 @@ def uses_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
+# How a template without a tools section still shows the schemas: in the system prompt, in the
+# words of the Hermes / Qwen 2.5 templates (which put them there themselves)
+TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{schemas}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+_PROBE = "rlhfkit_probe_7f3a"  # a name no template writes on its own
+_shown: dict[tuple[str, str], bool] = {}  # (template, what) -> whether it renders it
+_warned: set[str] = set()
+
+
+def _template_shows(tokenizer, what: str) -> bool:
+    """Whether the chat template renders the ``tools`` it is given, or a system message."""
+    key = (tokenizer.chat_template, what)
+    if key not in _shown:
+        user = [{"role": "user", "content": "hi"}]
+        if what == "tools":
+            probe = {"type": "function", "function": {"name": _PROBE, "parameters": {}}}
+            text = tokenizer.apply_chat_template(user, tools=[probe], tokenize=False)
+        else:
+            system = [{"role": "system", "content": _PROBE}]
+            text = tokenizer.apply_chat_template(system + user, tokenize=False)
+        _shown[key] = _PROBE in text
+    return _shown[key]
+
+
+class ToolsNotShown(ValueError):
+    """The chat template shows neither the tools it is given nor a system message."""
+
+
+def tools_in_system(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` with the tool schemas rendered into the system prompt (``TOOLS_SYSTEM``),
+    after the system message's own text when there is one."""
+    import json
+
+    text = TOOLS_SYSTEM.format(schemas="\n".join(json.dumps(t) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def tools_for_template(tokenizer, messages: list[dict], tools: list[dict] | None):
+    """(messages, tools) to render: as they are when the chat template shows tools; else the
+    schemas go into the system prompt (a warning says so, once per template), so that a model
+    whose template has no tools section (SmolLM2's) still sees what it can call. A template that
+    shows no system message either cannot show them: ``ToolsNotShown``."""
+    if not tools or not uses_chat_template(tokenizer) or _template_shows(tokenizer, "tools"):
+        return messages, tools
+    if not _template_shows(tokenizer, "system"):
+        raise ToolsNotShown(
+            f"the chat template of {tokenizer.name_or_path!r} renders neither the tools it is "
+            "given nor a system message, so the model could never see the tool schemas; use a "
+            "tokenizer whose template shows one of them"
+        )
+    if tokenizer.chat_template not in _warned:
+        _warned.add(tokenizer.chat_template)
+        warnings.warn(
+            f"the chat template of {tokenizer.name_or_path!r} has no tools section: the tool "
+            "schemas are rendered into the system prompt (the Hermes/Qwen convention, "
+            "rlhfkit.data.tokenize.TOOLS_SYSTEM)",
+            stacklevel=2,
+        )
+    return tools_in_system(messages, tools), None
+
+
+def check_tools_shown(tokenizer, key: str) -> None:
+    """At start-up, for a config that gives the model tools (``key``: e.g. ``env.tools``): a
+    ``ConfigError`` naming the key and the template when the template cannot show them, and the
+    warning of ``tools_for_template`` when they go into the system prompt."""
+    from rlhfkit.config import ConfigError
+
+    probe = {"type": "function", "function": {"name": _PROBE, "parameters": {}}}
+    try:
+        tools_for_template(tokenizer, [{"role": "user", "content": "hi"}], [probe])
+    except ToolsNotShown as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def render_prompt(tokenizer, prompt: Text, tools: list[dict] | None = None) -> str:
     """The exact text the policy sees before its response (``tools``: JSON schemas the chat
-    template renders, for tool traces)."""
+    template renders, for tool traces; ``tools_for_template`` when it has no place for them)."""
     if uses_chat_template(tokenizer):
+        messages, tools = tools_for_template(tokenizer, _as_messages(prompt, "user"), tools)
         return tokenizer.apply_chat_template(
-            _as_messages(prompt, "user"), tools=tools, add_generation_prompt=True, tokenize=False
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
     return _plain(prompt)
 
@@ -57,10 +140,9 @@ def render_completion(
     if not uses_chat_template(tokenizer):
         return _plain(completion)
     p = render_prompt(tokenizer, prompt, tools)
+    messages, tools = tools_for_template(tokenizer, _as_messages(prompt, "user"), tools)
     full = tokenizer.apply_chat_template(
-        _as_messages(prompt, "user") + _as_messages(completion, "assistant"),
-        tools=tools,
-        tokenize=False,
+        messages + _as_messages(completion, "assistant"), tools=tools, tokenize=False
     )
     if not full.startswith(p):
         raise DataError(

@@ -24,6 +24,7 @@ import torch
 from rlhfkit.algos import AdaptiveKLController, FixedKLController, get_estimator
 from rlhfkit.config import ConfigError, LoraConfig, PPOConfig, to_dict
 from rlhfkit.data.build import PromptItem, load_prompts, train_eval
+from rlhfkit.data.tokenize import check_tools_shown
 from rlhfkit.models import (
     autocast,
     device_of,
@@ -105,6 +106,8 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
         )
     learner = load_learner(cfg, actor, tok, ckpt)
     reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
+    if cfg.env.tools:  # the schemas must reach the model through its chat template
+        check_tools_shown(tok, "env.tools")
     sampler = rollout_sampler(cfg)
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
         for frozen in (ref, reward.module):
