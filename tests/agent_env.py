@@ -88,3 +88,46 @@ class Counts(Echo):
 
 def make_counts():
     return Counts()
+
+
+class IncrementEnv:
+    """A TRL-style environment, written as TRL's docs show one (``GRPOTrainer(
+    environment_factory=IncrementEnv)``): a no-argument constructor, ``reset(**kwargs)``, and
+    public methods with type hints and docstrings as its tools."""
+
+    def __init__(self):
+        self.counter = 0
+        self.resets = 0
+
+    def reset(self, **kwargs) -> str | None:
+        self.counter = 0
+        self.resets += 1
+        return "the counter starts at 0"
+
+    def increment(self, a: int) -> int:
+        """
+        Increment the counter by a value.
+
+        Args:
+            a: the value to increment by
+
+        Returns:
+            The counter after the increment.
+        """
+        self.counter += a
+        return self.counter
+
+
+def counter_reward(prompts, responses, environments):
+    """TRL's reward functions read the environment instances: 1 per reset seen, + the counter."""
+    return [float(env.resets + env.counter) for env in environments]
+
+
+class Undocumented:
+    """A TRL-style class whose tool has no docstring."""
+
+    def reset(self):
+        return None
+
+    def poke(self, x: int) -> int:
+        return x

@@ -80,7 +80,8 @@ def test_tool_env_runs_calls_and_turns_failures_into_error_observations():
     assert env.reset({"prompt": "what is 3 x 4", "answer": 12}) == "what is 3 x 4"
     call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
     obs, reward, done = env.step(call.format("multiply", '{"a": 3, "b": 4}'))
-    assert obs == [{"role": "tool", "name": "multiply", "content": "12"}] and not done
+    want = {"role": "tool", "name": "multiply", "content": "12", "tool_call_id": "000000000"}
+    assert obs == [want] and not done
     for name, args, expect in [
         ("slow", '{"x": 1}', "timed out after 0.1 s"),
         ("broken", '{"x": 1}', "raised ValueError: no such record"),

@@ -292,8 +292,11 @@ class EnvConfig:
         "instead of a factory: tool functions ['module:fn', ...]; their JSON schemas (type hints "
         "+ docstring) go to the chat template and the model's calls are run",
     )
-    tool_parser: Literal["hermes"] = knob(
-        "hermes", "how tool calls are read from the model's text: <tool_call>{json}</tool_call>"
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = knob(
+        "auto",
+        "how tool calls are read from the model's text: hermes <tool_call>{json}</tool_call>, "
+        'llama3 {"name", "parameters"} JSON, mistral [TOOL_CALLS][...]; auto = the format '
+        "the tokenizer's chat template writes (hermes when it shows none)",
     )
     tool_timeout: float = knob(
         10.0, "seconds a tool call may take; past it the model gets an error", lo=0, lo_open=True

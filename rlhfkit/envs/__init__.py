@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from rlhfkit.config import load_callable
-from rlhfkit.envs.tools import TOOL_PARSERS, ToolEnv, load_tools, tool_schemas
+from rlhfkit.envs.tools import TOOL_PARSERS, ToolEnv, load_tools, parser_for, tool_schemas
+from rlhfkit.envs.trl import TRLEnv, is_trl_env, trl_factory
 from rlhfkit.rewards.env import env_reward  # the documented spec rlhfkit.envs:env_reward
 
 Messages = list[dict[str, Any]]
@@ -80,11 +81,21 @@ def as_messages(obs: Any, where: str, role: str = "user") -> Messages | None:
     return list(msgs)
 
 
+# environments written for other libraries, each a (test, wrap) pair: a config's ``env.factory``
+# that passes the test is wrapped into our factory as wrap(obj, spec, parser, tool_timeout)
+ENV_ADAPTERS: list[tuple[Callable[[Any], bool], Callable]] = [(is_trl_env, trl_factory)]
+
+
 def make_factory(spec_factory: str, tools: list[str], parser: str, tool_timeout: float):
-    """The config's environment factory: ``env.factory`` imported, or a ``ToolEnv`` over
-    ``env.tools``. Returns (factory, the name used in errors)."""
+    """The config's environment factory: ``env.factory`` imported (through ``ENV_ADAPTERS`` when
+    it is another library's kind), or a ``ToolEnv`` over ``env.tools``. ``parser``: the tool-call
+    format (``parser_for`` resolves auto). Returns (factory, the name used in errors)."""
     if spec_factory:
-        return load_callable(spec_factory, "env.factory"), spec_factory
+        obj = load_callable(spec_factory, "env.factory")
+        for matches, wrap in ENV_ADAPTERS:
+            if matches(obj):
+                return wrap(obj, spec_factory, parser, tool_timeout), spec_factory
+        return obj, spec_factory
     fns = load_tools(tools)
     schemas = tool_schemas(fns)
     name = f"ToolEnv({', '.join(tools)})"
@@ -101,12 +112,15 @@ __all__ = [
     "TOOL_PARSERS",
     "Env",
     "EnvError",
+    "ENV_ADAPTERS",
     "EnvFactory",
+    "TRLEnv",
     "ToolEnv",
     "as_messages",
     "as_step",
     "env_reward",
     "load_tools",
     "make_factory",
+    "parser_for",
     "tool_schemas",
 ]

@@ -47,33 +47,113 @@ class InvalidCall:
 _HERMES = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)</tool_call>", re.DOTALL)
 
 
+def _call_from(obj: Any, args_key: str, text: str) -> dict | InvalidCall:
+    """One decoded JSON call ``{"name": str, args_key: {...}}`` -> a call, or why it is not."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return InvalidCall(f'a tool call needs {{"name": str, ...}}: {text[:80]!r}')
+    args = obj.get(args_key, obj.get("arguments", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        with contextlib.suppress(json.JSONDecodeError):
+            args = json.loads(args)
+    if not isinstance(args, dict):
+        return InvalidCall(f"the arguments of {obj['name']!r} are not an object")
+    return {"name": obj["name"], "arguments": args}
+
+
 def parse_hermes(text: str) -> list[dict | InvalidCall]:
     """Hermes / Qwen 2.5-3 format: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
     one block per call. An opened block that never closes is an invalid call."""
     calls: list[dict | InvalidCall] = []
     for body in _HERMES.findall(text):
         try:
-            call = json.loads(body)
+            calls.append(_call_from(json.loads(body), "arguments", body))
         except json.JSONDecodeError as e:
             calls.append(InvalidCall(f"the tool call is not valid JSON ({e.msg}): {body[:80]!r}"))
-            continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            calls.append(InvalidCall(f'a tool call needs {{"name": str, ...}}: {body[:80]!r}'))
-            continue
-        args = call.get("arguments", {})
-        if isinstance(args, str):  # some models write the arguments as a JSON string
-            with contextlib.suppress(json.JSONDecodeError):
-                args = json.loads(args)
-        if not isinstance(args, dict):
-            calls.append(InvalidCall(f"the arguments of {call['name']!r} are not an object"))
-            continue
-        calls.append({"name": call["name"], "arguments": args})
     if text.count("<tool_call>") > len(_HERMES.findall(text)):
         calls.append(InvalidCall("a <tool_call> block is not closed with </tool_call>"))
     return calls
 
 
-TOOL_PARSERS: dict[str, Callable[[str], list[dict | InvalidCall]]] = {"hermes": parse_hermes}
+def parse_llama3(text: str) -> list[dict | InvalidCall]:
+    """Llama 3.1-3.3 JSON tool calls: the turn is one JSON object ``{"name": ...,
+    "parameters": {...}}`` (after an optional ``<|python_tag|>``), or several separated by
+    ``;``. A turn that does not start with ``{`` is an answer, not a call."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if not body.startswith("{"):
+        return []
+    calls: list[dict | InvalidCall] = []
+    decoder, i = json.JSONDecoder(), 0
+    while i < len(body):
+        try:
+            obj, end = decoder.raw_decode(body, i)
+        except json.JSONDecodeError as e:
+            calls.append(
+                InvalidCall(f"the tool call is not valid JSON ({e.msg}): {body[i:][:80]!r}")
+            )
+            break
+        calls.append(_call_from(obj, "parameters", body[i:end]))
+        i = end
+        while i < len(body) and body[i] in " \n\t;":
+            i += 1
+    return calls
+
+
+def parse_mistral(text: str) -> list[dict | InvalidCall]:
+    """Mistral's format: ``[TOOL_CALLS]`` followed by a JSON list of ``{"name", "arguments"}``
+    (v3 tokenizers), or by ``name[ARGS]{...}`` once per call (v11 and later)."""
+    if "[TOOL_CALLS]" not in text:
+        return []
+    calls: list[dict | InvalidCall] = []
+    for part in text.split("[TOOL_CALLS]")[1:]:
+        part = part.strip()
+        if "[ARGS]" in part:  # name[ARGS]{...}
+            name, _, args = part.partition("[ARGS]")
+            try:
+                obj = {
+                    "name": name.strip(),
+                    "arguments": json.JSONDecoder().raw_decode(args.strip())[0],
+                }
+            except json.JSONDecodeError as e:
+                calls.append(
+                    InvalidCall(f"the tool call is not valid JSON ({e.msg}): {part[:80]!r}")
+                )
+                continue
+            calls.append(_call_from(obj, "arguments", part))
+            continue
+        try:
+            obj = json.JSONDecoder().raw_decode(part)[0]
+        except json.JSONDecodeError as e:
+            calls.append(InvalidCall(f"the tool call is not valid JSON ({e.msg}): {part[:80]!r}"))
+            continue
+        for one in obj if isinstance(obj, list) else [obj]:
+            calls.append(_call_from(one, "arguments", json.dumps(one)))
+    return calls
+
+
+TOOL_PARSERS: dict[str, Callable[[str], list[dict | InvalidCall]]] = {
+    "hermes": parse_hermes,
+    "llama3": parse_llama3,
+    "mistral": parse_mistral,
+}
+
+# what a chat template writes for a call, in the order they are looked for: its parser
+_TEMPLATE_MARKS = (
+    ("[TOOL_CALLS]", "mistral"),
+    ("<tool_call>", "hermes"),
+    ('"parameters"', "llama3"),
+)
+
+
+def parser_for(chat_template: str | None, choice: str = "auto") -> str:
+    """``env.tool_parser``: as given, or with ``auto`` the format the chat template writes its
+    calls in (Mistral's ``[TOOL_CALLS]``, Hermes/Qwen's ``<tool_call>``, Llama 3's
+    ``"parameters"`` JSON), else hermes."""
+    if choice != "auto":
+        return choice
+    for mark, name in _TEMPLATE_MARKS:
+        if chat_template and mark in chat_template:
+            return name
+    return "hermes"
 
 
 def load_tools(specs: list[str]) -> list[Callable]:
@@ -81,9 +161,9 @@ def load_tools(specs: list[str]) -> list[Callable]:
     return [load_callable(s, f"env.tools[{i}]") for i, s in enumerate(specs)]
 
 
-def tool_schemas(fns: list[Callable]) -> list[dict]:
-    """The JSON schemas of ``fns`` from their type hints and docstrings (``get_json_schema``);
-    a function it cannot describe is a config error naming it."""
+def tool_schemas(fns: list[Callable], key: str = "env.tools") -> list[dict]:
+    """The JSON schemas of ``fns`` (functions or bound methods) from their type hints and
+    docstrings (``get_json_schema``); one it cannot describe is a config error naming it."""
     from transformers.utils import get_json_schema
 
     out = []
@@ -92,7 +172,7 @@ def tool_schemas(fns: list[Callable]) -> list[dict]:
             out.append(get_json_schema(fn))
         except Exception as e:  # TypeHintParsingException, DocstringParsingException
             raise ConfigError(
-                f"env.tools: cannot build the JSON schema of {fn.__module__}:{fn.__name__} "
+                f"{key}: cannot build the JSON schema of {fn.__module__}:{fn.__qualname__} "
                 f"(type hints and a Google-style docstring with Args: are needed): {e}"
             ) from None
     return out
@@ -117,6 +197,7 @@ class ToolEnv:
         }
         self.parse, self.timeout = TOOL_PARSERS[parser], timeout
         self.counts = {"tool_calls": 0, "tool_errors": 0, "invalid_calls": 0}
+        self.answered = 0  # tool messages so far (their ids)
 
     def reset(self, row: dict[str, Any]):
         return row["prompt"]
@@ -125,7 +206,9 @@ class ToolEnv:
         calls = self.parse(text)
         if not calls:
             return None, None, True  # the final answer
-        return self._answer_all(calls), None, False
+        answers = _with_ids(self._answer_all(calls), self.answered)
+        self.answered += len(answers)
+        return answers, None, False
 
     def _answer_all(self, calls: list[dict | InvalidCall]) -> list[dict[str, str]]:
         """The tool messages answering a turn's calls, in order. Valid calls run concurrently
@@ -202,3 +285,9 @@ def _argument_error(name: str, args: dict, schema: dict) -> str | None:
 
 def _tool_message(name: str, content: str) -> dict[str, str]:
     return {"role": "tool", "name": name, "content": content}
+
+
+def _with_ids(messages: list[dict[str, str]], first: int) -> list[dict[str, str]]:
+    """Tool messages with ``tool_call_id``s, numbered through the episode as 9 digits (the id
+    Mistral's templates require; the others ignore it)."""
+    return [{**m, "tool_call_id": f"{first + i:09d}"} for i, m in enumerate(messages)]

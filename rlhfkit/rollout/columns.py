@@ -82,3 +82,15 @@ def check_columns(
                     raise DataError(
                         f"{it.where or 'a prompt row'}: column '{c}': missing; {key} needs it"
                     )
+
+
+# columns that hold Python objects (an episode's environment instances): local reward
+# functions read them, a reward server is never sent them
+LOCAL_COLUMNS = ("environments",)
+
+
+def sendable(columns: Columns | None) -> Columns | None:
+    """The columns a reward server gets: every one but ``LOCAL_COLUMNS``."""
+    if not columns:
+        return columns
+    return {k: v for k, v in columns.items() if k not in LOCAL_COLUMNS}

@@ -28,7 +28,7 @@ import torch
 
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import _plain, encode_prompt, pad_left, uses_chat_template
-from rlhfkit.envs import EnvError, as_messages, as_step
+from rlhfkit.envs import EnvError, as_messages, as_step, make_factory, parser_for
 from rlhfkit.rollout.sampling import Generation, generate
 
 # markers of a stand-in conversation: the delta of an observation is what the template writes
@@ -66,6 +66,7 @@ class Episodes:
     # (B, T) with env.reward_at: turn, each step's reward at the last token of the model turn
     # it answered (docs/algorithms.md, "Multi-turn episodes"); else None
     turn_rewards: torch.Tensor | None = None
+    envs: list = field(default_factory=list)  # (B,) each episode's environment object
 
 
 def encode_start(tokenizer, start, tools: list[dict] | None, max_len: int) -> list[int]:
@@ -302,13 +303,14 @@ def _batch(eps, settings, counts, pad_id, device, prompt_width) -> Episodes:
         torch.tensor([ep.skipped for ep in eps], device=device),
         counts,
         turn_rewards,
+        [getattr(ep.env, "instance", ep.env) for ep in eps],  # an adapter's wrapped object
     )
 
 
 class MultiTurn:
     """The rollout's sampler with an environment (``env.factory`` or ``env.tools``)."""
 
-    provides = ("env_reward", "final_response")  # see ``columns``
+    provides = ("env_reward", "final_response", "environments")  # see ``columns``
 
     def __init__(self, settings: EnvSettings):
         self.settings = settings
@@ -319,19 +321,22 @@ class MultiTurn:
 
     def columns(self, episodes: Episodes) -> dict[str, list]:
         """What the reward sources may read besides the row's columns: the episode's summed
-        environment reward and the model's final turn (``rlhfkit.envs:env_reward``)."""
-        return {"env_reward": episodes.env_reward, "final_response": episodes.final_text}
+        environment reward (``rlhfkit.envs:env_reward``), the model's final turn, and the
+        environment objects (a TRL-style class's instance, as TRL's reward functions get it)."""
+        return {
+            "env_reward": episodes.env_reward,
+            "final_response": episodes.final_text,
+            "environments": episodes.envs,
+        }
 
 
 def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: int,
-               max_prompt_length: int) -> MultiTurn:  # fmt: skip
+               max_prompt_length: int, chat_template: str | None = None) -> MultiTurn:  # fmt: skip
     """The sampler of a config's ``env`` section (``env.factory`` or ``env.tools``): the
-    settings that ``EnvConfig`` and ``EnvSettings`` share are taken by name."""
-    from rlhfkit.envs import make_factory
-
-    factory, name = make_factory(
-        env_cfg.factory, env_cfg.tools, env_cfg.tool_parser, env_cfg.tool_timeout
-    )
+    settings that ``EnvConfig`` and ``EnvSettings`` share are taken by name. ``chat_template``:
+    the policy tokenizer's, from which ``env.tool_parser: auto`` picks the tool-call format."""
+    parser = parser_for(chat_template, env_cfg.tool_parser)
+    factory, name = make_factory(env_cfg.factory, env_cfg.tools, parser, env_cfg.tool_timeout)
     shared = {
         f.name: getattr(env_cfg, f.name)
         for f in dataclasses.fields(EnvSettings)

@@ -13,7 +13,7 @@ import torch
 from rlhfkit.algos import RunningMeanStd, clip_abs
 from rlhfkit.config import load_callable
 from rlhfkit.rewards.env import env_reward
-from rlhfkit.rollout.columns import Columns, columns_for, required_columns
+from rlhfkit.rollout.columns import Columns, columns_for, required_columns, sendable
 from rlhfkit.rollout.forward import reward_scores
 from rlhfkit.train import dist
 
@@ -118,7 +118,8 @@ class HttpReward:
 
     def __call__(self, seq, tokenizer, columns: Columns | None = None) -> torch.Tensor:
         return torch.tensor(
-            self.client.score(*decode_sequences(tokenizer, seq), columns), dtype=torch.float32
+            self.client.score(*decode_sequences(tokenizer, seq), sendable(columns)),
+            dtype=torch.float32,
         )
 
     def needs(self) -> dict[str, tuple[str, ...]]:

@@ -45,6 +45,7 @@ from rlhfkit.models import device_of, load_policy, load_tokenizer
 from rlhfkit.report.html import EVAL_METRICS, eval_html
 from rlhfkit.rollout.collect import SingleTurn
 from rlhfkit.rollout.columns import check_columns, columns_of
+from rlhfkit.rollout.episodes import multi_turn
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import (
     RewardFn,
@@ -258,19 +259,18 @@ def run_eval(cfg: EvalRunConfig, judge: RewardFn | None = None) -> dict[str, Any
         cfg.seed,
         Path(cfg.output_dir),
         reference_name="reference",
-        sampler=eval_sampler(cfg, data),
+        sampler=eval_sampler(cfg, data, tok.chat_template),
     )
 
 
-def eval_sampler(cfg: EvalRunConfig, data: DataConfig):
+def eval_sampler(cfg: EvalRunConfig, data: DataConfig, chat_template: str | None):
     """`rlhfkit eval`'s sampler: one response per prompt, or episodes with ``env``."""
     if not cfg.env.enabled:
         return SingleTurn()
-    from rlhfkit.rollout.episodes import multi_turn
-
     return multi_turn(
-        cfg.env, cfg.max_turns, cfg.max_new_tokens, cfg.max_total_tokens, data.max_prompt_length
-    )
+        cfg.env, cfg.max_turns, cfg.max_new_tokens, cfg.max_total_tokens,
+        data.max_prompt_length, chat_template,
+    )  # fmt: skip
 
 
 class HeldOutEval:

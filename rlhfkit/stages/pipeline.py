@@ -120,7 +120,7 @@ def run_pipeline(cfg: PipelineConfig, judge: RewardFn | None = None) -> dict:
         judge,
         ppo.run.seed + 12345,
         out / "eval",
-        sampler=rollout_sampler(ppo),  # episodes too, when the PPO stage has an environment
+        sampler=rollout_sampler(ppo, tok.chat_template),  # episodes with the PPO stage's env
     )
     write_report(out, result, cfg)
     return result

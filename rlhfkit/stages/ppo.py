@@ -108,7 +108,7 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
     if cfg.env.tools:  # the schemas must reach the model through its chat template
         check_tools_shown(tok, "env.tools")
-    sampler = rollout_sampler(cfg)
+    sampler = rollout_sampler(cfg, tok.chat_template)
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
         for frozen in (ref, reward.module):
             if frozen is not None:
@@ -116,14 +116,16 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     return Models(tok, learner, ref, reward, sampler)
 
 
-def rollout_sampler(cfg: PPOConfig):
-    """One response per prompt, or episodes with the config's environment."""
+def rollout_sampler(cfg: PPOConfig, chat_template: str | None):
+    """One response per prompt, or episodes with the config's environment (``chat_template``:
+    the policy tokenizer's, for ``env.tool_parser: auto``)."""
     if not cfg.env.enabled:
         return SingleTurn()
     rc = cfg.rollout
     return multi_turn(
-        cfg.env, rc.max_turns, rc.max_new_tokens, rc.max_total_tokens, cfg.data.max_prompt_length
-    )
+        cfg.env, rc.max_turns, rc.max_new_tokens, rc.max_total_tokens,
+        cfg.data.max_prompt_length, chat_template,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one iteration
