@@ -51,6 +51,16 @@ def load_data(cfg, loader) -> tuple[Any, list, list]:
     return tokenizer, train, evals
 
 
+def start_stage(cfg, loader) -> tuple[Path, Any, list, list, Path | None, dict | None]:
+    """The first steps of a stage that fits on a data set (SFT, RM, DPO): threads, seed and the
+    run directory, the tokenizer and data (``load_data``), and the newest checkpoint with its
+    trainer state when resuming. Returns (out, tokenizer, train, evals, ckpt, state)."""
+    out = setup_run(cfg.train)
+    tokenizer, train, evals = load_data(cfg, loader)
+    ckpt, state = find_resume(cfg.train)
+    return out, tokenizer, train, evals, ckpt, state
+
+
 def find_resume(train: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
     ckpt = latest_checkpoint(train.output_dir) if train.resume else None
     if ckpt is None:

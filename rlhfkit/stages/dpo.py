@@ -32,10 +32,8 @@ from rlhfkit.models import (
 from rlhfkit.models.cpu_gemm import packed_weights
 from rlhfkit.stages.common import (
     export_final,
-    find_resume,
-    load_data,
     load_trainable_policy,
-    setup_run,
+    start_stage,
     train_stage,
 )
 from rlhfkit.train.loop import to_device
@@ -156,12 +154,10 @@ def _save_cache(d: Path, pairs: list[Pair]) -> None:
 
 
 def run_dpo(cfg: DPOConfig) -> Path:
-    out = setup_run(cfg.train)
-    # 1. tokenizer and preference pairs
-    tokenizer, train_items, eval_items = load_data(cfg, load_preferences)
+    # 1. tokenizer and preference pairs, and the newest checkpoint when resuming
+    out, tokenizer, train_items, eval_items, ckpt, state = start_stage(cfg, load_preferences)
     train, evals = to_pairs(train_items), to_pairs(eval_items)
     # 2. the policy (SFT, or the newest checkpoint) and the reference's logprobs, cached
-    ckpt, state = find_resume(cfg.train)
     model = load_trainable_policy(cfg.model, tokenizer, ckpt)  # LoRA: base + saved adapter
     how = reference_cache(model, tokenizer, cfg, train, evals, ckpt)
     print(f"[dpo] reference log-probs of {len(train) + len(evals)} pairs {how}", file=sys.stderr)

@@ -22,10 +22,8 @@ from rlhfkit.models import (
 )
 from rlhfkit.stages.common import (
     export_final,
-    find_resume,
-    load_data,
     load_trainable_scalar,
-    setup_run,
+    start_stage,
     train_stage,
 )
 from rlhfkit.train.loop import to_device
@@ -159,11 +157,9 @@ def reward_reference_stats(
 
 
 def run_rm(cfg: RMConfig) -> Path:
-    out = setup_run(cfg.train)
-    # 1. tokenizer and preference data
-    tokenizer, train, evals = load_data(cfg, load_preferences)
+    # 1. tokenizer and preference data, and the newest checkpoint when resuming
+    out, tokenizer, train, evals, ckpt, state = start_stage(cfg, load_preferences)
     # 2. SFT backbone + freshly initialised scalar head (or the newest checkpoint when resuming)
-    ckpt, state = find_resume(cfg.train)
     model = load_trainable_scalar(
         cfg.model, tokenizer, ckpt, cfg.model.name_or_path, fresh_head=True
     )

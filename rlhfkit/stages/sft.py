@@ -13,10 +13,8 @@ from rlhfkit.data.tokenize import IGNORE_INDEX, packed_batch, pad_right
 from rlhfkit.models import LabelledLogprobs, device_of, write_trainable
 from rlhfkit.stages.common import (
     export_final,
-    find_resume,
-    load_data,
     load_trainable_policy,
-    setup_run,
+    start_stage,
     train_stage,
 )
 from rlhfkit.train.loop import to_device
@@ -67,11 +65,10 @@ def evaluate_sft(module, items: list[SFTItem], pad_id: int, batch_size: int) -> 
 
 
 def run_sft(cfg: SFTConfig) -> Path:
-    out = setup_run(cfg.train)
-    # 1. tokenizer and data (every skip and truncation is counted and printed)
-    tokenizer, train, evals = load_data(cfg, load_sft)
+    # 1. tokenizer and data (every skip and truncation is counted and printed), and the newest
+    #    checkpoint when resuming
+    out, tokenizer, train, evals, ckpt, state = start_stage(cfg, load_sft)
     # 2. the model: the pretrained LM, or the newest checkpoint when resuming
-    ckpt, state = find_resume(cfg.train)
     model = load_trainable_policy(cfg.model, tokenizer, ckpt)
     # 3. train on next-token loss
     pad = tokenizer.pad_token_id
