@@ -51,6 +51,7 @@ def _prompts(tmp_path, name="heldout.jsonl"):
     )
 
 
+@pytest.mark.slow  # runs the CLI end to end (~7 s)
 def test_rlhfkit_eval_on_two_checkpoints(tmp_path, tiny_lm):
     """A policy against itself: KL exactly 0, win rate exactly 0.5 (the same seed: the same
     samples); against a perturbed copy: KL > 0. Writes eval.json and eval.html."""

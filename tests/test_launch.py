@@ -38,6 +38,7 @@ def _allocator(**extra) -> str:
     return dict(line.split(": ", 1) for line in out.splitlines())["allocator"]
 
 
+@pytest.mark.slow  # starts the `rlhfkit` command in a subprocess (~6 s)
 def test_rlhfkit_command_preloads_tcmalloc_when_installed():
     installed = any(os.path.exists(p) for p in TCMALLOC)  # scripts/setup.sh installs it as root
     assert _allocator() == ("tcmalloc" if installed else "system")

@@ -184,6 +184,7 @@ def test_rm_k_way_ranking_data_trains(tmp_path, sft_run):
     assert ev["eval/accuracy"] > 0.9 and ev["eval/margin"] > 0
 
 
+@pytest.mark.slow  # several `python -m rlhfkit` subprocesses (~12 s)
 def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm):
     data = write_jsonl(tmp_path / "sft.jsonl", copy_rows(16))
     base = [sys.executable, "-m", "rlhfkit", "sft", "--config", "configs/tiny/sft.yaml"]
