@@ -169,6 +169,9 @@ def needed_extras(command: str, cfg=None) -> list[tuple[str, str]]:
         log = getattr(part, "log", None)
         if log is not None and log.wandb:
             out.append(("wandb", f"{prefix}log.wandb"))
+        env = getattr(part, "env", None)
+        if env is not None and env.url:  # an OpenEnv server: its client is openenv-core's
+            out.append(("envs", f"{prefix}env.url"))
     return out
 
 

@@ -6,12 +6,13 @@ episode, reward functions read the instances; it trains with GRPO and is evaluat
 from __future__ import annotations
 
 import math
+import re
 
 import agent_env
 import pytest
 from agent_kit import agent_cfg
 
-from rlhfkit.config import ConfigError, EvalRunConfig, load_config
+from rlhfkit.config import ConfigError, EnvConfig, EvalRunConfig, load_config
 from rlhfkit.envs import TRLEnv, make_factory
 from rlhfkit.stages.evaluate import run_eval
 from rlhfkit.stages.ppo import run_ppo
@@ -19,7 +20,7 @@ from rlhfkit.train.logger import read_metrics
 
 
 def test_a_trl_style_class_becomes_our_environment_with_its_methods_as_tools():
-    factory, name = make_factory("agent_env:IncrementEnv", [], "hermes", 5.0)
+    factory, name = make_factory(EnvConfig(factory="agent_env:IncrementEnv"), "hermes")
     env = factory()
     assert isinstance(env, TRLEnv) and name == "agent_env:IncrementEnv"
     (schema,) = env.tools  # reset is not a tool; increment is, described by its docstring
@@ -42,7 +43,7 @@ def test_a_trl_style_tool_without_a_docstring_names_the_method():
     with pytest.raises(
         ConfigError, match=r"env.factory \(agent_env:Undocumented\): .*Undocumented.poke"
     ):
-        make_factory("agent_env:Undocumented", [], "hermes", 5.0)
+        make_factory(EnvConfig(factory="agent_env:Undocumented"), "hermes")
 
 
 def test_a_trl_style_class_trains_with_grpo_and_is_evaluated(tmp_path, tiny_chat_lm):
@@ -76,3 +77,142 @@ def test_reward_servers_are_never_sent_the_environment_objects():
 
     cols = {"answer": ["1"], "environments": [agent_env.IncrementEnv()], "final_response": ["x"]}
     assert sendable(cols) == {"answer": ["1"], "final_response": ["x"]}
+
+
+# --------------------------------------------------------------------------- OpenEnv
+
+pytest.importorskip("openenv", reason="the envs extra (openenv-core) is in the dev install")
+
+
+@pytest.fixture()
+def openenv_server():
+    """OpenEnv's own server (``create_app``) for the test environment, on a free port of
+    127.0.0.1 in a thread; stopped after the test."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from openenv.core.env_server.http_server import create_app
+    from openenv_env import WordAction, WordGame, WordObservation
+
+    app = create_app(WordGame, WordAction, WordObservation, max_concurrent_envs=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", server
+    server.should_exit = server.force_exit = True  # open sessions are not waited for
+    thread.join(timeout=10)
+
+
+def _word_game_run(tmp_path, lm, *where):
+    cfg = agent_cfg(
+        tmp_path, lm, *where, "ppo.estimator=grpo", "rollout.samples_per_prompt=4",
+        "rollout.max_turns=2", "rollout.max_total_tokens=32", "run.iterations=2",
+    )  # fmt: skip
+    final = run_ppo(cfg)
+    return final, read_metrics(tmp_path / "ppo")
+
+
+def test_an_openenv_environment_trains_in_process_and_its_rewards_are_the_goods(
+    tmp_path, tiny_chat_lm
+):
+    """The class itself (``env: module:Class``): one instance per episode in this process, the
+    model's text in the action's text field, reward and done read from the observation."""
+    from openenv_env import WordGame
+
+    from rlhfkit.envs.openenv import OpenEnvEpisode
+
+    factory, name = make_factory(EnvConfig(factory="openenv_env:WordGame"), "hermes")
+    env = factory()
+    assert isinstance(env, OpenEnvEpisode) and isinstance(env.session.env, WordGame)
+    assert env.reset({"prompt": "hi"}) == "hi\n\nsay good"  # the first observation's text
+    assert env.step("good good bad") == ("say good", 2.0, False)
+    assert env.step("good") == (None, 1.0, True)  # done after two turns
+    _, rows = _word_game_run(tmp_path, tiny_chat_lm, "env=openenv_env:WordGame")
+    assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
+    assert all(r["env/turns"] > 1 for r in rows)  # the env answered the first turn
+
+
+def test_an_openenv_server_trains_over_its_websocket_and_is_evaluated(
+    tmp_path, tiny_chat_lm, openenv_server
+):
+    url, _ = openenv_server
+    final, rows = _word_game_run(tmp_path, tiny_chat_lm, f"env.url={url}")
+    assert len(rows) == 2 and all(r["env/turns"] > 1 for r in rows)
+    ev = load_config(EvalRunConfig, None, [
+        f"policy={final}", f"reference={tiny_chat_lm}", f"env.url={url}",
+        f"eval.prompts_file={tmp_path / 'prompts.jsonl'}", "max_new_tokens=6", "max_turns=2",
+        "max_total_tokens=32", "eval.samples_per_prompt=2", "eval.pass_score=1",
+        f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    result = run_eval(ev)
+    samples = result["policy"]["samples"]
+    assert len(samples) == 2 * 6 and any("[env: " in x["response"] for x in samples)
+    # each episode's reward, read from the server's observations, is the "good"s the model
+    # wrote in its turns: recomputed from the trajectory with the env's turns left out
+    for x in samples:
+        model_text = re.sub(r"\[env: [^\]]*\]", " ", x["response"])
+        assert x["rm"] == float(model_text.split().count("good")), x["response"]
+    passed = [x["rm"] >= 1 for x in samples]
+    assert result["policy"]["pass@1"] == pytest.approx(sum(passed) / len(passed))
+
+
+def test_an_openenv_server_that_is_down_or_dies_is_an_error_naming_its_url(chat, openenv_server):
+    """Down at start-up: a config error naming the URL, before any work. Dying mid-episode (the
+    server really stops after the episodes' resets): an EnvError naming the URL and the step."""
+    import time
+
+    from agent_kit import items, sample_kw, settings
+
+    from rlhfkit.envs import EnvError
+    from rlhfkit.rollout.episodes import run_episodes
+
+    url, server = openenv_server
+    with pytest.raises(
+        ConfigError, match=r"env.url: no OpenEnv server answers at http://127.0.0.1:1"
+    ):
+        make_factory(EnvConfig(url="http://127.0.0.1:1"), "hermes")
+    factory, name = make_factory(EnvConfig(url=url), "hermes")
+
+    class DiesAfterReset:  # the real session; the server is stopped once every episode began
+        started = 0
+
+        def __init__(self):
+            self.env = factory()
+
+        def reset(self, row):
+            start = self.env.reset(row)
+            DiesAfterReset.started += 1
+            if DiesAfterReset.started == 2:
+                server.should_exit = server.force_exit = True
+                time.sleep(1.0)  # uvicorn drops its connections
+            return start
+
+        def step(self, text):
+            return self.env.step(text)
+
+    tok, policy = chat
+    with pytest.raises(EnvError, match=rf"env {re.escape(url)}: step 1 for the prompt"):
+        run_episodes(
+            policy,
+            tok,
+            items(tok, 2),
+            settings(DiesAfterReset, name=name, timeout=20),
+            sample_kw(tok),
+        )
+
+
+def test_an_openenv_action_without_one_text_field_is_a_config_error():
+    with pytest.raises(
+        ConfigError,
+        match=r"env.factory \(openenv_env:NoTextAction\): the action 'TwoFields' needs exactly one",
+    ):
+        make_factory(EnvConfig(factory="openenv_env:NoTextAction"), "hermes")

@@ -73,3 +73,13 @@ def test_log_wandb_without_wandb_names_the_key(tmp_path, hide, capsys, tiny_lm):
     assert main([*args, f"train.output_dir={out}", "log.wandb=true"]) == 2
     _one_line_error(capsys, "log.wandb", "pip install 'rlhfkit[wandb]'")
     assert not out.exists()
+
+
+def test_env_url_without_the_envs_extra_names_the_key(tmp_path, hide, capsys, tiny_lm):
+    hide("openenv")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    out = tmp_path / "ppo"
+    args = ["ppo", f"model.name_or_path={tiny_lm}", f"data.train_file={data}"]
+    assert main([*args, f"run.output_dir={out}", "env.url=http://127.0.0.1:1"]) == 2
+    _one_line_error(capsys, "env.url", "openenv", "pip install 'rlhfkit[envs]'")
+    assert not (out / "checkpoints").exists()

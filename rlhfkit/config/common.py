@@ -292,6 +292,11 @@ class EnvConfig:
         "instead of a factory: tool functions ['module:fn', ...]; their JSON schemas (type hints "
         "+ docstring) go to the chat template and the model's calls are run",
     )
+    url: str = knob(
+        "",
+        "instead of a factory: an OpenEnv server (http://host:port, started by OpenEnv's "
+        "create_app); each episode opens its own session (needs the envs extra)",
+    )
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = knob(
         "auto",
         "how tool calls are read from the model's text: hermes <tool_call>{json}</tool_call>, "
@@ -325,12 +330,13 @@ class EnvConfig:
     )
 
     def validate(self, prefix: str = "") -> None:
-        if self.factory and self.tools:
-            raise ConfigError(f"{prefix}factory / {prefix}tools: set only one of them")
+        given = [k for k in ("factory", "tools", "url") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(" / ".join(prefix + k for k in given) + ": set only one of them")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.factory or self.tools)
+        return bool(self.factory or self.tools or self.url)
 
 
 @dataclass(frozen=True)

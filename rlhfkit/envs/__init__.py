@@ -23,85 +23,43 @@ An env may carry ``tools``: JSON schemas passed to the chat template with the fi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from rlhfkit.config import load_callable
+from rlhfkit.envs.openenv import is_openenv_env, local_factory, remote_factory
+from rlhfkit.envs.protocol import Env, EnvError, Messages, Observation, as_messages, as_step
 from rlhfkit.envs.tools import TOOL_PARSERS, ToolEnv, load_tools, parser_for, tool_schemas
 from rlhfkit.envs.trl import TRLEnv, is_trl_env, trl_factory
 from rlhfkit.rewards.env import env_reward  # the documented spec rlhfkit.envs:env_reward
 
-Messages = list[dict[str, Any]]
-Observation = str | dict | Messages | None
-
-
-class Env(Protocol):
-    def reset(self, row: dict[str, Any]) -> str | Messages: ...
-
-    def step(self, text: str) -> tuple[Observation, float | None, bool]: ...
-
-
-class EnvError(RuntimeError):
-    """An environment raised, timed out, or answered something that is not a step."""
-
-
-def as_step(result: Any, where: str) -> tuple[Messages | None, float, bool]:
-    """A ``step`` result -> (observation as chat messages or None, reward, done). Accepts our
-    ``(observation, reward, done)`` tuple and OpenEnv's result objects. A non-finite reward is
-    passed on as it is (the run's non-finite guard handles it); a bad type is an ``EnvError``."""
-    if isinstance(result, tuple) and len(result) == 3:
-        obs, reward, done = result
-    elif hasattr(result, "done") and hasattr(result, "reward"):
-        obs = getattr(result, "observation", result)
-        obs = None if obs is result and result.done else obs
-        reward, done = result.reward, result.done
-    else:
-        raise EnvError(
-            f"{where}: step returned {type(result).__name__}, expected (observation, reward, done)"
-        )
-    if reward is not None and not isinstance(reward, (int, float)):
-        raise EnvError(f"{where}: step returned a reward of type {type(reward).__name__}")
-    return as_messages(obs, where), (0.0 if reward is None else float(reward)), bool(done)
-
-
-def as_messages(obs: Any, where: str, role: str = "user") -> Messages | None:
-    """An observation -> chat messages: a string is one ``role`` message; a dict, one message; a
-    list, several. Anything else (a number, an OpenEnv object) is an ``EnvError``."""
-    if obs is None:
-        return None
-    if isinstance(obs, str):
-        return [{"role": role, "content": obs}]
-    msgs = [obs] if isinstance(obs, dict) else obs
-    if not isinstance(msgs, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in msgs
-    ):
-        raise EnvError(
-            f"{where}: the observation must be a string or chat messages "
-            f"({{'role', 'content': str}}), got {type(obs).__name__}: {str(obs)[:80]!r}"
-        )
-    return list(msgs)
-
-
 # environments written for other libraries, each a (test, wrap) pair: a config's ``env.factory``
 # that passes the test is wrapped into our factory as wrap(obj, spec, parser, tool_timeout)
-ENV_ADAPTERS: list[tuple[Callable[[Any], bool], Callable]] = [(is_trl_env, trl_factory)]
+ENV_ADAPTERS: list[tuple[Callable[[Any], bool], Callable]] = [
+    (is_trl_env, trl_factory),
+    (is_openenv_env, local_factory),
+]
 
 
-def make_factory(spec_factory: str, tools: list[str], parser: str, tool_timeout: float):
-    """The config's environment factory: ``env.factory`` imported (through ``ENV_ADAPTERS`` when
-    it is another library's kind), or a ``ToolEnv`` over ``env.tools``. ``parser``: the tool-call
-    format (``parser_for`` resolves auto). Returns (factory, the name used in errors)."""
-    if spec_factory:
-        obj = load_callable(spec_factory, "env.factory")
+def make_factory(env_cfg, parser: str):
+    """The config's environment factory (``env`` section): ``env.factory`` imported (through
+    ``ENV_ADAPTERS`` when it is another library's kind), an OpenEnv server at ``env.url``, or a
+    ``ToolEnv`` over ``env.tools``. ``parser``: the tool-call format (``parser_for`` resolves
+    auto). Returns (factory, the name used in errors)."""
+    if env_cfg.url:
+        return remote_factory(env_cfg.url, env_cfg.timeout), env_cfg.url
+    if env_cfg.factory:
+        obj = load_callable(env_cfg.factory, "env.factory")
         for matches, wrap in ENV_ADAPTERS:
             if matches(obj):
-                return wrap(obj, spec_factory, parser, tool_timeout), spec_factory
-        return obj, spec_factory
-    fns = load_tools(tools)
+                return wrap(obj, env_cfg.factory, parser, env_cfg.tool_timeout), env_cfg.factory
+        return obj, env_cfg.factory
+    fns = load_tools(env_cfg.tools)
     schemas = tool_schemas(fns)
-    name = f"ToolEnv({', '.join(tools)})"
+    name = f"ToolEnv({', '.join(env_cfg.tools)})"
+    timeout = env_cfg.tool_timeout
 
     def factory() -> ToolEnv:
-        return ToolEnv(fns, schemas=schemas, parser=parser, timeout=tool_timeout)
+        return ToolEnv(fns, schemas=schemas, parser=parser, timeout=timeout)
 
     return factory, name
 
@@ -111,6 +69,8 @@ EnvFactory = Callable[[], Env]
 __all__ = [
     "TOOL_PARSERS",
     "Env",
+    "Messages",
+    "Observation",
     "EnvError",
     "ENV_ADAPTERS",
     "EnvFactory",

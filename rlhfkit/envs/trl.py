@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from rlhfkit.envs.protocol import with_prompt_suffix
 from rlhfkit.envs.tools import ToolEnv, tool_schemas
 
 
@@ -41,21 +42,14 @@ class TRLEnv:
         self.tools, self.counts = self._tools.tools, self._tools.counts
 
     def reset(self, row: dict[str, Any]):
-        extra = self.instance.reset(**_accepted(self.instance.reset, row))
-        prompt = row["prompt"]
-        if not extra:
-            return prompt
-        if isinstance(prompt, str):
-            return f"{prompt}\n\n{extra}"
-        last = max(i for i, m in enumerate(prompt) if m["role"] == "user")
-        turn = {**prompt[last], "content": f"{prompt[last]['content']}\n\n{extra}"}
-        return [*prompt[:last], turn, *prompt[last + 1 :]]
+        extra = self.instance.reset(**accepted(self.instance.reset, row))
+        return with_prompt_suffix(row["prompt"], extra or "")
 
     def step(self, text: str):
         return self._tools.step(text)
 
 
-def _accepted(fn, row: dict[str, Any]) -> dict[str, Any]:
+def accepted(fn, row: dict[str, Any]) -> dict[str, Any]:
     """The row's fields ``fn`` takes: all of them with ``**kwargs``, else the ones it names
     (TRL's examples write both ``reset(self, **kwargs)`` and ``reset(self)``)."""
     params = inspect.signature(fn).parameters.values()

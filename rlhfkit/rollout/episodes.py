@@ -17,6 +17,7 @@ when the next observation would pass ``rollout.max_total_tokens`` (truncated, co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -189,7 +190,15 @@ def run_episodes(
     for ep in eps:
         for k, v in getattr(ep.env, "counts", {}).items():
             counts[k] = counts.get(k, 0.0) + v
+        _close(ep.env)
     return _batch(eps, settings, counts, tokenizer.pad_token_id, device, prompt_width)
+
+
+def _close(env) -> None:
+    """An environment with ``close`` (a session with a server) is closed when its episode is
+    over; a failure to close loses nothing of the episode, so it is not raised."""
+    with contextlib.suppress(Exception):
+        getattr(env, "close", lambda: None)()
 
 
 def _model_turn(actor, tokenizer, live: list[_Episode], settings, sample, device) -> None:
@@ -336,7 +345,7 @@ def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: i
     settings that ``EnvConfig`` and ``EnvSettings`` share are taken by name. ``chat_template``:
     the policy tokenizer's, from which ``env.tool_parser: auto`` picks the tool-call format."""
     parser = parser_for(chat_template, env_cfg.tool_parser)
-    factory, name = make_factory(env_cfg.factory, env_cfg.tools, parser, env_cfg.tool_timeout)
+    factory, name = make_factory(env_cfg, parser)
     shared = {
         f.name: getattr(env_cfg, f.name)
         for f in dataclasses.fields(EnvSettings)

@@ -1,0 +1,56 @@
+"""An environment written on ``openenv-core``, as OpenEnv's own template writes one: Pydantic
+action and observation, ``reset`` / ``step`` / ``state``. The model is asked to say "good"; each
+turn's reward is the number of "good"s in it, and the episode ends after two turns."""
+
+from openenv.core.env_server.interfaces import Environment
+from openenv.core.env_server.types import Action, Observation, State
+from pydantic import Field
+
+
+class WordAction(Action):
+    message: str = Field(..., description="the model's turn")
+
+
+class WordObservation(Observation):
+    text: str = Field(default="", description="what the environment says")
+
+
+class WordGame(Environment):
+    SUPPORTS_CONCURRENT_SESSIONS = True
+
+    def __init__(self):
+        super().__init__()
+        self._state = State(episode_id="word-game", step_count=0)
+
+    def reset(self, seed=None, episode_id=None, **kwargs) -> WordObservation:
+        self._state = State(episode_id=episode_id or "word-game", step_count=0)
+        return WordObservation(text="say good", done=False, reward=0.0)
+
+    def step(self, action: WordAction, timeout_s=None, **kwargs) -> WordObservation:
+        self._state.step_count += 1
+        goods = action.message.split().count("good")
+        done = self._state.step_count >= 2
+        return WordObservation(text="say good", done=done, reward=float(goods))
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+
+class TwoFields(Action):
+    a: str
+    b: str
+
+
+class NoTextAction(Environment):
+    """An environment whose action has two text fields: no single one carries the model's text."""
+
+    def reset(self, **kwargs) -> WordObservation:
+        return WordObservation()
+
+    def step(self, action: TwoFields, **kwargs) -> WordObservation:
+        return WordObservation(done=True)
+
+    @property
+    def state(self) -> State:
+        return State()
