@@ -172,6 +172,8 @@ def needed_extras(command: str, cfg=None) -> list[tuple[str, str]]:
         env = getattr(part, "env", None)
         if env is not None and env.url:  # an OpenEnv server: its client is openenv-core's
             out.append(("envs", f"{prefix}env.url"))
+        if env is not None and env.mcp:  # MCP servers: the mcp SDK's client
+            out.append(("envs", f"{prefix}env.mcp"))
     return out
 
 

@@ -12,7 +12,7 @@ import importlib.util
 # extra -> the importable modules it provides (pyproject.toml [project.optional-dependencies])
 EXTRAS: dict[str, tuple[str, ...]] = {
     "demo": ("matplotlib", "vaderSentiment"),
-    "envs": ("openenv",),
+    "envs": ("openenv", "mcp"),
     "report": ("matplotlib",),
     "serve": ("fastapi", "uvicorn"),
     "wandb": ("wandb",),

@@ -131,3 +131,8 @@ class Undocumented:
 
     def poke(self, x: int) -> int:
         return x
+
+
+def counter_free(prompts, responses, final_response):
+    """1 when the model's final turn holds no tool call (it answered), else 0."""
+    return [float("<tool_call>" not in r) for r in final_response]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from pathlib import Path
 
 import agent_env
 import pytest
@@ -216,3 +218,102 @@ def test_an_openenv_action_without_one_text_field_is_a_config_error():
         match=r"env.factory \(openenv_env:NoTextAction\): the action 'TwoFields' needs exactly one",
     ):
         make_factory(EnvConfig(factory="openenv_env:NoTextAction"), "hermes")
+
+
+# --------------------------------------------------------------------------- MCP tool servers
+
+MCP_COMMAND = f"{sys.executable} {Path(__file__).parent / 'mcp_server.py'}"
+
+
+def test_an_mcp_servers_tools_are_the_models_tools_with_errors_and_timeouts_counted():
+    """stdio: the server started as a command. Schemas from MCP, calls answered by the server,
+    arguments checked against MCP's schema, the server's own errors and the per-call timeout
+    turned into messages the model reads, all counted as for Python tools."""
+    factory, name = make_factory(EnvConfig(mcp=[MCP_COMMAND], tool_timeout=1.0), "hermes")
+    env = factory()
+    assert name == f"ToolEnv({MCP_COMMAND})"
+    by_name = {t["function"]["name"]: t["function"] for t in env.tools}
+    assert sorted(by_name) == ["add", "divide", "wait"] and by_name["add"]["description"]
+    assert by_name["add"]["parameters"]["properties"]["a"]["type"] == "integer"
+    call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
+    (msg,), _, _ = env.step(call.format("add", '{"a": 2, "b": 3}'))
+    assert msg["content"] == "5"
+    (msg,), _, _ = env.step(call.format("add", '{"a": "2", "b": 3}'))  # checked before the call
+    assert "'2' is not of type 'integer'" in msg["content"]
+    (msg,), _, _ = env.step(call.format("divide", '{"a": 1, "b": 0}'))
+    assert msg["content"].startswith("error: divide raised RuntimeError: the MCP server")
+    assert "answered an error: Error executing tool divide" in msg["content"]
+    (msg,), _, _ = env.step(call.format("wait", '{"seconds": 3}'))
+    assert msg["content"] == "error: wait timed out after 1 s"
+    assert env.counts == {"tool_calls": 3, "tool_errors": 2, "invalid_calls": 1}
+
+
+def test_an_unreachable_mcp_server_is_a_config_error_naming_it():
+    with pytest.raises(
+        ConfigError, match=r"env.mcp\[0\]: cannot connect to the MCP server http://127.0.0.1:1/mcp"
+    ):
+        make_factory(EnvConfig(mcp=["http://127.0.0.1:1/mcp"]), "hermes")
+
+
+@pytest.fixture()
+def mcp_http():
+    """The same server over Streamable HTTP, on a free port of 127.0.0.1 in a thread."""
+    import mcp_server
+
+    yield from _serve(mcp_server.app(), "/mcp")
+
+
+def _serve(app, path: str):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}{path}", server
+    server.should_exit = server.force_exit = True  # open sessions are not waited for
+    thread.join(timeout=10)
+
+
+def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
+    tmp_path, tiny_chat_lm, mcp_http
+):
+    url, server = mcp_http
+    cfg = agent_cfg(
+        tmp_path, tiny_chat_lm, f"env.mcp=[{url}]", "reward_fn=agent_env:counter_free",
+        "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2",
+        "rollout.max_total_tokens=48", "run.iterations=2",
+    )  # fmt: skip
+    final = run_ppo(cfg)
+    rows = read_metrics(tmp_path / "ppo")
+    assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
+    assert all("env/tool_calls" in r and "env/invalid_calls" in r for r in rows)
+    ev = load_config(EvalRunConfig, None, [
+        f"policy={final}", f"reference={tiny_chat_lm}", f"env.mcp=[{url}]",
+        "reward_fn=agent_env:counter_free", f"eval.prompts_file={tmp_path / 'prompts.jsonl'}",
+        "max_new_tokens=6", "max_turns=2", "max_total_tokens=48", "eval.samples_per_prompt=2",
+        f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    result = run_eval(ev)["policy"]
+    passed = [x["rm"] >= 1 for x in result["samples"]]  # pass@k over episodes, n = 2
+    assert len(passed) == 12 and result["pass@1"] == pytest.approx(sum(passed) / len(passed))
+    # the server dies: a call is an error message for the model, naming the server; no crash
+    factory, _ = make_factory(EnvConfig(mcp=[url], tool_timeout=5.0), "hermes")
+    env = factory()
+    server.should_exit = server.force_exit = True
+    import time
+
+    time.sleep(1.0)
+    (msg,), _, _ = env.step('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
+    assert msg["content"].startswith("error: add ") and url in msg["content"], msg["content"]
+    assert env.counts["tool_errors"] == 1

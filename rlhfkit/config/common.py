@@ -292,6 +292,11 @@ class EnvConfig:
         "instead of a factory: tool functions ['module:fn', ...]; their JSON schemas (type hints "
         "+ docstring) go to the chat template and the model's calls are run",
     )
+    mcp: list[str] = knob(
+        [],
+        "MCP tool servers: a URL (Streamable HTTP) or a command that starts one on stdio; their "
+        "tools join env.tools, schemas from MCP (needs the envs extra)",
+    )
     url: str = knob(
         "",
         "instead of a factory: an OpenEnv server (http://host:port, started by OpenEnv's "
@@ -331,12 +336,13 @@ class EnvConfig:
 
     def validate(self, prefix: str = "") -> None:
         given = [k for k in ("factory", "tools", "url") if getattr(self, k)]
+        given += ["mcp"] if self.mcp and not self.tools else []  # mcp's tools join env.tools
         if len(given) > 1:
             raise ConfigError(" / ".join(prefix + k for k in given) + ": set only one of them")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.factory or self.tools or self.url)
+        return bool(self.factory or self.tools or self.url or self.mcp)
 
 
 @dataclass(frozen=True)

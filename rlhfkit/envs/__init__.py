@@ -40,10 +40,19 @@ ENV_ADAPTERS: list[tuple[Callable[[Any], bool], Callable]] = [
 ]
 
 
+def mcp_server(target: str, timeout: float, key: str):
+    """An MCP server's tools (``rlhfkit.envs.mcp``), after checking the extra is installed."""
+    from rlhfkit.envs.mcp import MCPServerTools
+    from rlhfkit.extras import require
+
+    require("envs", key)
+    return MCPServerTools(target, timeout, key)
+
+
 def make_factory(env_cfg, parser: str):
     """The config's environment factory (``env`` section): ``env.factory`` imported (through
     ``ENV_ADAPTERS`` when it is another library's kind), an OpenEnv server at ``env.url``, or a
-    ``ToolEnv`` over ``env.tools``. ``parser``: the tool-call format (``parser_for`` resolves
+    ``ToolEnv`` over ``env.tools`` and the tools of the MCP servers of ``env.mcp``. ``parser``: the tool-call format (``parser_for`` resolves
     auto). Returns (factory, the name used in errors)."""
     if env_cfg.url:
         return remote_factory(env_cfg.url, env_cfg.timeout), env_cfg.url
@@ -55,7 +64,10 @@ def make_factory(env_cfg, parser: str):
         return obj, env_cfg.factory
     fns = load_tools(env_cfg.tools)
     schemas = tool_schemas(fns)
-    name = f"ToolEnv({', '.join(env_cfg.tools)})"
+    for i, target in enumerate(env_cfg.mcp):  # MCP servers' tools join the Python ones
+        server = mcp_server(target, env_cfg.tool_timeout, f"env.mcp[{i}]")
+        fns, schemas = fns + server.tools(), schemas + server.schemas()
+    name = f"ToolEnv({', '.join([*env_cfg.tools, *env_cfg.mcp])})"
     timeout = env_cfg.tool_timeout
 
     def factory() -> ToolEnv:

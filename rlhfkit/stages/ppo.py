@@ -106,7 +106,7 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
         )
     learner = load_learner(cfg, actor, tok, ckpt)
     reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
-    if cfg.env.tools:  # the schemas must reach the model through its chat template
+    if cfg.env.tools or cfg.env.mcp:  # the schemas must reach the model through its template
         check_tools_shown(tok, "env.tools")
     sampler = rollout_sampler(cfg, tok.chat_template)
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
