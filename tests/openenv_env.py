@@ -2,7 +2,9 @@
 action and observation, ``reset`` / ``step`` / ``state``. The model is asked to say "good"; each
 turn's reward is the number of "good"s in it, and the episode ends after two turns."""
 
+from fastmcp import FastMCP  # openenv-core's own MCP server dependency
 from openenv.core.env_server.interfaces import Environment
+from openenv.core.env_server.mcp_environment import MCPEnvironment
 from openenv.core.env_server.types import Action, Observation, State
 from pydantic import Field
 
@@ -54,3 +56,29 @@ class NoTextAction(Environment):
     @property
     def state(self) -> State:
         return State()
+
+
+class CalcEnv(MCPEnvironment):
+    """An OpenEnv environment whose tools are served over MCP (OpenEnv's MCPEnvironment, with a
+    FastMCP server as its docs show): ``add`` is its tool."""
+
+    def __init__(self):
+        mcp = FastMCP("calc")
+
+        @mcp.tool
+        def add(a: int, b: int) -> int:
+            """Add two numbers."""
+            return a + b
+
+        super().__init__(mcp)
+        self._state = State(episode_id="calc", step_count=0)
+
+    def reset(self, seed=None, episode_id=None, **kwargs) -> Observation:
+        return Observation(done=False, reward=0.0)
+
+    def _step_impl(self, action, timeout_s=None, **kwargs) -> Observation:
+        return Observation(done=True, reward=0.0)
+
+    @property
+    def state(self) -> State:
+        return self._state

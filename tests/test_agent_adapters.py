@@ -317,3 +317,32 @@ def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     (msg,), _, _ = env.step('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
     assert msg["content"].startswith("error: add ") and url in msg["content"], msg["content"]
     assert env.counts["tool_errors"] == 1
+
+
+def test_an_openenv_mcp_environments_tools_are_the_models_tools(tmp_path, tiny_chat_lm):
+    """Issue 34: an OpenEnv environment that serves its tools over MCP (ListToolsAction /
+    CallToolAction): the tools are the model's, with MCP's schemas; calls run through ToolEnv."""
+    from rlhfkit.envs.openenv import MCPToolsEpisode
+
+    factory, _ = make_factory(EnvConfig(factory="openenv_env:CalcEnv"), "hermes")
+    env = factory()
+    assert isinstance(env, MCPToolsEpisode)
+    (tool,) = env.tools
+    assert tool["function"]["name"] == "add"
+    assert tool["function"]["parameters"]["required"] == ["a", "b"]
+    assert env.reset({"prompt": "what is 2 + 3"}) == "what is 2 + 3"
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    ([msg], reward, done) = env.step(call)
+    assert msg["content"] == "5" and reward == 0.0 and not done
+    ([msg], _, _) = env.step(call.replace("2,", '"x",'))  # checked against MCP's schema
+    assert "'x' is not of type 'integer'" in msg["content"]
+    assert env.step("it is 5") == (None, 0.0, True)  # no call: the final answer
+    assert env.counts == {"tool_calls": 1, "tool_errors": 0, "invalid_calls": 1}
+    cfg = agent_cfg(
+        tmp_path, tiny_chat_lm, "env=openenv_env:CalcEnv", "reward_fn=agent_env:counter_free",
+        "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2",
+        "rollout.max_total_tokens=48", "run.iterations=1",
+    )  # fmt: skip
+    run_ppo(cfg)
+    (row,) = read_metrics(tmp_path / "ppo")
+    assert math.isfinite(row["loss/policy"]) and "env/tool_calls" in row

@@ -9,7 +9,9 @@ An OpenEnv environment takes Pydantic actions and returns Pydantic observations 
                                      episode opens its own session over its WebSocket
                                      protocol (``GenericEnvClient(...).sync()``)
 
-Text actions and observations map to turns: the model's turn fills the action's one text field
+An ``MCPEnvironment`` (OpenEnv's environments whose tools are served over MCP) is run as a tool
+environment instead: its MCP tools are the model's tools (``MCPToolsEpisode``). Otherwise, text
+actions and observations map to turns: the model's turn fills the action's one text field
 (its schema's only required string), and an observation is shown as its one text field, or as
 JSON of its fields when it has several (``reward``, ``done`` and ``metadata`` are read, not
 shown). ``reset(**row)`` gets the row's fields it names; its observation's text is appended to
@@ -121,9 +123,83 @@ def _split(fields: dict[str, Any]):
     return fields, fields.get("reward"), bool(fields.get("done"))
 
 
+def is_mcp_env(cls: type) -> bool:
+    """An OpenEnv ``MCPEnvironment``: its tools are reached through MCP actions."""
+    return any(c.__name__ == "MCPEnvironment" for c in cls.__mro__)
+
+
+class MCPToolsEpisode:
+    """One episode of an OpenEnv ``MCPEnvironment`` instance: its MCP tools are the model's tools
+    (``ListToolsAction`` once at start-up for the schemas, a ``CallToolAction`` per call, run
+    through ``ToolEnv``: argument check, timeout, error messages and counts as for any tool); a
+    turn without a call is the final answer. A call's observation reward and done count."""
+
+    def __init__(self, env, schemas: list[dict], parser: str, timeout: float):
+        from rlhfkit.envs.tools import ToolEnv
+
+        self.env, self.reward, self.done = env, 0.0, False
+        callers = [self._caller(t["function"]["name"]) for t in schemas]
+        self._tools = ToolEnv(callers, schemas, parser, timeout)
+        self.tools, self.counts = self._tools.tools, self._tools.counts
+
+    def _caller(self, name: str):
+        def call(**arguments: Any) -> str:
+            from openenv.core.env_server.mcp_types import CallToolAction
+
+            obs = self.env.step(CallToolAction(tool_name=name, arguments=arguments))
+            self.reward += obs.reward or 0.0
+            self.done = self.done or bool(obs.done)
+            if obs.error is not None:
+                raise RuntimeError(f"{obs.error.error_type.value}: {obs.error.message}")
+            content = getattr(obs.result, "content", None) or []
+            return "\n".join(c.text for c in content if getattr(c, "text", None) is not None)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def reset(self, row: dict[str, Any]):
+        fields = self.env.reset(**accepted(self.env.reset, row)).model_dump()
+        return with_prompt_suffix(row["prompt"], observation_text(fields) if _shown(fields) else "")
+
+    def step(self, text: str):
+        self.reward = 0.0
+        obs, _, done = self._tools.step(text)
+        return (None if self.done else obs), self.reward, done or self.done
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _shown(fields: dict[str, Any]) -> bool:
+    return any(k not in _READ for k in fields)
+
+
+def mcp_tool_schemas(cls: type, spec: str) -> list[dict]:
+    """The MCP tools of an ``MCPEnvironment`` class, from a first instance, in the chat
+    templates' format."""
+    from openenv.core.env_server.mcp_types import ListToolsAction
+
+    env = cls()
+    try:
+        listed = env.step(ListToolsAction()).tools
+    finally:
+        env.close()
+    if not listed:
+        raise ConfigError(f"env.factory ({spec}): the MCP environment lists no tools")
+    return [
+        {"type": "function", "function": {"name": t.name, "description": t.description,
+                                          "parameters": t.input_schema}}
+        for t in listed
+    ]  # fmt: skip
+
+
 def local_factory(cls: type, spec: str, parser: str, timeout: float):
-    """Our factory for an ``Environment`` class (``ENV_ADAPTERS``): its action class is the
-    annotation of ``step``'s action, whose text field is found once, at start-up."""
+    """Our factory for an ``Environment`` class (``ENV_ADAPTERS``): an ``MCPEnvironment``'s MCP
+    tools become the model's tools; any other's action class is the annotation of ``step``'s
+    action, whose text field is found once, at start-up."""
+    if is_mcp_env(cls):
+        schemas = mcp_tool_schemas(cls, spec)
+        return lambda: MCPToolsEpisode(cls(), schemas, parser, timeout)
     hints = typing.get_type_hints(cls.step)
     action_cls = hints.get("action")
     if action_cls is None:
