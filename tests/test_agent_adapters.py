@@ -138,9 +138,19 @@ def test_an_openenv_environment_trains_in_process_and_its_rewards_are_the_goods(
     assert env.reset({"prompt": "hi"}) == "hi\n\nsay good"  # the first observation's text
     assert env.step("good good bad") == ("say good", 2.0, False)
     assert env.step("good") == (None, 1.0, True)  # done after two turns
-    _, rows = _word_game_run(tmp_path, tiny_chat_lm, "env=openenv_env:WordGame")
+    final, rows = _word_game_run(tmp_path, tiny_chat_lm, "env=openenv_env:WordGame")
     assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
     assert all(r["env/turns"] > 1 for r in rows)  # the env answered the first turn
+    ev = load_config(EvalRunConfig, None, [
+        f"policy={final}", f"reference={tiny_chat_lm}", "env=openenv_env:WordGame",
+        f"eval.prompts_file={tmp_path / 'prompts.jsonl'}", "max_new_tokens=6", "max_turns=2",
+        "max_total_tokens=32", "eval.samples_per_prompt=2", f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    result = run_eval(ev)["policy"]
+    for x in result["samples"]:  # the env's reward: the "good"s of the model's own turns
+        model_text = re.sub(r"\[env: [^\]]*\]", " ", x["response"])
+        assert x["rm"] == float(model_text.split().count("good")), x["response"]
+    assert "pass@2" in result
 
 
 def test_an_openenv_server_trains_over_its_websocket_and_is_evaluated(
