@@ -243,6 +243,10 @@ def rollout_chunk(
     return exp, timings
 
 
+# the fields of ``Sequences`` that hold one row per episode
+SEQUENCE_ROWS = ("input_ids", "attention_mask", "position_ids", "response", "response_mask")
+
+
 def _score_kept(reward, seq, tokenizer, columns: dict, keep: torch.Tensor) -> torch.Tensor:
     """R_final (B,) of the rows in ``keep``, 0 elsewhere: an episode dropped by
     ``env.on_error: skip`` is never shown to the reward source (a checker would count its
@@ -258,9 +262,6 @@ def _score_kept(reward, seq, tokenizer, columns: dict, keep: torch.Tensor) -> to
     out = torch.zeros(len(keep))
     out[idx.cpu()] = reward(sub, tokenizer, sub_cols).cpu().float()
     return out
-
-
-SEQUENCE_ROWS = ("input_ids", "attention_mask", "position_ids", "response", "response_mask")
 
 
 def own_groups(group: torch.Tensor, skipped: torch.Tensor, n: int) -> torch.Tensor:
