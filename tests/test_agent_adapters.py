@@ -48,6 +48,7 @@ def test_a_trl_style_tool_without_a_docstring_names_the_method():
         make_factory(EnvConfig(factory="agent_env:Undocumented"), "hermes")
 
 
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_a_trl_style_class_trains_with_grpo_and_is_evaluated(tmp_path, tiny_chat_lm):
     """Unmodified: the class and a reward function that reads ``environments`` (TRL's shape),
     through ``rlhfkit ppo`` with GRPO and then ``rlhfkit eval``."""
@@ -123,6 +124,7 @@ def _word_game_run(tmp_path, lm, *where):
     return final, read_metrics(tmp_path / "ppo")
 
 
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_an_openenv_environment_trains_in_process_and_its_rewards_are_the_goods(
     tmp_path, tiny_chat_lm
 ):
@@ -153,6 +155,7 @@ def test_an_openenv_environment_trains_in_process_and_its_rewards_are_the_goods(
     assert "pass@2" in result
 
 
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_an_openenv_server_trains_over_its_websocket_and_is_evaluated(
     tmp_path, tiny_chat_lm, openenv_server
 ):
@@ -295,6 +298,7 @@ def _serve(app, path: str):
     thread.join(timeout=10)
 
 
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     tmp_path, tiny_chat_lm, mcp_http
 ):
@@ -329,6 +333,7 @@ def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     assert env.counts["tool_errors"] == 1
 
 
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_an_openenv_mcp_environments_tools_are_the_models_tools(tmp_path, tiny_chat_lm):
     """Issue 34: an OpenEnv environment that serves its tools over MCP (ListToolsAction /
     CallToolAction): the tools are the model's, with MCP's schemas; calls run through ToolEnv."""
