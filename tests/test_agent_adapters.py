@@ -20,6 +20,9 @@ from rlhfkit.stages.evaluate import run_eval
 from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.train.logger import read_metrics
 
+# GRPO over two-turn episodes, the settings of every adapter's training run
+GRPO_EPISODES = ("ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2")
+
 
 def test_a_trl_style_class_becomes_our_environment_with_its_methods_as_tools():
     factory, name = make_factory(EnvConfig(factory="agent_env:IncrementEnv"), "hermes")
@@ -54,7 +57,7 @@ def test_a_trl_style_class_trains_with_grpo_and_is_evaluated(tmp_path, tiny_chat
     through ``rlhfkit ppo`` with GRPO and then ``rlhfkit eval``."""
     cfg = agent_cfg(
         tmp_path, tiny_chat_lm, "env=agent_env:IncrementEnv", "reward_fn=agent_env:counter_reward",
-        "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2",
+        *GRPO_EPISODES,
         "rollout.max_total_tokens=32", "run.iterations=2",
     )  # fmt: skip
     final = run_ppo(cfg)
@@ -87,19 +90,15 @@ def test_reward_servers_are_never_sent_the_environment_objects():
 pytest.importorskip("openenv", reason="the envs extra (openenv-core) is in the dev install")
 
 
-@pytest.fixture()
-def openenv_server():
-    """OpenEnv's own server (``create_app``) for the test environment, on a free port of
-    127.0.0.1 in a thread; stopped after the test."""
+def _serve(app, path: str):
+    """``app`` served by uvicorn on a free port of 127.0.0.1 in a thread: yields (its URL with
+    ``path``, the server); stopped afterwards without waiting for open sessions."""
     import socket
     import threading
     import time
 
     import uvicorn
-    from openenv.core.env_server.http_server import create_app
-    from openenv_env import WordAction, WordGame, WordObservation
 
-    app = create_app(WordGame, WordAction, WordObservation, max_concurrent_envs=64)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -110,15 +109,24 @@ def openenv_server():
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{port}", server
-    server.should_exit = server.force_exit = True  # open sessions are not waited for
+    yield f"http://127.0.0.1:{port}{path}", server
+    server.should_exit = server.force_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture()
+def openenv_server():
+    """OpenEnv's own server (``create_app``) for the test environment."""
+    from openenv.core.env_server.http_server import create_app
+    from openenv_env import WordAction, WordGame, WordObservation
+
+    app = create_app(WordGame, WordAction, WordObservation, max_concurrent_envs=64)
+    yield from _serve(app, "")
 
 
 def _word_game_run(tmp_path, lm, *where):
     cfg = agent_cfg(
-        tmp_path, lm, *where, "ppo.estimator=grpo", "rollout.samples_per_prompt=4",
-        "rollout.max_turns=2", "rollout.max_total_tokens=32", "run.iterations=2",
+        tmp_path, lm, *where, *GRPO_EPISODES, "rollout.max_total_tokens=32", "run.iterations=2",
     )  # fmt: skip
     final = run_ppo(cfg)
     return final, read_metrics(tmp_path / "ppo")
@@ -276,28 +284,6 @@ def mcp_http():
     yield from _serve(mcp_server.app(), "/mcp")
 
 
-def _serve(app, path: str):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}{path}", server
-    server.should_exit = server.force_exit = True  # open sessions are not waited for
-    thread.join(timeout=10)
-
-
 @pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
 def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     tmp_path, tiny_chat_lm, mcp_http
@@ -305,7 +291,7 @@ def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     url, server = mcp_http
     cfg = agent_cfg(
         tmp_path, tiny_chat_lm, f"env.mcp=[{url}]", "reward_fn=agent_env:counter_free",
-        "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2",
+        *GRPO_EPISODES,
         "rollout.max_total_tokens=48", "run.iterations=2",
     )  # fmt: skip
     final = run_ppo(cfg)
@@ -355,7 +341,7 @@ def test_an_openenv_mcp_environments_tools_are_the_models_tools(tmp_path, tiny_c
     assert env.counts == {"tool_calls": 1, "tool_errors": 0, "invalid_calls": 1}
     cfg = agent_cfg(
         tmp_path, tiny_chat_lm, "env=openenv_env:CalcEnv", "reward_fn=agent_env:counter_free",
-        "ppo.estimator=grpo", "rollout.samples_per_prompt=4", "rollout.max_turns=2",
+        *GRPO_EPISODES,
         "rollout.max_total_tokens=48", "run.iterations=1",
     )  # fmt: skip
     run_ppo(cfg)
