@@ -47,6 +47,10 @@ class InvalidCall:
 _HERMES = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)</tool_call>", re.DOTALL)
 
 
+def _not_json(e: json.JSONDecodeError, text: str) -> InvalidCall:
+    return InvalidCall(f"the tool call is not valid JSON ({e.msg}): {text[:80]!r}")
+
+
 def _call_from(obj: Any, args_key: str, text: str) -> dict | InvalidCall:
     """One decoded JSON call ``{"name": str, args_key: {...}}`` -> a call, or why it is not."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -68,7 +72,7 @@ def parse_hermes(text: str) -> list[dict | InvalidCall]:
         try:
             calls.append(_call_from(json.loads(body), "arguments", body))
         except json.JSONDecodeError as e:
-            calls.append(InvalidCall(f"the tool call is not valid JSON ({e.msg}): {body[:80]!r}"))
+            calls.append(_not_json(e, body))
     if text.count("<tool_call>") > len(_HERMES.findall(text)):
         calls.append(InvalidCall("a <tool_call> block is not closed with </tool_call>"))
     return calls
@@ -87,9 +91,7 @@ def parse_llama3(text: str) -> list[dict | InvalidCall]:
         try:
             obj, end = decoder.raw_decode(body, i)
         except json.JSONDecodeError as e:
-            calls.append(
-                InvalidCall(f"the tool call is not valid JSON ({e.msg}): {body[i:][:80]!r}")
-            )
+            calls.append(_not_json(e, body[i:]))
             break
         calls.append(_call_from(obj, "parameters", body[i:end]))
         i = end
@@ -114,16 +116,14 @@ def parse_mistral(text: str) -> list[dict | InvalidCall]:
                     "arguments": json.JSONDecoder().raw_decode(args.strip())[0],
                 }
             except json.JSONDecodeError as e:
-                calls.append(
-                    InvalidCall(f"the tool call is not valid JSON ({e.msg}): {part[:80]!r}")
-                )
+                calls.append(_not_json(e, part))
                 continue
             calls.append(_call_from(obj, "arguments", part))
             continue
         try:
             obj = json.JSONDecoder().raw_decode(part)[0]
         except json.JSONDecodeError as e:
-            calls.append(InvalidCall(f"the tool call is not valid JSON ({e.msg}): {part[:80]!r}"))
+            calls.append(_not_json(e, part))
             continue
         for one in obj if isinstance(obj, list) else [obj]:
             calls.append(_call_from(one, "arguments", json.dumps(one)))
