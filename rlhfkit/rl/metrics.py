@@ -3,7 +3,7 @@ each one, and ``tests/test_rl_core.py`` checks the two lists are the same)."""
 
 from __future__ import annotations
 
-from rlhfkit.rollout.collect import Timings
+from rlhfkit.rollout.collect import Timings, skipped_rows
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.train import dist
 
@@ -94,7 +94,7 @@ def rollout_metrics(
     # the model's own tokens: an environment's are counted apart (response/env_length), and an
     # episode dropped by env.on_error: skip (no tokens, score 0) is left out of the score stats
     n_tokens = int(exp.loss_mask.sum())
-    scored = exp.raw_scores[exp.group >= 0] if bool((exp.group < 0).any()) else exp.raw_scores
+    scored = exp.raw_scores[~skipped_rows(exp.group)]
     sampling = {}
     if timings.groups:  # rollout.filter_groups (DAPO dynamic sampling)
         sampling = {

@@ -271,9 +271,14 @@ def own_groups(group: torch.Tensor, skipped: torch.Tensor, n: int) -> torch.Tens
     return torch.where(skipped, -1 - (group * n + place), group)
 
 
+def skipped_rows(group: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the rows ``own_groups`` put in a group of their own (skipped episodes)."""
+    return group < 0
+
+
 def parent_groups(group: torch.Tensor, n: int) -> torch.Tensor:
     """The group each row was sampled in: ``own_groups`` undone for the skipped rows."""
-    return torch.where(group < 0, torch.div(-1 - group, n, rounding_mode="floor"), group)
+    return torch.where(skipped_rows(group), torch.div(-1 - group, n, rounding_mode="floor"), group)
 
 
 def _pad_cols(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -355,7 +360,7 @@ def split_flat_groups(exp: Experience, n: int) -> tuple[Experience, Experience]:
     skip`` goes with the group it was sampled in and takes no part in the comparison, so that
     each part holds whole groups of ``n`` rows (a batch cut at a multiple of n never cuts one);
     a group with fewer than two scored rows is flat."""
-    skipped = exp.group < 0
+    skipped = skipped_rows(exp.group)
     _, inv = torch.unique(parent_groups(exp.group, n), return_inverse=True)
     s = torch.where(skipped, torch.nan, exp.scores.float())
     k = int(inv.max()) + 1
