@@ -62,6 +62,8 @@ class CalcEnv(MCPEnvironment):
     """An OpenEnv environment whose tools are served over MCP (OpenEnv's MCPEnvironment, with a
     FastMCP server as its docs show): ``add`` is its tool."""
 
+    SUPPORTS_CONCURRENT_SESSIONS = True  # one FastMCP server per instance
+
     def __init__(self):
         mcp = FastMCP("calc")
 
@@ -82,3 +84,21 @@ class CalcEnv(MCPEnvironment):
     @property
     def state(self) -> State:
         return self._state
+
+
+class SlowGame(WordGame):
+    """The word game with a step that takes 1.5 s: past a short ``env.timeout``."""
+
+    def step(self, action: WordAction, timeout_s=None, **kwargs) -> WordObservation:
+        import time
+
+        time.sleep(1.5)
+        return super().step(action)
+
+
+class BrokenGame(WordGame):
+    """A step that answers what is not an observation (a plain dict, as a buggy environment
+    might): the server cannot send it as one."""
+
+    def step(self, action: WordAction, timeout_s=None, **kwargs):
+        return {"text": "say good", "reward": "lots"}

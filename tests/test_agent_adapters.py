@@ -233,6 +233,46 @@ def test_an_openenv_server_that_is_down_or_dies_is_an_error_naming_its_url(chat,
         )
 
 
+@pytest.mark.parametrize(
+    "game, error",
+    [
+        ("SlowGame", r"TimeoutError"),  # the client's message timeout is env.timeout
+        ("BrokenGame", r"RuntimeError: Server error: 'dict' object has no attribute"),
+    ],
+)
+def test_an_openenv_server_that_times_out_or_answers_no_observation_names_its_url(
+    chat, game, error
+):
+    """Served by OpenEnv's own server: a step past ``env.timeout`` (0.5 s; the step takes 1.5 s), and a
+    step whose environment returns a dict the server cannot send as an observation. Each is an
+    EnvError naming the URL, the step and the prompt, raised once, not a hang."""
+    import openenv_env
+    from agent_kit import items, sample_kw, settings
+    from openenv.core.env_server.http_server import create_app
+
+    from rlhfkit.envs import EnvError
+    from rlhfkit.rollout.episodes import run_episodes
+
+    app = create_app(
+        getattr(openenv_env, game), openenv_env.WordAction, openenv_env.WordObservation,
+        max_concurrent_envs=8,
+    )  # fmt: skip
+    served = _serve(app, "")
+    url, _ = next(served)
+    factory, name = make_factory(EnvConfig(url=url, timeout=0.5), "hermes")
+    tok, policy = chat
+    try:
+        with pytest.raises(
+            EnvError, match=rf"env {re.escape(url)}: step 1 for the prompt .*{error}"
+        ):
+            run_episodes(
+                policy, tok, items(tok, 2), settings(factory, name=name, timeout=0.5),
+                sample_kw(tok),
+            )  # fmt: skip
+    finally:
+        next(served, None)
+
+
 def test_an_openenv_action_without_one_text_field_is_a_config_error():
     with pytest.raises(
         ConfigError,
@@ -319,15 +359,37 @@ def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     assert env.counts["tool_errors"] == 1
 
 
-@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s
-def test_an_openenv_mcp_environments_tools_are_the_models_tools(tmp_path, tiny_chat_lm):
+@pytest.fixture()
+def calc_server():
+    """OpenEnv's own server for an ``MCPEnvironment``, as OpenEnv's MCP examples serve one: the
+    action is ``CallToolAction``."""
+    from openenv.core.env_server.http_server import create_app
+    from openenv.core.env_server.mcp_types import CallToolAction, CallToolObservation
+    from openenv_env import CalcEnv
+
+    app = create_app(CalcEnv, CallToolAction, CallToolObservation, max_concurrent_envs=64)
+    yield from _serve(app, "")
+
+
+@pytest.mark.slow  # trains GRPO and evaluates: ~5-10 s each
+@pytest.mark.parametrize("served", [False, True], ids=["in-process", "over-http"])
+def test_an_openenv_mcp_environments_tools_are_the_models_tools(
+    tmp_path, tiny_chat_lm, request, served
+):
     """Issue 34: an OpenEnv environment that serves its tools over MCP (ListToolsAction /
-    CallToolAction): the tools are the model's, with MCP's schemas; calls run through ToolEnv."""
+    CallToolAction), the class in this process or OpenEnv's server over its WebSocket: the tools
+    are the model's, with MCP's schemas; calls run through ToolEnv; it trains and is evaluated."""
     from rlhfkit.envs.openenv import MCPToolsEpisode
 
-    factory, _ = make_factory(EnvConfig(factory="openenv_env:CalcEnv"), "hermes")
+    if served:
+        url = request.getfixturevalue("calc_server")[0]
+        where, env_cfg = f"env.url={url}", EnvConfig(url=url)
+    else:
+        where, env_cfg = "env=openenv_env:CalcEnv", EnvConfig(factory="openenv_env:CalcEnv")
+    factory, _ = make_factory(env_cfg, "hermes")
     env = factory()
     assert isinstance(env, MCPToolsEpisode)
+    assert type(env.session).__name__ == ("_RemoteMCP" if served else "_LocalMCP")
     (tool,) = env.tools
     assert tool["function"]["name"] == "add"
     assert tool["function"]["parameters"]["required"] == ["a", "b"]
@@ -337,13 +399,24 @@ def test_an_openenv_mcp_environments_tools_are_the_models_tools(tmp_path, tiny_c
     assert msg["content"] == "5" and reward == 0.0 and not done
     ([msg], _, _) = env.step(call.replace("2,", '"x",'))  # checked against MCP's schema
     assert "'x' is not of type 'integer'" in msg["content"]
+    ([msg], _, _) = env.step(call.replace("add", "sub"))  # a name the model made up
+    assert "'sub'" in msg["content"] and msg["content"].startswith("error")
     assert env.step("it is 5") == (None, 0.0, True)  # no call: the final answer
-    assert env.counts == {"tool_calls": 1, "tool_errors": 0, "invalid_calls": 1}
+    assert env.counts == {"tool_calls": 1, "tool_errors": 0, "invalid_calls": 2}
+    env.close()
     cfg = agent_cfg(
-        tmp_path, tiny_chat_lm, "env=openenv_env:CalcEnv", "reward_fn=agent_env:counter_free",
-        *GRPO_EPISODES,
+        tmp_path, tiny_chat_lm, where, "reward_fn=agent_env:counter_free", *GRPO_EPISODES,
         "rollout.max_total_tokens=48", "run.iterations=1",
     )  # fmt: skip
-    run_ppo(cfg)
+    final = run_ppo(cfg)
     (row,) = read_metrics(tmp_path / "ppo")
     assert math.isfinite(row["loss/policy"]) and "env/tool_calls" in row
+    ev = load_config(EvalRunConfig, None, [
+        f"policy={final}", f"reference={tiny_chat_lm}", where,
+        "reward_fn=agent_env:counter_free", f"eval.prompts_file={tmp_path / 'prompts.jsonl'}",
+        "max_new_tokens=6", "max_turns=2", "max_total_tokens=48", "eval.samples_per_prompt=2",
+        f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    result = run_eval(ev)["policy"]
+    passed = [x["rm"] >= 1 for x in result["samples"]]  # pass@k over episodes, n = 2
+    assert len(passed) == 12 and result["pass@1"] == pytest.approx(sum(passed) / len(passed))

@@ -55,7 +55,10 @@ def make_factory(env_cfg, parser: str):
     ``ToolEnv`` over ``env.tools`` and the tools of the MCP servers of ``env.mcp``. ``parser``: the tool-call format (``parser_for`` resolves
     auto). Returns (factory, the name used in errors)."""
     if env_cfg.url:
-        return remote_factory(env_cfg.url, env_cfg.timeout), env_cfg.url
+        return (
+            remote_factory(env_cfg.url, parser, env_cfg.timeout, env_cfg.tool_timeout),
+            env_cfg.url,
+        )
     if env_cfg.factory:
         obj = load_callable(env_cfg.factory, "env.factory")
         for matches, wrap in ENV_ADAPTERS:

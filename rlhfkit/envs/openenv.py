@@ -9,8 +9,10 @@ An OpenEnv environment takes Pydantic actions and returns Pydantic observations 
                                      episode opens its own session over its WebSocket
                                      protocol (``GenericEnvClient(...).sync()``)
 
-An ``MCPEnvironment`` (OpenEnv's environments whose tools are served over MCP) is run as a tool
-environment instead: its MCP tools are the model's tools (``MCPToolsEpisode``). Otherwise, text
+An ``MCPEnvironment`` (OpenEnv's environments whose tools are served over MCP), in process or
+served (its action is then ``CallToolAction``, read from ``/schema``; sessions through
+``MCPToolClient(...).sync()``), is run as a tool environment instead: its MCP tools are the
+model's tools (``MCPToolsEpisode``). Otherwise, text
 actions and observations map to turns: the model's turn fills the action's one text field
 (its schema's only required string), and an observation is shown as its one text field, or as
 JSON of its fields when it has several (``reward``, ``done`` and ``metadata`` are read, not
@@ -129,36 +131,34 @@ def is_mcp_env(cls: type) -> bool:
 
 
 class MCPToolsEpisode:
-    """One episode of an OpenEnv ``MCPEnvironment`` instance: its MCP tools are the model's tools
-    (``ListToolsAction`` once at start-up for the schemas, a ``CallToolAction`` per call, run
-    through ``ToolEnv``: argument check, timeout, error messages and counts as for any tool); a
-    turn without a call is the final answer. A call's observation reward and done count."""
+    """One episode of an OpenEnv ``MCPEnvironment``: its MCP tools are the model's tools (listed
+    once at start-up for the schemas, a ``CallToolAction`` per call, run through ``ToolEnv``:
+    argument check, timeout, error messages and counts as for any tool); a turn without a call is
+    the final answer. A call's observation reward and done count. ``session``: ``reset(row) ->
+    fields``, ``call(name, arguments) -> observation``, ``close()``, in process or remote."""
 
-    def __init__(self, env, schemas: list[dict], parser: str, timeout: float):
+    def __init__(self, session, schemas: list[dict], parser: str, timeout: float):
         from rlhfkit.envs.tools import ToolEnv
 
-        self.env, self.reward, self.done = env, 0.0, False
+        self.session, self.reward, self.done = session, 0.0, False
         callers = [self._caller(t["function"]["name"]) for t in schemas]
         self._tools = ToolEnv(callers, schemas, parser, timeout)
         self.tools, self.counts = self._tools.tools, self._tools.counts
 
     def _caller(self, name: str):
         def call(**arguments: Any) -> str:
-            from openenv.core.env_server.mcp_types import CallToolAction
-
-            obs = self.env.step(CallToolAction(tool_name=name, arguments=arguments))
+            obs = self.session.call(name, arguments)
             self.reward += obs.reward or 0.0
             self.done = self.done or bool(obs.done)
             if obs.error is not None:
                 raise RuntimeError(f"{obs.error.error_type.value}: {obs.error.message}")
-            content = getattr(obs.result, "content", None) or []
-            return "\n".join(c.text for c in content if getattr(c, "text", None) is not None)
+            return result_text(obs.result)
 
         call.__name__ = call.__qualname__ = name
         return call
 
     def reset(self, row: dict[str, Any]):
-        fields = self.env.reset(**accepted(self.env.reset, row)).model_dump()
+        fields = self.session.reset(row)
         return with_prompt_suffix(row["prompt"], observation_text(fields) if _shown(fields) else "")
 
     def step(self, text: str):
@@ -167,25 +167,80 @@ class MCPToolsEpisode:
         return (None if self.done else obs), self.reward, done or self.done
 
     def close(self) -> None:
+        self.session.close()
+
+
+def result_text(result: Any) -> str:
+    """An MCP tool result's text: its text contents joined, read from the result object (in
+    process) or from its JSON (over the wire)."""
+    content = (
+        result.get("content") if isinstance(result, dict) else getattr(result, "content", None)
+    )
+    texts = [
+        c.get("text") if isinstance(c, dict) else getattr(c, "text", None) for c in content or []
+    ]
+    return "\n".join(t for t in texts if t is not None)
+
+
+class _LocalMCP:
+    """An ``MCPEnvironment`` instance in this process."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def reset(self, row):
+        return self.env.reset(**accepted(self.env.reset, row)).model_dump()
+
+    def call(self, name: str, arguments: dict):
+        from openenv.core.env_server.mcp_types import CallToolAction
+
+        return self.env.step(CallToolAction(tool_name=name, arguments=arguments))
+
+    def close(self) -> None:
         self.env.close()
+
+
+class _RemoteMCP:
+    """A session with a served ``MCPEnvironment`` (``MCPToolClient(url).sync()``, its WebSocket
+    protocol). One message at a time on the socket: a turn's concurrent calls take turns."""
+
+    def __init__(self, url: str, timeout: float):
+        import threading
+
+        from openenv.core.mcp_client import MCPToolClient
+
+        self.url, self.lock = url, threading.Lock()
+        self.client = MCPToolClient(base_url=url, message_timeout_s=timeout).sync()
+
+    def reset(self, row):
+        with self.lock:
+            r = self.client.reset()
+        if not hasattr(r.observation, "model_dump"):
+            raise EnvError(f"env.url {self.url}: reset answered {r!r}, not an observation")
+        return r.observation.model_dump()
+
+    def call(self, name: str, arguments: dict):
+        from openenv.core.env_server.mcp_types import CallToolAction, CallToolObservation
+
+        with self.lock:
+            r = self.client.step(CallToolAction(tool_name=name, arguments=arguments))
+        if not isinstance(r.observation, CallToolObservation):
+            raise RuntimeError(f"the OpenEnv server {self.url} answered {r!r}, not a tool result")
+        # the server sends a call's reward and done beside its observation, not inside it
+        return r.observation.model_copy(update={"reward": r.reward, "done": bool(r.done)})
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _shown(fields: dict[str, Any]) -> bool:
     return any(k not in _READ for k in fields)
 
 
-def mcp_tool_schemas(cls: type, spec: str) -> list[dict]:
-    """The MCP tools of an ``MCPEnvironment`` class, from a first instance, in the chat
-    templates' format."""
-    from openenv.core.env_server.mcp_types import ListToolsAction
-
-    env = cls()
-    try:
-        listed = env.step(ListToolsAction()).tools
-    finally:
-        env.close()
+def mcp_tool_schemas(listed: list, where: str) -> list[dict]:
+    """MCP tools (``ListToolsAction``'s answer) in the chat templates' format."""
     if not listed:
-        raise ConfigError(f"env.factory ({spec}): the MCP environment lists no tools")
+        raise ConfigError(f"{where}: the MCP environment lists no tools")
     return [
         {"type": "function", "function": {"name": t.name, "description": t.description,
                                           "parameters": t.input_schema}}
@@ -193,13 +248,23 @@ def mcp_tool_schemas(cls: type, spec: str) -> list[dict]:
     ]  # fmt: skip
 
 
+def _listed_in_process(cls: type) -> list:
+    from openenv.core.env_server.mcp_types import ListToolsAction
+
+    env = cls()  # a first instance, for the schemas only
+    try:
+        return env.step(ListToolsAction()).tools
+    finally:
+        env.close()
+
+
 def local_factory(cls: type, spec: str, parser: str, timeout: float):
     """Our factory for an ``Environment`` class (``ENV_ADAPTERS``): an ``MCPEnvironment``'s MCP
     tools become the model's tools; any other's action class is the annotation of ``step``'s
     action, whose text field is found once, at start-up."""
     if is_mcp_env(cls):
-        schemas = mcp_tool_schemas(cls, spec)
-        return lambda: MCPToolsEpisode(cls(), schemas, parser, timeout)
+        schemas = mcp_tool_schemas(_listed_in_process(cls), f"env.factory ({spec})")
+        return lambda: MCPToolsEpisode(_LocalMCP(cls()), schemas, parser, timeout)
     hints = typing.get_type_hints(cls.step)
     action_cls = hints.get("action")
     if action_cls is None:
@@ -208,9 +273,17 @@ def local_factory(cls: type, spec: str, parser: str, timeout: float):
     return lambda: OpenEnvEpisode(_Local(cls(), action_cls, field), spec)
 
 
-def remote_factory(url: str, timeout: float):
+def is_mcp_action(schema: dict) -> bool:
+    """A served ``MCPEnvironment``'s action: OpenEnv's ``CallToolAction``."""
+    props = schema.get("properties", {})
+    return props.get("type", {}).get("const") == "call_tool" and "tool_name" in props
+
+
+def remote_factory(url: str, parser: str, timeout: float, tool_timeout: float):
     """Our factory for an OpenEnv server at ``url``: its action schema read once from
-    ``/schema`` (a server that does not answer is a config error naming the URL)."""
+    ``/schema`` (a server that does not answer is a config error naming the URL). A served
+    ``MCPEnvironment`` (its action is ``CallToolAction``) is a tool environment: its tools listed
+    once over MCP; any other's action text field is found once."""
     import requests
 
     from rlhfkit.extras import require
@@ -222,5 +295,13 @@ def remote_factory(url: str, timeout: float):
         schema = r.json()["action"]
     except Exception as e:
         raise ConfigError(f"env.url: no OpenEnv server answers at {url} ({e})") from None
+    if is_mcp_action(schema):
+        first = _RemoteMCP(url, timeout)
+        try:
+            listed = first.client.list_tools()
+        finally:
+            first.close()
+        schemas = mcp_tool_schemas(listed, f"env.url ({url})")
+        return lambda: MCPToolsEpisode(_RemoteMCP(url, timeout), schemas, parser, tool_timeout)
     field = text_field(schema, f"env.url ({url})")
     return lambda: OpenEnvEpisode(_Remote(url, field, timeout), url)
