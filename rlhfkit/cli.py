@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--task",
-        choices=["reviews", "tools"],
+        choices=["reviews", "tools", "rlvr"],
         default="reviews",
         help="reviews: SFT -> RM -> PPO (the seed); tools: an agent that must call a tool, "
-        "SFT -> GRPO with a tool environment (docs/agents.md)",
+        "SFT -> GRPO with a tool environment (docs/agents.md); rlvr: GRPO with a verifiable "
+        "reward on SmolLM2-135M-Instruct, every seed of --seeds (docs/real-models.md)",
     )
     sub.add_parser("env", help="print versions, threads, allocator and devices (for bug reports)")
     return parser
@@ -203,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhfkit serve-rm: {args.rm_dir} is not a model directory", file=sys.stderr)
             return 2
         serve_rm(args.rm_dir, args.host, args.port, args.batch_size, args.max_items, args.device)
+        return 0
+    if args.command == "demo" and args.task == "rlvr":
+        from rlhfkit.demo.rlvr import run_rlvr_demo
+
+        run_rlvr_demo(args.output_dir or "runs/demo-rlvr", args.seeds, quick=args.quick)
         return 0
     if args.command == "demo" and args.task == "tools":
         from rlhfkit.demo.agent import run_tools_demo

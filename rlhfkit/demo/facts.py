@@ -1,0 +1,114 @@
+"""Short arithmetic facts for RL with verifiable rewards on SmolLM2-135M-Instruct (issue 31),
+generated here (nothing is downloaded): which of two two-digit numbers is larger, the sum and
+the product of two one-digit numbers, each answered in a few tokens. The base model answers
+about a third of them (docs/real-models.md: pass@1 0.29 / 0.42 / 0.30 at temperature 0.7), so
+RL has correct samples in most groups of 8 to learn from.
+
+Three files, each a chat prompt plus its gold ``answer`` for ``rlhfkit.rewards.verify:math``:
+
+    train.jsonl         the training templates, on the training numbers
+    heldout.jsonl       the same templates on numbers never trained on
+    heldout_new.jsonl   other wordings (templates never seen in training), on held-out numbers
+
+A problem's identity is its skill and its numbers in either order ("9 + 5" is "5 + 9"); the held-out identities are a fixed quarter of
+each skill's, the same for every seed (seeds vary the training, not the test), and no training
+row holds one (checked).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+INSTRUCTION = "Answer in one short sentence."
+
+# skill -> (its numbers, the answer, the training wording, the held-out-only wording)
+Skill = tuple[list[tuple[int, int]], Callable[[int, int], int], str, str]
+SKILLS: dict[str, Skill] = {
+    "larger": (
+        [(a, b) for a in range(10, 100) for b in range(a + 1, 100)],
+        max,
+        "Which is larger, {a} or {b}?",
+        "Of the numbers {a} and {b}, which one is bigger?",
+    ),
+    "sum": (
+        [(a, b) for a in range(2, 10) for b in range(a, 10)],
+        lambda a, b: a + b,
+        "What is {a} + {b}?",
+        "Add {a} and {b}. What do you get?",
+    ),
+    "product": (
+        [(a, b) for a in range(2, 10) for b in range(a, 10)],
+        lambda a, b: a * b,
+        "What is {a} times {b}?",
+        "Multiply {a} by {b}. What is the result?",
+    ),
+}
+
+
+def _row(text: str, answer: int, skill: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": f"{text} {INSTRUCTION}"}],
+        "answer": str(answer),
+        "skill": skill,
+    }
+
+
+def split_identities(seed: int = 1234) -> dict[str, tuple[list, list]]:
+    """skill -> (training numbers, held-out numbers): a fixed quarter held out."""
+    out = {}
+    for skill, (numbers, _, _, _) in SKILLS.items():
+        pool = list(numbers)
+        random.Random(f"{seed}-{skill}").shuffle(pool)
+        k = len(pool) // 4
+        out[skill] = (pool[k:], pool[:k])
+    return out
+
+
+def write_task(out: str | Path, n_train: int = 2048, n_heldout: int = 64) -> dict[str, Path]:
+    """The three files (n_heldout rows each, the skills in turn); returns their paths."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    split = split_identities()
+    rng = random.Random(0)
+    names = list(SKILLS)
+    train, heldout, new = [], [], []
+    for i in range(n_train):
+        skill = names[i % len(names)]
+        numbers, answer, wording, _ = SKILLS[skill]
+        a, b = _either(rng, rng.choice(split[skill][0]))
+        train.append(_row(wording.format(a=a, b=b), answer(a, b), skill))
+    for i in range(n_heldout):
+        skill = names[i % len(names)]
+        numbers, answer, wording, other = SKILLS[skill]
+        held = split[skill][1]
+        a, b = _either(rng, held[(i // len(names)) % len(held)])
+        heldout.append(_row(wording.format(a=a, b=b), answer(a, b), skill))
+        a, b = _either(rng, held[(i // len(names) + len(held) // 2) % len(held)])
+        new.append(_row(other.format(a=a, b=b), answer(a, b), skill))
+    check_disjoint(train, heldout + new)
+    paths = {}
+    for name, rows in (("train", train), ("heldout", heldout), ("heldout_new", new)):
+        paths[name] = d / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def _either(rng: random.Random, pair: tuple[int, int]) -> tuple[int, int]:
+    return (pair[1], pair[0]) if rng.random() < 0.5 else pair
+
+
+def _numbers(row: dict) -> tuple[str, tuple[int, ...]]:
+    """A row's identity: its skill and its numbers, sorted."""
+    words = [w.strip("?.,") for w in row["prompt"][-1]["content"].split()]
+    return row["skill"], tuple(sorted(int(w) for w in words if w.isdigit()))
+
+
+def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
+    """No held-out identity (skill, numbers) in the training rows."""
+    seen = {_numbers(r) for r in train}
+    both = [r for r in heldout if _numbers(r) in seen]
+    if both:
+        raise ValueError(f"held-out problems also in training: {both[:3]}")
