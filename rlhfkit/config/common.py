@@ -249,6 +249,14 @@ class RolloutConfig:
         "episode that would pass it is truncated and counted (env/truncated)",
         lo=1,
     )
+    max_staleness: int = knob(
+        0,
+        "0: sample, then train (synchronous); k >= 1: the next batch is sampled by a rollout "
+        "worker while this one trains, and no batch is trained on more than k policy versions "
+        "after the one that sampled it (logged as rollout/staleness; use "
+        "ppo.rollout_correction: tis)",
+        lo=0,
+    )
 
 
 @dataclass(frozen=True)

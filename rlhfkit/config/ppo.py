@@ -208,6 +208,12 @@ class PPOConfig(RewardKeys):
             raise ConfigError(
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
+        if self.rollout.max_staleness and self.run.parallel == "fsdp":
+            raise ConfigError(
+                f"{prefix}rollout.max_staleness: {self.rollout.max_staleness} samples with a "
+                f"copy of the policy on a thread of its own; {prefix}run.parallel: fsdp shards "
+                "the policy over ranks that gather it in step (use max_staleness: 0)"
+            )
 
     def token_budget(self) -> int:
         """The most tokens one response row can hold: ``max_new_tokens``, or with an

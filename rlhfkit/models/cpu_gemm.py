@@ -23,6 +23,7 @@ run on weights reordered once into oneDNN's layout instead of on every call; bit
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from contextlib import contextmanager
 
@@ -95,13 +96,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-class _Packs:
+class _PackScopes(threading.local):
     """The weights packed inside ``packed_weights`` scopes: layer id -> (weak reference to the
     weight, its storage address, its version, the packed copy). ``depth`` counts the open
-    scopes; the copies go when the last one closes."""
+    scopes; the copies go when the last one closes. Per thread: a rollout worker's open scope
+    (``rollout.max_staleness``) must not pack the weights the trainer's optimizer changes."""
 
-    depth = 0
-    by_layer: dict[int, tuple] = {}
+    def __init__(self) -> None:
+        self.depth = 0
+        self.by_layer: dict[int, tuple] = {}
+
+
+_Packs = _PackScopes()
 
 
 @contextmanager

@@ -34,6 +34,7 @@ RL_METRICS: dict[str, str] = {
     "rollout/filtered": "option",
     "rollout/sampling_rounds": "option",
     "rollout/filled": "option",
+    "rollout/staleness": "option",
     "env/turns": "option",
     "env/truncated": "option",
     "env/skipped": "option",

@@ -148,15 +148,19 @@ class RolloutModels:
     ref: object | None
     reward: object  # rollout.rewards: called with (Sequences, tokenizer) -> (B,) raw scores
     sampler: object = field(default_factory=SingleTurn)  # SingleTurn or episodes.MultiTurn
+    # the sampling RNG: None = torch's global one; a rollout worker on its own thread has its
+    # own (rollout.staleness), so that the trainer's draws never interleave with its samples
+    rng: torch.Generator | None = None
 
     @property
     def actor(self):
         return self.learner.actor
 
 
-def _sampling(tok, rc) -> dict:
-    """``generate``'s keywords from ``rollout.*``."""
-    return dict(
+def _sampling(tok, rc, rng: torch.Generator | None = None) -> dict:
+    """``generate``'s keywords from ``rollout.*`` (and the sampling RNG, when not torch's)."""
+    extra = {} if rng is None else {"generator": rng}
+    return extra | dict(
         max_new_tokens=rc.max_new_tokens,
         eos_id=None if rc.ignore_eos else tok.eos_token_id,
         pad_id=tok.pad_token_id,
@@ -184,7 +188,7 @@ def rollout_chunk(
     actor = learner.actor
     t0 = time.perf_counter()
     with dist.full_weights(learner.generator):  # FSDP: no collectives per token
-        ep = models.sampler(actor, tok, prompts, _sampling(tok, rc), prompt_width)
+        ep = models.sampler(actor, tok, prompts, _sampling(tok, rc, models.rng), prompt_width)
     t1 = time.perf_counter()
     gen, prompt_ids, prompt_mask = ep.gen, ep.prompt_ids, ep.prompt_mask
     if prompt_width is not None:  # fixed layout: every response is max_new_tokens columns wide

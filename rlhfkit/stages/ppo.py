@@ -12,6 +12,7 @@ Each iteration reads like the seed:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -41,7 +42,6 @@ from rlhfkit.rollout.collect import (
     RolloutModels,
     ScoreNormalizer,
     SingleTurn,
-    collect,
 )
 from rlhfkit.rollout.columns import check_columns
 from rlhfkit.rollout.episodes import multi_turn
@@ -54,6 +54,7 @@ from rlhfkit.rollout.rewards import (
     load_reward_fn,
     rm_shares_tokenizer,
 )
+from rlhfkit.rollout.staleness import rollouts_for
 from rlhfkit.stages.common import (
     export_final,
     find_resume,
@@ -132,18 +133,12 @@ def rollout_sampler(cfg: PPOConfig, chat_template: str | None):
 
 
 def ppo_iteration(
-    models: Models,
-    prompts: list[PromptItem],
-    stream: PromptStream,
-    cfg: PPOConfig,
-    normalize: ScoreNormalizer,
-    kl_ctl,
-    guard: NonFiniteGuard,
-    it: int,
+    models: Models, rollouts, cfg: PPOConfig, kl_ctl, guard: NonFiniteGuard, it: int
 ) -> tuple[Experience, dict[str, float]]:
     t_start = time.perf_counter()
     # 1. rollout: n responses per prompt, with log pi, log pi_ref, V(s_t) and R_final per episode
-    exp, timings = collect(models, prompts, stream, cfg, normalize)
+    # (sampled now, or by a rollout worker ahead of the update: rollout.max_staleness)
+    exp, timings, staleness = rollouts.next(it)
     per_source = getattr(models.reward, "pop_metrics", dict)()  # score/<name>, several sources
     # 2-3. rewards r_t = -beta KL_t (+ R_final at the end), advantages (and returns)
     beta = kl_ctl.value
@@ -161,6 +156,9 @@ def ppo_iteration(
     )
     metrics.update(models.learner.lrs())
     metrics.update(dist.mean_over_ranks(per_source))
+    if cfg.rollout.max_staleness:
+        metrics["rollout/staleness"] = float(staleness)
+    rollouts.published(it + 1)  # the policy after this update: the worker samples with it next
     return exp, metrics
 
 
@@ -325,9 +323,10 @@ def run_ppo(
     start = run_state.restore(state)
     logger = MetricLogger(out, cfg.log, to_dict(cfg), resume_step=start)
     guard = NonFiniteGuard(cfg.run.max_bad_steps)
-    with StopOnSignal() as stop:
+    rollouts = rollouts_for(models, prompts, stream, cfg, normalize)
+    with StopOnSignal() as stop, contextlib.closing(rollouts):
         for it in range(start, cfg.run.iterations):
-            exp, metrics = ppo_iteration(models, prompts, stream, cfg, normalize, kl_ctl, guard, it)
+            exp, metrics = ppo_iteration(models, rollouts, cfg, kl_ctl, guard, it)
             if monitor is not None:
                 metrics["score/gold"] = float(call_reward_fn(monitor, *_texts(models, exp)).mean())
             if held_out is not None and (
