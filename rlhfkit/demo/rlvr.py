@@ -31,7 +31,7 @@ from rlhfkit.stages.evaluate import evaluate_policies
 from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.train.logger import read_metrics
 
-FULL = {"iterations": 60, "heldout": 64, "samples": 8, "episodes": 64, "max_new_tokens": 32}
+FULL = {"iterations": 50, "heldout": 64, "samples": 8, "episodes": 32, "max_new_tokens": 32}
 # --quick: the recipe end to end on SmolLM2 in about a minute (CI); it measures nothing
 QUICK = {"iterations": 1, "heldout": 3, "samples": 2, "episodes": 8, "max_new_tokens": 8}
 TEMPERATURE = 0.7  # the rollouts' and both evaluations'
@@ -83,6 +83,10 @@ def evaluate(policy: Path, files: dict, out: Path, name: str, sizes: dict) -> di
     the evaluation seed fixed (the same samples' randomness for the start and every seed)."""
     result = {}
     for s in SETS:
+        done = out / f"eval-{name}-{s}" / "eval.json"
+        if done.exists():  # a rerun resumes: this set was evaluated already
+            result[s] = json.loads(done.read_text())[name]
+            continue
         r = evaluate_policies(
             str(policy),
             {},
@@ -139,6 +143,9 @@ def run_rlvr_demo(root: str | Path, seeds: list[int], quick: bool = False) -> di
     runs = {}
     for seed in seeds:
         out = root / f"seed-{seed}"
+        if (out / "summary.json").exists():  # a rerun resumes: this seed is done
+            runs[seed] = json.loads((out / "summary.json").read_text())
+            continue
         t1 = time.perf_counter()
         cfg = load_config(
             PPOConfig, None, grpo_args(model, files["train"], out / "grpo", seed, sizes)
