@@ -31,7 +31,7 @@ from rlhfkit.stages.evaluate import evaluate_policies
 from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.train.logger import read_metrics
 
-FULL = {"iterations": 30, "heldout": 64, "samples": 8, "episodes": 32, "max_new_tokens": 32}
+FULL = {"iterations": 25, "heldout": 64, "samples": 8, "episodes": 32, "max_new_tokens": 32}
 # --quick: the recipe end to end on SmolLM2 in about a minute (CI); it measures nothing
 QUICK = {"iterations": 1, "heldout": 3, "samples": 2, "episodes": 8, "max_new_tokens": 8}
 TEMPERATURE = 0.7  # the rollouts' and both evaluations'
