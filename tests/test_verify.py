@@ -122,6 +122,14 @@ SMALL_MODEL_ENDINGS = [
     ("\\boxed{3} no wait \\boxed{5}", "5", 1),  # several boxes: the last one counts
     ("\\boxed{5} no wait \\boxed{3}", "5", 0),
     ("the answer is \\boxed{N}", "5", 0),  # a placeholder is a wrong answer
+    # the question restated is not its answer, though math-verify evaluates it (SmolLM2 wrote
+    # these, and GRPO rewarded them: docs/real-models.md)
+    ("2 + 3 is a simple arithmetic operation that simply adds two to three.", "5", 0),
+    ("The answer: 2 + 7 is only 11.", "9", 0),
+    ("The answer is 2+7.", "9", 0),
+    ("The answer is \\boxed{4 \\times 5}.", "20", 0),
+    ("2 + 7 = 9", "9", 1),  # the operation, then its value
+    ("The product is \\boxed{20}.", "20", 1),
 ]
 
 

@@ -180,4 +180,36 @@ def run_rlvr_demo(root: str | Path, seeds: list[int], quick: bool = False) -> di
     )
     (root / "summary.md").write_text(table)
     print(table, file=sys.stderr if quick else sys.stdout)
+    print(regrade(root), file=sys.stderr if quick else sys.stdout)
     return {"start": start, "runs": runs}
+
+
+def regrade(root: str | Path) -> str:
+    """Every evaluation under ``root`` graded again with today's checker, from its saved samples
+    (the responses do not change; only the verdicts can): pass@k by set, for the start and each
+    seed. A run trained before a checker fix is then read with the fixed one (docs/real-models.md:
+    the restated-question rule came after this session's runs had started)."""
+    from rlhfkit.algos.eval_stats import pass_at_k_table
+
+    root = Path(root)
+    rows = []
+    for d in sorted(root.glob("**/eval-*-heldout*/eval.json")):
+        name, s = d.parent.name.split("-", 2)[1:]
+        who = d.parent.parent.name if d.parent.parent != root else "start"
+        golds = [json.loads(x)["answer"] for x in (root / "data" / f"{s}.jsonl").open()]
+        result = json.loads(d.read_text())[name]
+        prompts = len({x["prompt"] for x in result["samples"]})  # n consecutive samples each
+        n = len(result["samples"]) // prompts
+        gold = [g for g in golds[:prompts] for _ in range(n)]
+        texts = [x["response"] for x in result["samples"]]
+        scores = verify.math(texts, texts, gold)
+        verify.pop_metrics()
+        table = pass_at_k_table(scores, n, 1.0)
+        old = sum(x["rm"] for x in result["samples"]) / len(texts)
+        rows.append(f"| {who} | {s} | {old:.3f} | {table['pass@1']:.3f} +- {table['pass@1_se']:.3f} | "
+                    + " | ".join(f"{table[f'pass@{k}']:.3f}" for k in (2, 4, 8) if f"pass@{k}" in table)
+                    + " |")  # fmt: skip
+    head = "| | set | pass@1 (as run) | pass@1 (today's checker) | pass@2 | pass@4 | pass@8 |\n"
+    out = head + "|---" * 7 + "|\n" + "\n".join(rows) + "\n"
+    (root / "regraded.md").write_text(out)
+    return out

@@ -43,6 +43,11 @@ FORMAT_WEIGHT = 0.1  # what `format` gives a response that ends in exactly one \
 # of three (so the comma of "12, which is even" is not part of it)
 _NUMBER = re.compile(r"(?<![A-Za-z_])-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# a plain number, and an expression that only restates a sum, difference, product or power
+# ("2 + 7", "4 \\times 5"): math-verify evaluates it, so without this rule "What is 2 + 7?" ->
+# "The answer is 2 + 7." would grade as 9 (docs/real-models.md found it rewarded in training)
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_OPERATION = re.compile(r"[\d)}]\s*(?:[-+*^×·]|\\times|\\cdot)\s*[\d({\\]")
 # a gold answer that is LaTeX with its own delimiters is parsed as it is, any other one boxed
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")
 
@@ -124,6 +129,8 @@ def _math_grade(text: str, gold: str) -> bool | None:
     pred = parse(text, _extraction(), parsing_timeout=timeout)
     if not pred or len(pred[-1]) > MAX_ANSWER_CHARS:
         return None
+    if _PLAIN_NUMBER.fullmatch(gold) and _OPERATION.search(pred[-1]):
+        return False  # a number is asked for: an operation that evaluates to it is not one
     g = parse(gold if _DELIMITED.search(gold) else f"\\boxed{{{gold}}}", parsing_timeout=timeout)
     if not g:
         return None
