@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,3 +113,17 @@ def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
     both = [r for r in heldout if _numbers(r) in seen]
     if both:
         raise ValueError(f"held-out problems also in training: {both[:3]}")
+
+
+def strict_grade(row: dict, response: str) -> float:
+    """A stricter reading than the training reward's, for the report: a comparison passes when
+    the response names the larger number and not the smaller ("46 is larger than 72" names both,
+    and math-verify reads its last number); a sum or product by ``verify:math`` (which rejects
+    the operation restated)."""
+    from rlhfkit.rewards import verify
+
+    if row["skill"] == "larger":
+        asked = set(re.findall(r"\d+", row["prompt"][-1]["content"]))
+        named = set(re.findall(r"(?<![\d.])\d+(?![\d.]\d)", response)) & asked
+        return float(named == {row["answer"]})
+    return verify.math([response], [response], [row["answer"]])[0]

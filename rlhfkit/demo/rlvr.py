@@ -196,20 +196,25 @@ def regrade(root: str | Path) -> str:
     for d in sorted(root.glob("**/eval-*-heldout*/eval.json")):
         name, s = d.parent.name.split("-", 2)[1:]
         who = d.parent.parent.name if d.parent.parent != root else "start"
-        golds = [json.loads(x)["answer"] for x in (root / "data" / f"{s}.jsonl").open()]
+        task = [json.loads(x) for x in (root / "data" / f"{s}.jsonl").open()]
         result = json.loads(d.read_text())[name]
-        prompts = len({x["prompt"] for x in result["samples"]})  # n consecutive samples each
-        n = len(result["samples"]) // prompts
-        gold = [g for g in golds[:prompts] for _ in range(n)]
+        first = [x["prompt"] for x in result["samples"]]
+        n = next((i for i, p in enumerate(first) if p != first[0]), len(first))  # n in a row each
+        prompts = len(first) // n
+        rows_n = [r for r in task[:prompts] for _ in range(n)]
         texts = [x["response"] for x in result["samples"]]
-        scores = verify.math(texts, texts, gold)
+        today = verify.math(texts, texts, [r["answer"] for r in rows_n])
         verify.pop_metrics()
-        table = pass_at_k_table(scores, n, 1.0)
+        strict = [facts.strict_grade(r, t) for r, t in zip(rows_n, texts, strict=True)]
         old = sum(x["rm"] for x in result["samples"]) / len(texts)
-        rows.append(f"| {who} | {s} | {old:.3f} | {table['pass@1']:.3f} +- {table['pass@1_se']:.3f} | "
-                    + " | ".join(f"{table[f'pass@{k}']:.3f}" for k in (2, 4, 8) if f"pass@{k}" in table)
-                    + " |")  # fmt: skip
-    head = "| | set | pass@1 (as run) | pass@1 (today's checker) | pass@2 | pass@4 | pass@8 |\n"
-    out = head + "|---" * 7 + "|\n" + "\n".join(rows) + "\n"
+        cells = [f"{old:.3f}"]
+        for scores in (today, strict):
+            t = pass_at_k_table(scores, n, 1.0)
+            cells.append(f"{t['pass@1']:.3f} +- {t['pass@1_se']:.3f}")
+            cells += [f"{t[f'pass@{k}']:.3f}" for k in (2, 4, 8) if f"pass@{k}" in t]
+        rows.append(f"| {who} | {s} | " + " | ".join(cells) + " |")
+    head = ("| | set | pass@1 as run | pass@1 today's checker | pass@2 | pass@4 | pass@8 "
+            "| pass@1 strict | pass@2 | pass@4 | pass@8 |\n")  # fmt: skip
+    out = head + "|---" * 11 + "|\n" + "\n".join(rows) + "\n"
     (root / "regraded.md").write_text(out)
     return out
