@@ -233,6 +233,7 @@ def test_an_openenv_server_that_is_down_or_dies_is_an_error_naming_its_url(chat,
         )
 
 
+@pytest.mark.slow  # OpenEnv's server and a 1.5 s step: ~9 s
 @pytest.mark.parametrize(
     "game, error",
     [
