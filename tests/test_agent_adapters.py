@@ -317,6 +317,20 @@ def test_an_unreachable_mcp_server_is_a_config_error_naming_it():
         make_factory(EnvConfig(mcp=["http://127.0.0.1:1/mcp"]), "hermes")
 
 
+def _assert_tool_env_evaluates(tmp_path, lm, final, where: str) -> None:
+    """``rlhfkit eval`` of a trained tool-env policy: 6 prompts x 2 episodes, pass@1 their
+    mean of the checker's 0/1 verdicts."""
+    ev = load_config(EvalRunConfig, None, [
+        f"policy={final}", f"reference={lm}", where,
+        "reward_fn=agent_env:counter_free", f"eval.prompts_file={tmp_path / 'prompts.jsonl'}",
+        "max_new_tokens=6", "max_turns=2", "max_total_tokens=48", "eval.samples_per_prompt=2",
+        f"output_dir={tmp_path / 'eval'}",
+    ])  # fmt: skip
+    result = run_eval(ev)["policy"]
+    passed = [x["rm"] >= 1 for x in result["samples"]]  # pass@k over episodes, n = 2
+    assert len(passed) == 12 and result["pass@1"] == pytest.approx(sum(passed) / len(passed))
+
+
 @pytest.fixture()
 def mcp_http():
     """The same server over Streamable HTTP, on a free port of 127.0.0.1 in a thread."""
@@ -339,15 +353,7 @@ def test_an_mcp_server_over_http_trains_with_grpo_is_evaluated_and_may_die(
     rows = read_metrics(tmp_path / "ppo")
     assert len(rows) == 2 and all(math.isfinite(r["loss/policy"]) for r in rows)
     assert all("env/tool_calls" in r and "env/invalid_calls" in r for r in rows)
-    ev = load_config(EvalRunConfig, None, [
-        f"policy={final}", f"reference={tiny_chat_lm}", f"env.mcp=[{url}]",
-        "reward_fn=agent_env:counter_free", f"eval.prompts_file={tmp_path / 'prompts.jsonl'}",
-        "max_new_tokens=6", "max_turns=2", "max_total_tokens=48", "eval.samples_per_prompt=2",
-        f"output_dir={tmp_path / 'eval'}",
-    ])  # fmt: skip
-    result = run_eval(ev)["policy"]
-    passed = [x["rm"] >= 1 for x in result["samples"]]  # pass@k over episodes, n = 2
-    assert len(passed) == 12 and result["pass@1"] == pytest.approx(sum(passed) / len(passed))
+    _assert_tool_env_evaluates(tmp_path, tiny_chat_lm, final, f"env.mcp=[{url}]")
     # the server dies: a call is an error message for the model, naming the server; no crash
     factory, _ = make_factory(EnvConfig(mcp=[url], tool_timeout=5.0), "hermes")
     env = factory()
@@ -412,12 +418,4 @@ def test_an_openenv_mcp_environments_tools_are_the_models_tools(
     final = run_ppo(cfg)
     (row,) = read_metrics(tmp_path / "ppo")
     assert math.isfinite(row["loss/policy"]) and "env/tool_calls" in row
-    ev = load_config(EvalRunConfig, None, [
-        f"policy={final}", f"reference={tiny_chat_lm}", where,
-        "reward_fn=agent_env:counter_free", f"eval.prompts_file={tmp_path / 'prompts.jsonl'}",
-        "max_new_tokens=6", "max_turns=2", "max_total_tokens=48", "eval.samples_per_prompt=2",
-        f"output_dir={tmp_path / 'eval'}",
-    ])  # fmt: skip
-    result = run_eval(ev)["policy"]
-    passed = [x["rm"] >= 1 for x in result["samples"]]  # pass@k over episodes, n = 2
-    assert len(passed) == 12 and result["pass@1"] == pytest.approx(sum(passed) / len(passed))
+    _assert_tool_env_evaluates(tmp_path, tiny_chat_lm, final, where)
