@@ -270,3 +270,33 @@ def test_rlhfkit_eval_reports_pass_at_k_from_n_samples_per_prompt(tmp_path, tiny
     want2 = sum(1 - math.comb(4 - c, 2) / math.comb(4, 2) for c in correct) / 5
     assert p["pass@2"] == pytest.approx(want2, abs=1e-12) and "pass@2_se" in p
     assert p["mean@4"] == pytest.approx(sum(scores) / 20, abs=1e-12)
+
+
+def test_the_references_own_samples_cost_no_logprob_forwards_and_have_kl_zero(
+    tmp_path, tiny_lm, monkeypatch
+):
+    """The reference sampled against itself needs no forwards for its KL (it is 0): only the
+    policy, a separate copy of the same weights, pays them, and its KL computed the long way is
+    0 to fp32 rounding, so skipping them changes no figure."""
+    from rlhfkit.stages import evaluate
+
+    calls = []
+    real = evaluate.policy_logprobs
+
+    def counted(model, *a, **k):
+        calls.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(evaluate, "policy_logprobs", counted)
+    cfg = load_config(
+        EvalRunConfig,
+        None,
+        [f"reference={tiny_lm}", f"policy={tiny_lm}", f"eval.prompts_file={_prompts(tmp_path)}"]
+        + ["max_new_tokens=6", f"output_dir={tmp_path / 'e'}"],
+    )
+    result = run_eval(cfg)
+    assert len(calls) == 2 and calls[0] is not calls[1]  # one chunk: the policy and the ref
+    ref, pol = result["reference"], result["policy"]
+    assert [s["kl"] for s in ref["samples"]] == [0.0] * len(pol["samples"])
+    assert max(abs(s["kl"]) for s in pol["samples"]) < 1e-5
+    assert [s["response"] for s in pol["samples"]] == [s["response"] for s in ref["samples"]]

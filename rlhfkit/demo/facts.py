@@ -4,7 +4,8 @@ the product of two one-digit numbers, each answered in a few tokens. The base mo
 about a third of them (docs/real-models.md: pass@1 0.29 / 0.42 / 0.30 at temperature 0.7), so
 RL has correct samples in most groups of 8 to learn from.
 
-Three files, each a chat prompt plus its gold ``answer`` for ``rlhfkit.rewards.verify:math``:
+Three files, each a chat prompt plus its gold ``answer``, ``skill`` and ``numbers``, graded by
+``reward`` (``verify:math`` for sums and products, ``grade_comparison`` for comparisons):
 
     train.jsonl         the training templates, on the training numbers
     heldout.jsonl       the same templates on numbers never trained on
@@ -49,11 +50,12 @@ SKILLS: dict[str, Skill] = {
 }
 
 
-def _row(text: str, answer: int, skill: str) -> dict:
+def _row(text: str, a: int, b: int, answer: int, skill: str) -> dict:
     return {
         "prompt": [{"role": "user", "content": f"{text} {INSTRUCTION}"}],
         "answer": str(answer),
         "skill": skill,
+        "numbers": [a, b],
     }
 
 
@@ -80,15 +82,15 @@ def write_task(out: str | Path, n_train: int = 2048, n_heldout: int = 64) -> dic
         skill = names[i % len(names)]
         numbers, answer, wording, _ = SKILLS[skill]
         a, b = _either(rng, rng.choice(split[skill][0]))
-        train.append(_row(wording.format(a=a, b=b), answer(a, b), skill))
+        train.append(_row(wording.format(a=a, b=b), a, b, answer(a, b), skill))
     for i in range(n_heldout):
         skill = names[i % len(names)]
         numbers, answer, wording, other = SKILLS[skill]
         held = split[skill][1]
         a, b = _either(rng, held[(i // len(names)) % len(held)])
-        heldout.append(_row(wording.format(a=a, b=b), answer(a, b), skill))
+        heldout.append(_row(wording.format(a=a, b=b), a, b, answer(a, b), skill))
         a, b = _either(rng, held[(i // len(names) + len(held) // 2) % len(held)])
-        new.append(_row(other.format(a=a, b=b), answer(a, b), skill))
+        new.append(_row(other.format(a=a, b=b), a, b, answer(a, b), skill))
     check_disjoint(train, heldout + new)
     paths = {}
     for name, rows in (("train", train), ("heldout", heldout), ("heldout_new", new)):
@@ -115,15 +117,53 @@ def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
         raise ValueError(f"held-out problems also in training: {both[:3]}")
 
 
-def strict_grade(row: dict, response: str) -> float:
-    """A stricter reading than the training reward's, for the report: a comparison passes when
-    the response names the larger number and not the smaller ("46 is larger than 72" names both,
-    and math-verify reads its last number); a sum or product by ``verify:math`` (which rejects
-    the operation restated)."""
+# a number standing alone: "3.4" is not 3 or 4
+_NUMBER = r"(?<![\d.])\d+(?![\d.]\d)"
+_MORE = "larger|bigger|greater|higher"
+_LESS = "smaller|less|lower"
+
+
+def _says(response: str, x: int, y: int, words: str) -> bool:
+    """``response`` states "x is (a) <words> (number) than y"."""
+    pattern = (
+        rf"(?<![\d.]){x}(?![\d.]\d)\s+is\s+(?:a\s+|the\s+)?(?:{words})"
+        rf"(?:\s+(?:number|one|value))?\s+than\s+{y}(?![\d.]\d)"
+    )
+    return re.search(pattern, response, flags=re.IGNORECASE) is not None
+
+
+def grade_comparison(response: str, a: int, b: int) -> float:
+    """1 when ``response`` answers "which of a and b is larger" right: it names the larger
+    number and not the smaller ("97.", "The answer is 97."), or it states the comparison the
+    right way round ("97 is larger than 39", "39 is smaller than 97") and not the wrong way.
+    math-verify reads a response's last number, so "39 is a larger number than 97." would pass
+    it (the reward hack seed 1 found, docs/real-models.md); here it fails."""
+    hi, lo = max(a, b), min(a, b)
+    named = {int(x) for x in re.findall(_NUMBER, response)} & {a, b}
+    if named == {hi}:
+        return 1.0
+    right = _says(response, hi, lo, _MORE) or _says(response, lo, hi, _LESS)
+    wrong = _says(response, lo, hi, _MORE) or _says(response, hi, lo, _LESS)
+    return float(right and not wrong)
+
+
+def reward(
+    prompts: list[str], responses: list[str], answer: list[str], skill: list[str],
+    numbers: list[list[int]],
+) -> list[float]:  # fmt: skip
+    """The recipe's reward (``reward_fn=rlhfkit.demo.facts:reward``) and its evaluations' grade,
+    binary: a comparison by ``grade_comparison``, a sum or product by ``verify:math`` against
+    the gold (math-verify; it rejects the operation restated, "2 + 7 is only 11")."""
     from rlhfkit.rewards import verify
 
-    if row["skill"] == "larger":
-        asked = set(re.findall(r"\d+", row["prompt"][-1]["content"]))
-        named = set(re.findall(r"(?<![\d.])\d+(?![\d.]\d)", response)) & asked
-        return float(named == {row["answer"]})
-    return verify.math([response], [response], [row["answer"]])[0]
+    scores = verify.math(prompts, responses, answer)
+    return [
+        grade_comparison(r, *n) if k == "larger" else s
+        for r, n, k, s in zip(responses, numbers, skill, scores, strict=True)
+    ]
+
+
+def strict_grade(row: dict, response: str) -> float:
+    """``reward`` on one row of the task file (the re-grading of saved samples, ``rlvr.regrade``)."""
+    _, numbers = _numbers(row)
+    return reward([""], [response], [row["answer"]], [row["skill"]], [list(numbers)])[0]

@@ -6,9 +6,9 @@ SmolLM2-135M-Instruct, offline on the CPU (issue 31, recipe 2; figures in docs/r
    numbers; the base model answers about a third (pass@1 between 0.15 and 0.6, as asked)
 2. the starting policy on both held-out sets (the training wordings on numbers never trained
    on, and wordings never trained on): pass@1/2/4/8 from 8 samples each, once for all seeds
-3. GRPO as the field runs it on small models: 8 samples per prompt, a binary reward (math-verify
-   against the gold), a KL penalty in the loss (k3, beta 0.04, as DeepSeekMath's GRPO), no
-   overlong shaping, LoRA r 16 on every linear layer (the reference is the adapters off)
+3. GRPO as the field runs it on small models: 8 samples per prompt, a binary reward
+   (``facts.reward``: math-verify against the gold, a comparison read both ways round), a KL
+   penalty in the loss (k3, beta 0.04, as DeepSeekMath's GRPO), no overlong shaping, LoRA r 16 on every linear layer (the reference is the adapters off)
 4. the trained policy on both held-out sets, with the same seed and settings as step 2
 
 Everything it prints is in out/summary.json (per seed) and out/summary.md (all seeds).
@@ -50,7 +50,7 @@ def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> li
         *LORA,
         f"data.train_file={train}",
         "data.max_prompt_length=64",
-        "reward_fn=rlhfkit.rewards.verify:math",  # 1 when the answer equals the gold, else 0
+        "reward_fn=rlhfkit.demo.facts:reward",  # 1 when the answer is right, else 0
         f"run.output_dir={out}",
         f"run.iterations={sizes['iterations']}",
         f"run.seed={seed}",
@@ -90,7 +90,7 @@ def evaluate(policy: Path, files: dict, out: Path, name: str, sizes: dict) -> di
         r = evaluate_policies(
             str(policy),
             {},
-            FnReward(verify.math),
+            FnReward(facts.reward),
             str(files[s]),
             DataConfig(max_prompt_length=64),
             RolloutConfig(max_new_tokens=sizes["max_new_tokens"], temperature=TEMPERATURE),

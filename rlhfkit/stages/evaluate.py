@@ -117,10 +117,14 @@ def sample_policy(
         ids, mask, gen = ep.prompt_ids, ep.prompt_mask, ep.gen
         act = gen.mask if ep.action_mask is None else ep.action_mask
         seq = join(ids, mask, gen.tokens, gen.mask)
-        lp, _ = policy_logprobs(policy, seq, rollout.temperature)
-        model, ctx = _reference_forward(policy, ref)
-        with ctx:
-            lp_ref, _ = policy_logprobs(model, seq, rollout.temperature)
+        if ref is policy:  # the reference's own samples: KL 0, no forwards to show it
+            out.kl += [0.0] * len(items)
+        else:
+            lp, _ = policy_logprobs(policy, seq, rollout.temperature)
+            model, ctx = _reference_forward(policy, ref)
+            with ctx:
+                lp_ref, _ = policy_logprobs(model, seq, rollout.temperature)
+            out.kl += masked_sum(lp - lp_ref, act, dim=1).tolist()
         p_text, r_text = decode_texts(tok, ids, mask, gen.tokens, gen.mask)
         cols = {**columns_of(items), **sampler.columns(ep)}
         out.prompts += p_text
@@ -128,7 +132,6 @@ def sample_policy(
             r_text if ep.action_mask is None else marked_trajectories(tok, gen, ep.action_mask)
         )
         out.tokens += [t[m].tolist() for t, m in zip(gen.tokens, gen.mask, strict=True)]
-        out.kl += masked_sum(lp - lp_ref, act, dim=1).tolist()
         out.length += act.sum(1).float().tolist()
         out.stopped += gen.stopped.float().tolist()
         if reward is not None:
