@@ -16,7 +16,9 @@ not counted as work done).
 ``--game 4`` (issue 31): a real model in a game of 4 turns instead (the environment answers every
 turn with "Go on." until the fourth; no tool, so any chat model plays it), each turn at most
 ``--turn-tokens`` tokens, against single-turn responses of 4 x that many tokens on the same
-prompts. SmolLM2-135M-Instruct from its PyPI package:
+prompts. A turn cut at ``--turn-tokens`` before its EOS ends the episode (truncated: a turn cut
+mid-sentence cannot be closed by the template), so too small a budget plays fewer than 4 turns;
+the table's ``truncated`` column says how many. SmolLM2-135M-Instruct from its PyPI package:
 
     python -m benchmarks.multiturn --smollm2 --game 4 --turn-tokens 12 --batch 8
 """
@@ -104,13 +106,22 @@ def main() -> None:
                 n_tok = int(ep.action_mask.sum())
             runs[name].append((n_tok, time.perf_counter() - t0, ep))
     print(f"model {args.model}, batch {args.batch}, fp32, {torch.get_num_threads()} threads")
-    print("| rollout | model tokens | turns | seconds (each run) | model tokens/s (median) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| rollout | model tokens | turns | truncated | seconds (each run) | model tokens/s (median) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, rs in runs.items():
         rates = sorted(n / s for n, s, _ in rs)
         secs = " / ".join(f"{s:.2f}" for _, s, _ in rs)
-        turns = rs[0][2].counts.get("turns", len(rs[0][2].gen.lengths)) / args.batch
-        print(f"| {name} | {rs[0][0]} | {turns:.2f} | {secs} | {rates[len(rates) // 2]:.0f} |")
+        counts = rs[0][2].counts
+        turns = counts.get("turns", len(rs[0][2].gen.lengths)) / args.batch
+        # an episode ends early (truncated) when a turn hits --turn-tokens before EOS: the
+        # template cannot close a turn cut mid-sentence, so the environment never answers it
+        cut = counts.get("truncated", float((~rs[0][2].gen.stopped).sum())) / args.batch
+        print(
+            f"| {name} | {rs[0][0]} | {turns:.2f} | {cut:.2f} | {secs} "
+            f"| {rates[len(rates) // 2]:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -73,3 +73,6 @@ def test_the_rlvr_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
     assert row["kl/beta"] == 0.04 and row["response/length"] <= QUICK["max_new_tokens"]
     assert (root / "seed-3" / "grpo" / "final" / "config.json").exists()
     assert "seed 3" in (root / "summary.md").read_text()
+    table = (root / "regraded.md").read_text()  # the saved samples re-read by the same reward
+    for s in SETS:
+        assert f"| start | {s} | {start[s]['pass@1']:.3f} +- " in table

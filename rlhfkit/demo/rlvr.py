@@ -185,11 +185,13 @@ def run_rlvr_demo(root: str | Path, seeds: list[int], quick: bool = False) -> di
 
 
 def regrade(root: str | Path) -> str:
-    """Every evaluation under ``root`` graded again with today's checker, from its saved samples
-    (the responses do not change; only the verdicts can): pass@k by set, for the start and each
-    seed. A run trained before a checker fix is then read with the fixed one (docs/real-models.md:
-    the restated-question rule came after this session's runs had started)."""
-    from rlhfkit.algos.eval_stats import pass_at_k_table
+    """Every evaluation under ``root`` read again from its saved samples (the responses do not
+    change; only the verdicts can): pass@k by the recipe's reward (``facts.reward``) and by
+    ``verify:math`` alone (math-verify's reading of the last number, which a comparison can
+    game: "39 is a larger number than 97."), and the distinct share over problems (the first
+    sample of each distinct problem: a policy that answers every problem alike scores near 1/n;
+    8 samples of one problem agreeing on its one right answer is no collapse)."""
+    from rlhfkit.algos.eval_stats import distinct_share, pass_at_k_table
 
     root = Path(root)
     rows = []
@@ -203,18 +205,27 @@ def regrade(root: str | Path) -> str:
         prompts = len(first) // n
         rows_n = [r for r in task[:prompts] for _ in range(n)]
         texts = [x["response"] for x in result["samples"]]
-        today = verify.math(texts, texts, [r["answer"] for r in rows_n])
+        lenient = verify.math(texts, texts, [r["answer"] for r in rows_n])
         verify.pop_metrics()
-        strict = [facts.strict_grade(r, t) for r, t in zip(rows_n, texts, strict=True)]
-        old = sum(x["rm"] for x in result["samples"]) / len(texts)
-        cells = [f"{old:.3f}"]
-        for scores in (today, strict):
+        strict = facts.reward(
+            texts,
+            texts,
+            [r["answer"] for r in rows_n],
+            [r["skill"] for r in rows_n],
+            [list(facts._numbers(r)[1]) for r in rows_n],  # (files of session 12 lack the column)
+        )
+        by_problem = {}  # a problem asked twice in the set counts once
+        for i in range(0, len(texts), n):
+            by_problem.setdefault(facts._numbers(rows_n[i]), texts[i])
+        cells = []
+        for scores in (strict, lenient):
             t = pass_at_k_table(scores, n, 1.0)
             cells.append(f"{t['pass@1']:.3f} +- {t['pass@1_se']:.3f}")
             cells += [f"{t[f'pass@{k}']:.3f}" for k in (2, 4, 8) if f"pass@{k}" in t]
+        cells.append(f"{distinct_share(list(by_problem.values())):.2f} ({len(by_problem)})")
         rows.append(f"| {who} | {s} | " + " | ".join(cells) + " |")
-    head = ("| | set | pass@1 as run | pass@1 today's checker | pass@2 | pass@4 | pass@8 "
-            "| pass@1 strict | pass@2 | pass@4 | pass@8 |\n")  # fmt: skip
+    head = ("| | set | pass@1 | pass@2 | pass@4 | pass@8 | pass@1 verify:math alone | pass@2 "
+            "| pass@4 | pass@8 | distinct over problems (problems) |\n")  # fmt: skip
     out = head + "|---" * 11 + "|\n" + "\n".join(rows) + "\n"
     (root / "regraded.md").write_text(out)
     return out
