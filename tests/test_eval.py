@@ -272,6 +272,7 @@ def test_rlhfkit_eval_reports_pass_at_k_from_n_samples_per_prompt(tmp_path, tiny
     assert p["mean@4"] == pytest.approx(sum(scores) / 20, abs=1e-12)
 
 
+@pytest.mark.slow  # two evaluations (~6 s); the fast tier is at its 2-minute budget
 def test_the_references_own_samples_cost_no_logprob_forwards_and_have_kl_zero(
     tmp_path, tiny_lm, monkeypatch
 ):
