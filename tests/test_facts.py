@@ -94,4 +94,3 @@ def test_the_recipes_reward_grades_each_skill_by_its_own_rule(tmp_path):
         [c[0]["numbers"] for c in cases],
     )
     assert scores == [c[2] for c in cases]
-    assert [facts.strict_grade(c[0], c[1]) for c in cases] == scores

@@ -103,7 +103,7 @@ def _either(rng: random.Random, pair: tuple[int, int]) -> tuple[int, int]:
     return (pair[1], pair[0]) if rng.random() < 0.5 else pair
 
 
-def _numbers(row: dict) -> tuple[str, tuple[int, ...]]:
+def identity(row: dict) -> tuple[str, tuple[int, ...]]:
     """A row's identity: its skill and its numbers, sorted."""
     words = [w.strip("?.,") for w in row["prompt"][-1]["content"].split()]
     return row["skill"], tuple(sorted(int(w) for w in words if w.isdigit()))
@@ -111,14 +111,18 @@ def _numbers(row: dict) -> tuple[str, tuple[int, ...]]:
 
 def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
     """No held-out identity (skill, numbers) in the training rows."""
-    seen = {_numbers(r) for r in train}
-    both = [r for r in heldout if _numbers(r) in seen]
+    seen = {identity(r) for r in train}
+    both = [r for r in heldout if identity(r) in seen]
     if both:
         raise ValueError(f"held-out problems also in training: {both[:3]}")
 
 
-# a number standing alone: "3.4" is not 3 or 4
-_NUMBER = r"(?<![\d.])\d+(?![\d.]\d)"
+def _alone(number: str) -> str:
+    """A regex for ``number`` standing alone: "3.4" holds neither 3 nor 4."""
+    return rf"(?<![\d.]){number}(?![\d.]\d)"
+
+
+_NUMBER = _alone(r"\d+")
 _MORE = "larger|bigger|greater|higher"
 _LESS = "smaller|less|lower"
 
@@ -126,8 +130,8 @@ _LESS = "smaller|less|lower"
 def _says(response: str, x: int, y: int, words: str) -> bool:
     """``response`` states "x is (a) <words> (number) than y"."""
     pattern = (
-        rf"(?<![\d.]){x}(?![\d.]\d)\s+is\s+(?:a\s+|the\s+)?(?:{words})"
-        rf"(?:\s+(?:number|one|value))?\s+than\s+{y}(?![\d.]\d)"
+        rf"{_alone(str(x))}\s+is\s+(?:a\s+|the\s+)?(?:{words})"
+        rf"(?:\s+(?:number|one|value))?\s+than\s+{_alone(str(y))}"
     )
     return re.search(pattern, response, flags=re.IGNORECASE) is not None
 
@@ -161,9 +165,3 @@ def reward(
         grade_comparison(r, *n) if k == "larger" else s
         for r, n, k, s in zip(responses, numbers, skill, scores, strict=True)
     ]
-
-
-def strict_grade(row: dict, response: str) -> float:
-    """``reward`` on one row of the task file (the re-grading of saved samples, ``rlvr.regrade``)."""
-    _, numbers = _numbers(row)
-    return reward([""], [response], [row["answer"]], [row["skill"]], [list(numbers)])[0]

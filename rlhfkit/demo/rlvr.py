@@ -8,7 +8,8 @@ SmolLM2-135M-Instruct, offline on the CPU (issue 31, recipe 2; figures in docs/r
    on, and wordings never trained on): pass@1/2/4/8 from 8 samples each, once for all seeds
 3. GRPO as the field runs it on small models: 8 samples per prompt, a binary reward
    (``facts.reward``: math-verify against the gold, a comparison read both ways round), a KL
-   penalty in the loss (k3, beta 0.04, as DeepSeekMath's GRPO), no overlong shaping, LoRA r 16 on every linear layer (the reference is the adapters off)
+   penalty in the loss (k3, beta 0.04, as DeepSeekMath's GRPO), no overlong shaping, LoRA r 16
+   on every linear layer (the reference is the adapters off)
 4. the trained policy on both held-out sets, with the same seed and settings as step 2
 
 Everything it prints is in out/summary.json (per seed) and out/summary.md (all seeds).
@@ -212,11 +213,11 @@ def regrade(root: str | Path) -> str:
             texts,
             [r["answer"] for r in rows_n],
             [r["skill"] for r in rows_n],
-            [list(facts._numbers(r)[1]) for r in rows_n],  # (files of session 12 lack the column)
+            [list(facts.identity(r)[1]) for r in rows_n],  # (files of session 12 lack the column)
         )
         by_problem = {}  # a problem asked twice in the set counts once
         for i in range(0, len(texts), n):
-            by_problem.setdefault(facts._numbers(rows_n[i]), texts[i])
+            by_problem.setdefault(facts.identity(rows_n[i]), texts[i])
         cells = []
         for scores in (strict, lenient):
             t = pass_at_k_table(scores, n, 1.0)
