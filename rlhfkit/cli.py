@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["reviews", "tools", "rlvr"],
         default="reviews",
         help="reviews: SFT -> RM -> PPO (the seed); tools: an agent that must call a tool, "
-        "SFT -> GRPO with a tool environment (docs/agents.md); rlvr: GRPO with a verifiable "
+        "SFT -> GRPO with a tool environment (docs/agents.md; with --model smollm2 every seed of "
+        "--seeds after one SFT warm start, docs/real-models.md); rlvr: GRPO with a verifiable "
         "reward on SmolLM2-135M-Instruct, every seed of --seeds (docs/real-models.md)",
     )
     sub.add_parser("env", help="print versions, threads, allocator and devices (for bug reports)")
@@ -209,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.demo.rlvr import run_rlvr_demo
 
         run_rlvr_demo(args.output_dir or "runs/demo-rlvr", args.seeds, quick=args.quick)
+        return 0
+    if args.command == "demo" and args.task == "tools" and args.model == "smollm2":
+        from rlhfkit.demo.tools_smollm2 import run_tools_smollm2
+
+        run_tools_smollm2(args.output_dir or "runs/demo-tools-smollm2", args.seeds, args.quick)
         return 0
     if args.command == "demo" and args.task == "tools":
         from rlhfkit.demo.agent import run_tools_demo

@@ -76,3 +76,34 @@ def test_the_rlvr_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
     table = (root / "regraded.md").read_text()  # the saved samples re-read by the same reward
     for s in SETS:
         assert f"| start | {s} | {start[s]['pass@1']:.3f} +- " in table
+
+
+def test_the_tool_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path, monkeypatch):
+    """``rlhfkit demo --model smollm2 --task tools --quick`` (issue 31): the base model and the
+    SFT warm start evaluated once, GRPO with the tool environment, the trained policy evaluated
+    alike; episodes run the real ``multiply``. The quick sizes measure nothing; the figures are
+    docs/real-models.md's."""
+    from rlhfkit.data import tokenize
+    from rlhfkit.demo.tools_smollm2 import QUICK, SETS, run_tools_smollm2
+    from rlhfkit.train.logger import read_metrics
+
+    monkeypatch.setattr(tokenize, "_warned", set())  # the warning is once per template and process
+    root = tmp_path / "tools"
+    root.mkdir()
+    (root / "smollm2").symlink_to(smollm2)  # converted already
+    # SmolLM2's template has no tools section: the schemas go into the system prompt, with a warning
+    with pytest.warns(UserWarning, match="no tools section"):
+        result = run_tools_smollm2(root, [5], quick=True)
+    assert result["starts"]["base"].keys() == {SETS[0]}
+    for ev in [*result["starts"]["sft"].values(), *result["runs"][5]["after"].values()]:
+        n = QUICK["heldout"] * QUICK["samples"]
+        assert len(ev["samples"]) == n and 0.0 <= ev["called"] <= 1.0
+        correct = [x["rm"] for x in ev["samples"]]  # pass@1 is the mean of the 0/1 checks
+        assert set(correct) <= {0.0, 1.0} and ev["pass@1"] == pytest.approx(sum(correct) / n)
+        for x in ev["samples"]:  # every episode saw the schema in its system prompt
+            assert '"name": "multiply"' in x["prompt"] and "<tools>" in x["prompt"]
+    (row,) = read_metrics(root / "seed-5" / "grpo")
+    assert row["kl/beta"] == 0.04 and row["env/turns"] >= 1
+    assert (root / "sft" / "final" / "config.json").exists()
+    assert (root / "seed-5" / "grpo" / "final" / "config.json").exists()
+    assert "seed 5" in (root / "summary.md").read_text()
