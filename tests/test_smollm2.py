@@ -78,6 +78,7 @@ def test_the_rlvr_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
         assert f"| start | {s} | {start[s]['pass@1']:.3f} +- " in table
 
 
+@pytest.mark.recipe  # ~500 CPU-seconds: outside CI's budget (docs/decisions.md); pytest -m recipe
 def test_the_tool_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path, monkeypatch):
     """``rlhfkit demo --model smollm2 --task tools --quick`` (issue 31): the base model and the
     SFT warm start evaluated once, GRPO with the tool environment, the trained policy evaluated

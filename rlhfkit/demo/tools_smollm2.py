@@ -48,13 +48,15 @@ from rlhfkit.stages.ppo import run_ppo
 from rlhfkit.stages.sft import run_sft
 from rlhfkit.train.logger import read_metrics
 
-FULL = {"sft_pairs": 160, "iterations": 20, "heldout": 48, "samples": 4, "episodes": 32}
+# turn: new tokens per model turn (a call is 35 tokens, an answer about 12); episode: tokens
+# after the prompt (a call, the tool's answer and the final turn)
+FULL = {"sft_pairs": 160, "iterations": 8, "heldout": 48, "samples": 4, "episodes": 16,
+        "turn": 48, "episode": 112}  # fmt: skip
 # --quick: the recipe end to end on SmolLM2 in a minute or two (CI); it measures nothing
-QUICK = {"sft_pairs": 8, "iterations": 1, "heldout": 2, "samples": 2, "episodes": 8}
+QUICK = {"sft_pairs": 4, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 8,
+         "turn": 12, "episode": 32}  # fmt: skip
 P_TOOL = 0.3  # the share of SFT first turns that call the tool (the rest answer from memory)
 TEMPERATURE = 0.7  # the rollouts' and every evaluation's
-TURN_TOKENS = 48  # per model turn: a call is 35 tokens, an answer about 12
-EPISODE_TOKENS = 112  # after the prompt: a call, the tool's answer and the final turn
 PROMPT_TOKENS = 256  # the system prompt with the schema is 210 of them
 SETS = ("heldout", "heldout_new")
 TOOL = "rlhfkit.demo.tools_smollm2:multiply"
@@ -177,7 +179,7 @@ def sft(model: Path, files: dict, out: Path) -> Path:
             *LORA,
             f"data.train_file={files['sft']}",
             f"data.max_prompt_length={PROMPT_TOKENS + 64}",
-            f"data.max_length={PROMPT_TOKENS + 64 + TURN_TOKENS}",
+            f"data.max_length={PROMPT_TOKENS + 64 + 48}",
             f"train.output_dir={out}",
             "train.epochs=1",
             "train.batch_size=8",
@@ -200,8 +202,8 @@ def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> li
         "reward_fn=rlhfkit.demo.tools_smollm2:reward",
         f"env.tools=[{TOOL}]",
         "rollout.max_turns=2",
-        f"rollout.max_new_tokens={TURN_TOKENS}",
-        f"rollout.max_total_tokens={EPISODE_TOKENS}",
+        f"rollout.max_new_tokens={sizes['turn']}",
+        f"rollout.max_total_tokens={sizes['episode']}",
         f"run.output_dir={out}",
         f"run.iterations={sizes['iterations']}",
         f"run.seed={seed}",
@@ -245,14 +247,14 @@ def evaluate(policy: Path, files: dict, out: Path, name: str, sizes: dict, sets=
             FnReward(reward),
             str(files[s]),
             DataConfig(max_prompt_length=PROMPT_TOKENS),
-            RolloutConfig(max_new_tokens=TURN_TOKENS, temperature=TEMPERATURE),
+            RolloutConfig(max_new_tokens=sizes["turn"], temperature=TEMPERATURE),
             EvalConfig(max_prompts=sizes["heldout"], samples_per_prompt=sizes["samples"]),
             None,
             0,
             out / f"eval-{name}-{s}",
             reference_name=name,
             sampler=multi_turn(
-                EnvConfig(tools=[TOOL]), 2, TURN_TOKENS, EPISODE_TOKENS, PROMPT_TOKENS
+                EnvConfig(tools=[TOOL]), 2, sizes["turn"], sizes["episode"], PROMPT_TOKENS
             ),
         )[name]
         result[s] = with_tool_use(r)
