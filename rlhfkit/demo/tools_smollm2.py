@@ -50,7 +50,7 @@ from rlhfkit.train.logger import read_metrics
 
 # turn: new tokens per model turn (a call is 35 tokens, an answer about 12); episode: tokens
 # after the prompt (a call, the tool's answer and the final turn)
-FULL = {"sft_pairs": 160, "iterations": 8, "heldout": 48, "samples": 4, "episodes": 16,
+FULL = {"sft_pairs": 160, "iterations": 10, "heldout": 48, "samples": 4, "episodes": 32,
         "turn": 48, "episode": 112}  # fmt: skip
 # --quick: the recipe end to end on SmolLM2 in a minute or two (CI); it measures nothing
 QUICK = {"sft_pairs": 4, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 8,
