@@ -44,6 +44,24 @@ LORA = [
     "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
 ]
 
+# GRPO as the field runs it on small models (shared with the tool recipe, tools_smollm2.py): a
+# binary reward unnormalized, the KL penalty in the loss (k3, beta 0.04: DeepSeekMath's GRPO),
+# token-level aggregation, clip 0.2, one epoch, lr 2e-4
+GRPO_SMALL = [
+    "ppo.estimator=grpo",
+    "ppo.aggregation=token",
+    "ppo.clip_eps=0.2",
+    "ppo.kl_coef=0.04",
+    "ppo.kl_in=loss",
+    "ppo.kl_estimator=k3",
+    "ppo.reward_norm=none",
+    "ppo.epochs=1",
+    "actor.lr=2e-4",
+    "actor.max_grad_norm=1.0",
+    "log.tensorboard=false",
+    "log.progress=false",
+]
+
 
 def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> list[str]:
     return [
@@ -62,20 +80,9 @@ def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> li
         f"rollout.chunk_size={sizes['episodes']}",
         f"rollout.max_new_tokens={sizes['max_new_tokens']}",
         f"rollout.temperature={TEMPERATURE}",
-        "ppo.estimator=grpo",
-        "ppo.aggregation=token",
-        "ppo.clip_eps=0.2",
-        "ppo.kl_coef=0.04",
-        "ppo.kl_in=loss",
-        "ppo.kl_estimator=k3",
-        "ppo.reward_norm=none",
-        "ppo.epochs=1",
+        *GRPO_SMALL,
         f"ppo.minibatch_size={sizes['episodes'] // 2}",
         f"ppo.micro_batch_size={min(16, sizes['episodes'] // 2)}",
-        "actor.lr=2e-4",
-        "actor.max_grad_norm=1.0",
-        "log.tensorboard=false",
-        "log.progress=false",
     ]
 
 

@@ -42,6 +42,7 @@ from rlhfkit.config import (
     load_config,
 )
 from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
+from rlhfkit.demo.rlvr import GRPO_SMALL, LORA  # the RLVR recipe's GRPO and LoRA settings
 from rlhfkit.rollout.rewards import FnReward
 from rlhfkit.stages.evaluate import evaluate_policies
 from rlhfkit.stages.ppo import run_ppo
@@ -61,12 +62,6 @@ TEMPERATURE = 0.7  # the rollouts' and every evaluation's
 PROMPT_TOKENS = 256  # a prompt with the schema in its system prompt is ~223 tokens
 SETS = ("heldout", "heldout_new")
 TOOL = "rlhfkit.demo.tools_smollm2:multiply"
-LORA = [
-    "model.lora.enabled=true",
-    "model.lora.r=16",
-    "model.lora.alpha=32",
-    "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-]
 WORDINGS = [
     "What is {a} times {b}?",
     "Multiply {a} by {b}.",
@@ -214,20 +209,9 @@ def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> li
         f"rollout.episodes_per_iteration={sizes['episodes']}",
         f"rollout.chunk_size={sizes['episodes']}",
         f"rollout.temperature={TEMPERATURE}",
-        "ppo.estimator=grpo",
-        "ppo.aggregation=token",
-        "ppo.clip_eps=0.2",
-        "ppo.kl_coef=0.04",
-        "ppo.kl_in=loss",
-        "ppo.kl_estimator=k3",
-        "ppo.reward_norm=none",
-        "ppo.epochs=1",
+        *GRPO_SMALL,
         f"ppo.minibatch_size={sizes['episodes'] // 2}",
         f"ppo.micro_batch_size={min(16, sizes['episodes'] // 2)}",
-        "actor.lr=2e-4",
-        "actor.max_grad_norm=1.0",
-        "log.tensorboard=false",
-        "log.progress=false",
     ]
 
 
