@@ -149,21 +149,41 @@ def length_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 WITH_MKL = (
-    "also run rlhfkit with model.cpu_gemm=torch (MKL's sgemm, as before session 8) as a third "
+    "also run rlhfkit with model.cpu_gemm=torch (MKL's sgemm, as before session 8) as another "
     "runner in each round: what the oneDNN linear layers change"
 )
+WITH_ONEDNN = (
+    "also run rlhfkit with model.cpu_gemm=onednn (every product on oneDNN, as before session 15) "
+    "as another runner in each round: what auto's measured choice of kernel changes"
+)
+# our runners and the model.cpu_gemm each runs with
+GEMM = {"rlhfkit": "auto", "rlhfkit-onednn": "onednn", "rlhfkit-mkl": "torch"}
+IMPL = {gemm: impl for impl, gemm in GEMM.items()}
 
 
-def impls(compare_trl: bool, with_mkl: bool) -> list[str]:
+def impls(compare_trl: bool, with_mkl: bool, with_onednn: bool = False) -> list[str]:
     """The runners of one A B (A' B) round."""
-    return ["rlhfkit"] + (["rlhfkit-mkl"] if with_mkl else []) + (["trl"] if compare_trl else [])
+    ours = ["rlhfkit"] + (["rlhfkit-onednn"] if with_onednn else [])
+    return ours + (["rlhfkit-mkl"] if with_mkl else []) + (["trl"] if compare_trl else [])
 
 
 def ours_flags(impl: str) -> list[str]:
-    """The child flags of one of our runners (``rlhfkit``, ``rlhfkit-mkl``); none for TRL's."""
+    """The child flags of one of our runners (``GEMM``); none for TRL's."""
     if impl == "trl":
         return []
-    return ["--json", "--cpu-gemm", "torch" if impl == "rlhfkit-mkl" else "onednn"]
+    return ["--json", "--cpu-gemm", GEMM[impl]]
+
+
+def peaks_line() -> tuple[float, str]:
+    """This machine's fp32 matmul peak (the better kernel's: the fractions of peak are of it)
+    and a line naming the CPU and both kernels' peaks."""
+    from rlhfkit.models import cpu_gemm
+
+    kinds = ["torch"] + (["onednn"] if cpu_gemm.available() else [])
+    p = {k: matmul_peak_gflops(torch.float32, kernel=k) for k in kinds}
+    each = ", ".join(f"{k} {v:.0f}" for k, v in p.items())
+    return max(p.values()), (f"machine: {machine()}; {threads()} threads; fp32 matmul peak "
+                             f"{max(p.values()):.0f} GFLOP/s ({each})")  # fmt: skip
 
 
 def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,15 +55,21 @@ def main() -> None:
         raise SystemExit("this torch build has no oneDNN linear op")
     torch.manual_seed(0)
     print(f"machine: {common.machine()}; {common.threads()} threads; torch {torch.__version__}")
+    peaks = {k: common.matmul_peak_gflops(torch.float32, kernel=k) for k in ("torch", "onednn")}
+    print("fp32 peak (1024^3, best over 1.5 s): " + ", ".join(f"{k} {v:.0f} GFLOP/s"
+                                                              for k, v in peaks.items()))  # fmt: skip
+    # model.cpu_gemm: auto's choices, made afresh here (not read from ~/.cache/rlhfkit)
+    choices = cpu_gemm.Choices(tempfile.mkdtemp())
     print("\n| product | M x K x N | torch GFLOP/s fwd / dx / dW | oneDNN GFLOP/s fwd / dx / dW "
-          "| speed-up fwd / dx / dW | max abs diff fwd |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "| speed-up fwd / dx / dW | auto's choice fwd / dx / dW | max abs diff fwd |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for what, m, k, n in SHAPES:
-        print(row(what, m, k, n))
+        print(row(what, m, k, n, choices))
 
 
-def row(what: str, m: int, k: int, n: int) -> str:
-    """One shape's table row: the three products on both kernels, A B A B."""
+def row(what: str, m: int, k: int, n: int, choices: cpu_gemm.Choices) -> str:
+    """One shape's table row: the three products on both kernels, A B A B, and the kernel that
+    ``model.cpu_gemm: auto`` picks for each (``choices``: one short timing at the first use)."""
     dnn = cpu_gemm._mm_nt
     copies = max(1, min(16, int(64e6 // (4 * k * n))))  # ~64 MB of weights: out of cache
     ws = [torch.randn(n, k) / k**0.5 for _ in range(copies)]
@@ -87,12 +94,19 @@ def row(what: str, m: int, k: int, n: int) -> str:
         for kind, fs in ops.items():
             for j, f in enumerate(fs):
                 times[kind][j].append(_time(f, reps))
+    picked = []
+    for a, b in ((x, ws[0]), (g, ws[0].t()), (g.t(), x.t())):
+        if a.shape[0] * a.shape[1] * b.shape[0] < cpu_gemm.TIMED_MACS:
+            picked.append("onednn (small)")
+        else:
+            choices.product(a, b)
+            picked.append(choices.made[choices.key(a, b, None)])
     flop = 2 * m * k * n
     rate = {kind: [flop / min(t) / 1e9 for t in ts] for kind, ts in times.items()}
     diff = float((dnn(x, ws[0]) - torch.nn.functional.linear(x, ws[0])).abs().max())
     up = " / ".join(f"{b / a:.2f}x" for a, b in zip(rate["torch"], rate["onednn"], strict=True))
     return (f"| {what} | {m} x {k} x {n} | {_fmt(rate['torch'])} | {_fmt(rate['onednn'])} | "
-            f"{up} | {diff:.1e} |")  # fmt: skip
+            f"{up} | {' / '.join(picked)} | {diff:.1e} |")  # fmt: skip
 
 
 def _fmt(v: list[float]) -> str:

@@ -32,7 +32,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | reference | `rlhfkit dpo`'s cache: one no-grad pass over the pairs, batch 16 | `precompute_ref_log_probs=True`, `precompute_ref_batch_size=16` |
 | step | `fit` with `LabelledLogprobs` (the LM head on completion positions only), 32 sequences | `DPOTrainer` concatenated forward of chosen + rejected, 32 sequences |
 | loss | sigmoid, beta 0.1 | `loss_type=["sigmoid"]`, beta 0.1 |
-| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default), on weights reordered once for the reference precompute (`cpu_gemm.packed_weights`; plain in the step); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
+| linear layers (fp32, CPU) | oneDNN's matmul, each training product on the faster of oneDNN and torch as timed on the machine (`model.cpu_gemm: auto`, the default), on weights reordered once for the reference precompute (`cpu_gemm.packed_weights`; plain in the step); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
 | allocator | glibc (both runners); rlhfkit sets glibc's mmap/trim thresholds when it loads a CPU model (`rlhfkit.launch.tune_glibc_malloc`, off with `RLHFKIT_MALLOC_TUNE=0`; session 8) | glibc, its defaults |
 | gradient checkpointing | off | off (set explicitly) |
 | lengths | prompt 31 words + BOS, completions 48 words + EOS | the same text, TRL's tokenization (EOS appended) |"""
@@ -59,7 +59,7 @@ def flops_per_step(model_n: int, hidden: int, vocab: int) -> float:
     return 3 * 2 * BATCH * (seq * 2 * model_n + (COMPLETION + 1) * 2 * hidden * vocab)
 
 
-def run_ours(size: str, steps: int, cpu_gemm: str = "onednn") -> list[dict]:
+def run_ours(size: str, steps: int, cpu_gemm: str = "auto") -> list[dict]:
     import torch
 
     import rlhfkit.stages.dpo as dpo_stage
@@ -106,7 +106,7 @@ def run_ours(size: str, steps: int, cpu_gemm: str = "onednn") -> list[dict]:
     )
     return [
         {
-            "impl": "rlhfkit" if cpu_gemm == "onednn" else "rlhfkit-mkl",
+            "impl": common.IMPL[cpu_gemm],
             "step": b - a,
             "precompute": sum(marks["precompute"]),
             "flops": fl,
@@ -134,8 +134,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compare-trl", action="store_true")
     ap.add_argument("--with-mkl", action="store_true", help=common.WITH_MKL)
+    ap.add_argument("--with-onednn", action="store_true", help=common.WITH_ONEDNN)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cpu-gemm", default="onednn", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-gemm", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:
         for r in run_ours(args.size, args.steps, args.cpu_gemm):
@@ -143,13 +144,11 @@ def main() -> None:
         return
     import torch
 
-    peak = common.matmul_peak_gflops(torch.float32)
-    print(
-        f"machine: {common.machine()}; {common.threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s"
-    )
+    peak, line = common.peaks_line()
+    print(line)
     print(f"work: size={args.size} {common.SIZES[args.size]}, {PAIRS} pairs, {BATCH} per step, "
           f"prompt {PROMPT} + completions {COMPLETION}, sigmoid, beta 0.1, fp32")  # fmt: skip
-    impls = common.impls(args.compare_trl, args.with_mkl)
+    impls = common.impls(args.compare_trl, args.with_mkl, args.with_onednn)
     results: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds if len(impls) > 1 else 1):
         for impl in impls:  # A B A B
@@ -170,6 +169,9 @@ def main() -> None:
     if args.with_mkl:
         print(f"\noneDNN linears (median rlhfkit-mkl / median rlhfkit): "
               f"{med['rlhfkit-mkl'] / med['rlhfkit']:.2f}x")  # fmt: skip
+    if args.with_onednn:
+        print(f"\nauto's kernels (median rlhfkit-onednn / median rlhfkit): "
+              f"{med['rlhfkit-onednn'] / med['rlhfkit']:.2f}x")  # fmt: skip
     if args.compare_trl:
         print(
             f"\nspeed-up (median TRL / median rlhfkit, s/step): {med['trl'] / med['rlhfkit']:.2f}x"

@@ -76,7 +76,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | old logprobs | the sampler's own (fp32 fast path; 1 epoch, so = detached current) | detached current (num_iterations=1) |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
-| linear layers (fp32, CPU) | oneDNN's matmul (`model.cpu_gemm: onednn`, the default), on weights reordered once per rollout (`cpu_gemm.packed_weights`; plain in the update); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
+| linear layers (fp32, CPU) | oneDNN's matmul, each training product on the faster of oneDNN and torch as timed on the machine (`model.cpu_gemm: auto`, the default), on weights reordered once per rollout (`cpu_gemm.packed_weights`; plain in the update); the `rlhfkit-mkl` row (`--with-mkl`) uses torch's | torch's `F.linear` (MKL sgemm) |
 | allocator | glibc (both runners); rlhfkit sets glibc's mmap/trim thresholds when it loads a CPU model (`rlhfkit.launch.tune_glibc_malloc`, off with `RLHFKIT_MALLOC_TUNE=0`; session 8) | glibc, its defaults |
 | gradient checkpointing | off | off (`gradient_checkpointing=False`; TRL 1.16's default is on, which recomputes the forward in backward: less memory, more time) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
@@ -95,7 +95,7 @@ def flops(model_n: int, hidden: int, vocab: int, prompts: list[int], lengths: li
     return {"generate": gen, "ref": fwd, "update": 3 * fwd}
 
 
-def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "onednn") -> list[dict]:
+def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "auto") -> list[dict]:
     import torch
 
     from rlhfkit.config import PPOConfig, load_config
@@ -153,7 +153,7 @@ def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "onednn") -> lis
                    exp.prompt_mask.sum(1).tolist(), lengths)  # fmt: skip
         out.append(
             {
-                "impl": "rlhfkit" if cpu_gemm == "onednn" else "rlhfkit-mkl",
+                "impl": common.IMPL[cpu_gemm],
                 "total": t2 - t0,
                 "generate": timer.generate,
                 "ref": timer.score,  # the reference forward and the reward function
@@ -223,8 +223,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds with --compare-trl")
     ap.add_argument("--compare-trl", action="store_true")
     ap.add_argument("--with-mkl", action="store_true", help=WITH_MKL)
+    ap.add_argument("--with-onednn", action="store_true", help=common.WITH_ONEDNN)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cpu-gemm", default="onednn", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-gemm", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed steps, one JSON line each
         rows = run_ours(args.size, args.iters + args.warmup, args.micro, args.cpu_gemm)
@@ -233,10 +234,8 @@ def main() -> None:
         return
     import torch
 
-    peak = common.matmul_peak_gflops(torch.float32)
-    print(
-        f"machine: {common.machine()}; {common.threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s"
-    )
+    peak, line = common.peaks_line()
+    print(line)
     w = work(args.size)
     model_dir(args.size)  # built or converted once, before the runners start
     stop = "ending at EOS" if w["eos"] else "exactly, no EOS stop"
@@ -245,7 +244,7 @@ def main() -> None:
         f"{w['groups']} prompts x {w['samples']} samples, up to {w['max_new']} new tokens "
         f"({stop}), micro-batch {args.micro}, fp32"
     )
-    impls = common.impls(args.compare_trl, args.with_mkl)
+    impls = common.impls(args.compare_trl, args.with_mkl, args.with_onednn)
     results: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds if len(impls) > 1 else 1):
         for impl in impls:  # A B A B: machine drift hits both
@@ -274,6 +273,12 @@ def main() -> None:
         mkl = statistics.median(r["total"] for r in results["rlhfkit-mkl"])
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         print(f"\noneDNN linears (median rlhfkit-mkl / median rlhfkit, s/step): {mkl / ours:.2f}x")
+    if args.with_onednn:
+        dnn = statistics.median(r["total"] for r in results["rlhfkit-onednn"])
+        ours = statistics.median(r["total"] for r in results["rlhfkit"])
+        print(
+            f"\nauto's kernels (median rlhfkit-onednn / median rlhfkit, s/step): {dnn / ours:.2f}x"
+        )
     if args.compare_trl:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         theirs = statistics.median(r["total"] for r in results["trl"])

@@ -7,10 +7,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" HF_HUB_OFFLINE=1 TOKENIZERS_PARAL
 .venv/bin/ruff check .
 # tcmalloc preloaded where installed, as the `rlhfkit` command does (rlhfkit/launch.py); the
 # slowest tests are listed so that the next slow one shows itself
-# (with no arguments: every test but the `recipe` smokes, which do not fit CI's budget yet;
-# docs/decisions.md, "the tool agent on SmolLM2")
-if [ "$#" -eq 0 ]; then set -- -m "not recipe"; ALL=1; fi
-.venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q --durations=15 "$@"
+if [ "$#" -eq 0 ]; then ALL=1; fi
+.venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q --durations=25 "$@"
 if [ "${ALL:-}" = 1 ] && ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   # an AVX2-only CPU: the first pass ran at AVX2 already, which is all the cap would give
   echo "== cpu_isa tests: this CPU has no AVX-512, so the run above was the AVX2 run =="

@@ -78,7 +78,33 @@ def test_the_rlvr_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
         assert f"| start | {s} | {start[s]['pass@1']:.3f} +- " in table
 
 
-@pytest.mark.recipe  # ~500 CPU-seconds: outside CI's budget (docs/decisions.md); pytest -m recipe
+def test_the_rlhf_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
+    """``rlhfkit demo --model smollm2 --quick`` (issue 31): the seed's pipeline on SmolLM2 with
+    LoRA, from its config: SFT, preference pairs sampled from the SFT policy, the RM, PPO with a
+    critic and the judge, the held-out evaluation and the report. The quick sizes measure
+    nothing; the figures are docs/real-models.md's."""
+    from pathlib import Path
+
+    from rlhfkit.demo.run import SMOLLM2_QUICK, run_demo
+    from rlhfkit.train.logger import read_metrics
+
+    out = tmp_path / "rlhf"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "final").symlink_to(smollm2)  # converted already
+    config = Path(__file__).parents[1] / "configs" / "smollm2" / "pipeline.yaml"
+    summary = run_demo(str(out), seed=0, quick=True, model="smollm2", config=str(config))
+    sft = (out / "data" / "sft.jsonl").read_text().splitlines()
+    assert len(sft) == SMOLLM2_QUICK["sft_examples"]
+    (row,) = read_metrics(out / "ppo")  # one iteration, with a critic (a value loss) and a KL
+    assert row["step"] == 1 and "loss/value" in row and row["kl/beta"] == 0.05
+    for stage in ("sft", "rm", "ppo"):  # LoRA merged on export: plain from_pretrained loads it
+        assert (out / stage / "final" / "config.json").exists()
+        assert not (out / stage / "final" / "adapter_config.json").exists()
+    assert {"sft_judge_score", "ppo_judge_score", "ppo_win_rate"} <= summary.keys()
+    assert -1.0 <= summary["ppo_judge_score"] <= 1.0 and 0.0 <= summary["ppo_win_rate"] <= 1.0
+    assert (out / "report" / "report.html").exists()
+
+
 def test_the_tool_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path, monkeypatch):
     """``rlhfkit demo --model smollm2 --task tools --quick`` (issue 31): the base model and the
     SFT warm start evaluated once, GRPO with the tool environment, the trained policy evaluated

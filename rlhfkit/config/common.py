@@ -35,11 +35,13 @@ class ModelConfig:
         "logprobs and losses in fp32: what GPU users want, docs/decisions.md)",
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
-    cpu_gemm: Literal["onednn", "torch"] = knob(
-        "onednn",
-        "fp32 linear layers on the CPU: oneDNN's matmul (2-3x MKL's sgemm on the AMD EPYCs "
-        "measured, forward and backward; benchmarks/cpu_gemm.py) or torch's own (MKL); equal up "
-        "to fp32 rounding. Other dtypes and devices always use torch's",
+    cpu_gemm: Literal["auto", "onednn", "torch"] = knob(
+        "auto",
+        "fp32 linear layers on the CPU: oneDNN's matmul (1-3x MKL's sgemm on the AMD EPYCs "
+        "measured; benchmarks/cpu_gemm.py), torch's own (MKL), or auto: oneDNN, except that each "
+        "product of a training step takes the faster of the two, timed once per shape class on "
+        "this machine and kept in ~/.cache/rlhfkit (models.cpu_gemm.Choices); equal up to fp32 "
+        "rounding. Other dtypes and devices always use torch's",
     )
     cpu_blocks: Literal["fused", "hf"] = knob(
         "fused",

@@ -33,6 +33,17 @@ from rlhfkit.toy import build_tiny_lm
 FULL = {"pretrain_docs": 12000, "sft_examples": 3000, "pref_prompts": 2000, "ppo_iterations": 40}
 QUICK = {"pretrain_docs": 3000, "sft_examples": 800, "pref_prompts": 800, "ppo_iterations": 12}
 SMOLLM2 = {"pretrain_docs": 0, "sft_examples": 400, "pref_prompts": 160, "ppo_iterations": 10}
+# --model smollm2 --quick: the SmolLM2 recipe end to end, tiny (CI's smoke); it measures nothing
+SMOLLM2_QUICK = {"pretrain_docs": 0, "sft_examples": 8, "pref_prompts": 8, "ppo_iterations": 1}
+SMOLLM2_QUICK_OVERRIDES = (
+    "ppo.rollout.episodes_per_iteration=8",
+    "ppo.rollout.max_new_tokens=12",
+    "ppo.ppo.epochs=1",
+    "ppo.ppo.minibatch_size=8",
+    "ppo.eval.max_prompts=4",
+    "eval.max_prompts=4",
+    "rm.train.epochs=1",
+)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -205,12 +216,14 @@ def run_demo(
     """model: 'tiny' (pre-trained here) or 'smollm2'; config: a pipeline YAML instead of the packaged one."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    sizes = SMOLLM2 if model == "smollm2" else (QUICK if quick else FULL)
+    sizes = {("smollm2", False): SMOLLM2, ("smollm2", True): SMOLLM2_QUICK, ("tiny", False): FULL,
+             ("tiny", True): QUICK}[model, quick]  # fmt: skip
     out = Path(output_dir)
     files = make_data(out, seed, sizes)
     base = base_model(out, files["corpus"], seed, model)
     t_base = time.perf_counter() - t0
-    cfg = pipeline_config(out, base, seed, sizes, config)
+    extra = SMOLLM2_QUICK_OVERRIDES if sizes is SMOLLM2_QUICK else ()
+    cfg = pipeline_config(out, base, seed, sizes, config, extra)
     sft_cfg, _, _ = stage_configs(cfg)
     # 1. SFT (run here, before the pipeline, because the preference data is sampled from it)
     sft_final = Path(sft_cfg.train.output_dir) / "final"

@@ -52,11 +52,10 @@ from rlhfkit.train.logger import read_metrics
 # turn: new tokens per model turn (a call is 35 tokens, an answer about 12); episode: tokens
 # after the prompt (a call, the tool's answer and the final turn)
 FULL = {"sft_pairs": 160, "iterations": 10, "heldout": 48, "samples": 4, "episodes": 32,
-        "turn": 48, "episode": 112}  # fmt: skip
-# --quick: the recipe end to end, tiny (pytest -m recipe; ~500 CPU-s, so not in CI yet:
-# docs/decisions.md); it measures nothing
-QUICK = {"sft_pairs": 4, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 8,
-         "turn": 12, "episode": 32}  # fmt: skip
+        "group": 8, "turn": 48, "episode": 112}  # fmt: skip
+# --quick: the recipe end to end, tiny (CI's smoke, tests/test_smollm2.py); it measures nothing
+QUICK = {"sft_pairs": 1, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 4,
+         "group": 4, "turn": 12, "episode": 32}  # fmt: skip
 P_TOOL = 0.3  # the share of SFT first turns that call the tool (the rest answer from memory)
 TEMPERATURE = 0.7  # the rollouts' and every evaluation's
 PROMPT_TOKENS = 256  # a prompt with the schema in its system prompt is ~223 tokens
@@ -205,7 +204,7 @@ def grpo_args(model: Path, train: Path, out: Path, seed: int, sizes: dict) -> li
         f"run.seed={seed}",
         "run.save_every=10",
         "run.sample_every=5",
-        "rollout.samples_per_prompt=8",
+        f"rollout.samples_per_prompt={sizes['group']}",
         f"rollout.episodes_per_iteration={sizes['episodes']}",
         f"rollout.chunk_size={sizes['episodes']}",
         f"rollout.temperature={TEMPERATURE}",

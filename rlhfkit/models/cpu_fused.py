@@ -48,9 +48,10 @@ def _fast(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return all(cpu_gemm._eligible(x, p, None) for p in params)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T: on oneDNN when the layers are (``cpu_gemm``), else torch's."""
-    return cpu_gemm._mm_nt(a, b) if onednn else a @ b.t()
+def _mm(a: torch.Tensor, b: torch.Tensor, kernel: str | None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T: as the layers' ``cpu_gemm`` kernel ("onednn" or "auto") when they
+    are ``OneDNNLinear``, else (None) torch's."""
+    return cpu_gemm.mm_nt(a, b, None, kernel) if kernel else a @ b.t()
 
 
 # ---------------------------------------------------------------------------------- SwiGLU MLP
@@ -58,18 +59,18 @@ def _mm(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, wg, wu, wd, onednn):
-        g = _mm(x2, wg, onednn)  # (M, I)
-        u = _mm(x2, wu, onednn)
-        y = _mm(F.silu(g) * u, wd, onednn)  # HF: act_fn(gate_proj(x)) * up_proj(x), down_proj
+    def forward(ctx, x2, wg, wu, wd, kernel):
+        g = _mm(x2, wg, kernel)  # (M, I)
+        u = _mm(x2, wu, kernel)
+        y = _mm(F.silu(g) * u, wd, kernel)  # HF: act_fn(gate_proj(x)) * up_proj(x), down_proj
         ctx.save_for_backward(x2, g, u, wg, wu, wd)
-        ctx.onednn = onednn
+        ctx.kernel = kernel
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, g, u, wg, wu, wd = ctx.saved_tensors
-        on, need = ctx.onednn, ctx.needs_input_grad
+        on, need = ctx.kernel, ctx.needs_input_grad
         dy = dy.contiguous()
         s = F.silu(g)  # recomputed: not kept from forward
         dwd = _mm(dy.t(), (s * u).t(), on) if need[3] else None  # dy^T h, h = silu(g) * u
@@ -101,8 +102,10 @@ class FusedSwiGLU(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        onednn = type(self.gate_proj) is cpu_gemm.OneDNNLinear  # swapped only where available
-        y = _SwiGLU.apply(x2, *w, onednn)
+        kernel = (  # swapped only where available
+            self.gate_proj.gemm_kernel if type(self.gate_proj) is cpu_gemm.OneDNNLinear else None
+        )
+        y = _SwiGLU.apply(x2, *w, kernel)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -137,8 +137,8 @@ def _apply_options(model, cfg: ModelConfig, trainable: bool):
     if device_of(model).type == "cpu":
         tune_glibc_malloc()  # large CPU tensors stay mapped between steps (rlhfkit.launch)
     disable_dropout(model)
-    if cfg.cpu_gemm == "onednn":
-        use_onednn(model)  # a no-op on other devices and dtypes at call time (models.cpu_gemm)
+    if cfg.cpu_gemm != "torch":  # a no-op on other devices and dtypes at call time (cpu_gemm)
+        use_onednn(model, cfg.cpu_gemm)
     if cfg.cpu_blocks == "fused":
         fuse_blocks(model)  # fp32 CPU training only, decided at call time (models.cpu_fused)
     if cfg.gradient_checkpointing and trainable:
