@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.toy import build_tiny_lm
-
-torch.set_num_threads(2)
 # model.cpu_gemm: auto keeps its kernel choices per machine (models.cpu_gemm.Choices): the suite
 # makes its own, in a directory of its own, and leaves the user's ~/.cache/rlhfkit alone
 os.environ.setdefault("RLHFKIT_CACHE_DIR", tempfile.mkdtemp(prefix="rlhfkit-test-cache-"))
+
+from rlhfkit.toy import build_tiny_lm  # noqa: E402
+
+torch.set_num_threads(2)
 
 COLORS = ["red", "blue", "green", "gold", "pink", "gray"]
 WORDS = COLORS + ["copy", ":", "good", "bad", "ok", "say", "the", "a", "word", "user", "assistant"]

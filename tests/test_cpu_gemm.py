@@ -239,7 +239,7 @@ def test_packing_turns_off_with_its_environment_variable():
     assert out == "True"
 
 
-def _kernels(monkeypatch, slow: str | None = None, delay: float = 0.02) -> list[str]:
+def _kernels(monkeypatch, slow: str | None = None, delay: float = 0.1) -> list[str]:
     """Count the calls of each kernel of ``Choices``; ``slow``: that one sleeps ``delay`` first."""
     calls: list[str] = []
     for name, f in list(cpu_gemm.KERNELS.items()):
@@ -256,7 +256,7 @@ def _kernels(monkeypatch, slow: str | None = None, delay: float = 0.02) -> list[
 
 def _auto_step(rows: int, seed: int = 0):
     """One forward and backward of a 512 x 512 layer on ``cpu_gemm.use_onednn(.., "auto")``:
-    each product is 512 * 512 * rows multiply-adds, above TIMED_MACS for rows >= 512."""
+    each product is 512 * 512 * rows multiply-adds, timed for rows >= 4096 (TIMED_MACS)."""
     torch.manual_seed(seed)
     layer = nn.Linear(512, 512, bias=True)
     cpu_gemm.use_onednn(layer, "auto")
@@ -269,7 +269,7 @@ def _auto_step(rows: int, seed: int = 0):
 
 @pytest.mark.parametrize("slow", ["onednn", "torch"])
 def test_auto_times_each_product_class_once_and_keeps_the_faster(monkeypatch, tmp_path, slow):
-    """``model.cpu_gemm: auto``: the kernel made slower by 20 ms a call loses the A B A B timing
+    """``model.cpu_gemm: auto``: the kernel made slower by 100 ms a call loses the A B A B timing
     of each product (forward, dx, dW), for good: the class's next products, in this process and
     in the next one on the same machine (the choices read back from disk), run the other kernel
     without timing again. Every product equals float64 within the fp32 bound either way."""
@@ -277,19 +277,19 @@ def test_auto_times_each_product_class_once_and_keeps_the_faster(monkeypatch, tm
     calls = _kernels(monkeypatch, slow)
     choices = cpu_gemm.Choices(tmp_path)
     monkeypatch.setattr(cpu_gemm, "_CHOICES", choices)
-    layer, x, y, g = _auto_step(600)
-    assert sorted(choices.made) == ["1024x512x512/nn+b", "1024x512x512/nt", "512x1024x512/tt"]
+    layer, x, y, g = _auto_step(4100)
+    assert sorted(choices.made) == ["512x8192x512/tt", "8192x512x512/nn+b", "8192x512x512/nt"]
     assert set(choices.made.values()) == {fast} and calls.count(slow) == 3 * 2
     x2, w, g2 = x.detach().double(), layer.weight.detach().double(), g.double()
     _check(y, x2, w.T, layer.bias.detach().double())
     _check(x.grad, g2, w)
     _check(layer.weight.grad, g2.T, x2)
-    # the same classes (rows 600 and 1000 both round up to 1024), a new process's choices
+    # the same classes (rows 4100 and 6000 both round up to 8192), a new process's choices
     again = cpu_gemm.Choices(tmp_path)
     assert again.made == choices.made and again.path == choices.path
     monkeypatch.setattr(cpu_gemm, "_CHOICES", again)
     calls.clear()
-    _auto_step(1000, seed=1)
+    _auto_step(6000, seed=1)
     assert calls == [fast] * 3 and again.timings == {}
 
 
@@ -297,7 +297,7 @@ def test_auto_leaves_small_products_on_onednn_and_keys_choices_by_machine(monkey
     calls = _kernels(monkeypatch, slow="onednn")
     choices = cpu_gemm.Choices(tmp_path)
     monkeypatch.setattr(cpu_gemm, "_CHOICES", choices)
-    _auto_step(100)  # 26M multiply-adds a product: below TIMED_MACS, not timed
+    _auto_step(4000)  # 1.05e9 multiply-adds a product: below TIMED_MACS, not timed
     assert calls == ["onednn"] * 3 and choices.made == {} and not choices.path.exists()
     key = cpu_gemm.machine_key()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # another ISA cap: another machine's choices

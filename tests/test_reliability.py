@@ -29,13 +29,16 @@ ENV = {
 }  # so that reward_fn can name a test module
 
 
-def _cli(args):
+ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1"}  # two processes at once on the 2 cores
+
+
+def _cli(args, env=ONE_THREAD):
     return subprocess.Popen(
         [sys.executable, "-m", "rlhfkit", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=env,
     )
 
 
@@ -72,25 +75,29 @@ def _same_metrics(a: Path, b: Path, skip=("time/", "perf/")):
 
 
 def _kill_and_resume(tmp_path, stage_args, out_name, min_ckpt, cls=AutoModelForCausalLM):
-    full = tmp_path / "full"
-    run = subprocess.run(
-        [sys.executable, "-m", "rlhfkit", *stage_args(full)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    killed = tmp_path / "killed"
-    code = _interrupt_after(stage_args(killed), killed / "checkpoints", min_ckpt)
-    assert code == -signal.SIGKILL and not (killed / "final").exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "rlhfkit", *stage_args(killed)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
+    # the uninterrupted run goes alongside the killed and resumed one: two processes on two
+    # cores, one thread each (ONE_THREAD), the same on both sides
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    with open(tmp_path / "full.log", "w+") as log:  # a file, not a pipe: nobody reads it meanwhile
+        run = subprocess.Popen(
+            [sys.executable, "-m", "rlhfkit", *stage_args(full)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=ONE_THREAD,
+        )
+        code = _interrupt_after(stage_args(killed), killed / "checkpoints", min_ckpt)
+        assert code == -signal.SIGKILL and not (killed / "final").exists()
+        resumed = subprocess.run(
+            [sys.executable, "-m", "rlhfkit", *stage_args(killed)],
+            capture_output=True,
+            text=True,
+            env=ONE_THREAD,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from" in resumed.stderr
+        returncode = run.wait(timeout=300)
+        log.seek(0)
+        assert returncode == 0, log.read()[-3000:]
     _same_weights(full / "final", killed / "final", cls)
     _same_metrics(full, killed)
 

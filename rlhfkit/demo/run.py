@@ -40,7 +40,8 @@ SMOLLM2_QUICK_OVERRIDES = (
     "ppo.rollout.max_new_tokens=12",
     "ppo.ppo.epochs=1",
     "ppo.ppo.minibatch_size=8",
-    "ppo.eval.max_prompts=4",
+    "ppo.data.eval_file=",  # the pipeline's evaluation stage alone scores the held-out prompts
+    "ppo.eval.every=0",
     "eval.max_prompts=4",
     "rm.train.epochs=1",
 )

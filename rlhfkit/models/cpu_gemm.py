@@ -70,7 +70,9 @@ def _torch_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 
 KERNELS = {"onednn": _mm_nt, "torch": _torch_nt}
-TIMED_MACS = 1 << 27  # below ~1 ms of work a timing is noise: such products stay on oneDNN
+# below ~10 ms of work (~1e9 multiply-adds) a product stays on oneDNN untimed: a timing that
+# short is noise on a shared 2-core machine, and tiny models keep one path on every machine
+TIMED_MACS = 1 << 30
 
 
 def _bucket(d: int) -> int:
