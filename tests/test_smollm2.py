@@ -122,6 +122,7 @@ def test_the_tool_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path, monkeypat
     with pytest.warns(UserWarning, match="no tools section"):
         result = run_tools_smollm2(root, [5], quick=True)
     assert result["starts"]["base"].keys() == {SETS[0]}
+    assert result["starts"]["sft"].keys() == result["runs"][5]["after"].keys() == set(QUICK["sets"])
     for ev in [*result["starts"]["sft"].values(), *result["runs"][5]["after"].values()]:
         n = QUICK["heldout"] * QUICK["samples"]
         assert len(ev["samples"]) == n and 0.0 <= ev["called"] <= 1.0

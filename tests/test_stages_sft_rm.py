@@ -185,11 +185,16 @@ def test_rm_k_way_ranking_data_trains(tmp_path, sft_run):
 
 
 @pytest.mark.slow  # several `python -m rlhfkit` subprocesses (~12 s)
-def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm):
+def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm, capsys):
+    """``python -m rlhfkit sft`` trains and writes a plain HF directory (a real process); a
+    misspelt key and a missing file exit with 2 and say what is wrong (``main`` in-process: the
+    same code, without two more interpreter start-ups)."""
+    from rlhfkit.cli import main
+
     data = write_jsonl(tmp_path / "sft.jsonl", copy_rows(16))
-    base = [sys.executable, "-m", "rlhfkit", "sft", "--config", "configs/tiny/sft.yaml"]
+    args = ["sft", "--config", "configs/tiny/sft.yaml"]
     ok = subprocess.run(
-        base
+        [sys.executable, "-m", "rlhfkit", *args]
         + [
             f"model.name_or_path={tiny_lm}",
             f"data.train_file={data}",
@@ -202,19 +207,16 @@ def test_cli_runs_and_reports_config_errors(tmp_path, tiny_lm):
     )
     assert ok.returncode == 0, ok.stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "final") is not None
-    bad = subprocess.run(base + ["train.lrr=1"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean 'train.lr'" in bad.stderr
-    missing = subprocess.run(
-        base
-        + [
-            f"model.name_or_path={tiny_lm}",
-            f"data.train_file={tmp_path / 'nope.jsonl'}",
-            f"train.output_dir={tmp_path / 'o2'}",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+    capsys.readouterr()
+    assert main(args + ["train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+    missing = [
+        f"model.name_or_path={tiny_lm}",
+        f"data.train_file={tmp_path / 'nope.jsonl'}",
+        f"train.output_dir={tmp_path / 'o2'}",
+    ]
+    assert main(args + missing) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("plain_head", [True, False])

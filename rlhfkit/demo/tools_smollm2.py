@@ -52,10 +52,11 @@ from rlhfkit.train.logger import read_metrics
 # turn: new tokens per model turn (a call is 35 tokens, an answer about 12); episode: tokens
 # after the prompt (a call, the tool's answer and the final turn)
 FULL = {"sft_pairs": 160, "iterations": 10, "heldout": 48, "samples": 4, "episodes": 32,
-        "group": 8, "turn": 48, "episode": 112}  # fmt: skip
+        "group": 8, "turn": 48, "episode": 112, "sets": ("heldout", "heldout_new")}  # fmt: skip
 # --quick: the recipe end to end, tiny (CI's smoke, tests/test_smollm2.py); it measures nothing
+# and evaluates on one held-out set (the other's evaluation is the same code on another file)
 QUICK = {"sft_pairs": 1, "iterations": 1, "heldout": 1, "samples": 2, "episodes": 4,
-         "group": 4, "turn": 12, "episode": 32}  # fmt: skip
+         "group": 4, "turn": 12, "episode": 32, "sets": ("heldout",)}  # fmt: skip
 P_TOOL = 0.3  # the share of SFT first turns that call the tool (the rest answer from memory)
 TEMPERATURE = 0.7  # the rollouts' and every evaluation's
 PROMPT_TOKENS = 256  # a prompt with the schema in its system prompt is ~223 tokens
@@ -283,7 +284,7 @@ def run_tools_smollm2(root: str | Path, seeds: list[int], quick: bool = False) -
     t1 = time.perf_counter()
     sft_dir = sft(model, files, root / "sft")
     print(f"[tools] SFT warm start ready in {time.perf_counter() - t1:.0f} s", flush=True)
-    starts["sft"] = evaluate(sft_dir, files, root, "sft", sizes)
+    starts["sft"] = evaluate(sft_dir, files, root, "sft", sizes, sets=sizes["sets"])
     print("[tools] start:\n" + _table(list(starts.items()), sizes["samples"]), flush=True)
     runs = {}
     for seed in seeds:
@@ -297,7 +298,7 @@ def run_tools_smollm2(root: str | Path, seeds: list[int], quick: bool = False) -
         train_s = time.perf_counter() - t1
         rows = read_metrics(out / "grpo")
         t2 = time.perf_counter()
-        after = evaluate(final, files, out, "rl", sizes)
+        after = evaluate(final, files, out, "rl", sizes, sets=sizes["sets"])
         keys = ("step", "score/mean", "response/length", "kl/seq_mean", "env/tool_calls")
         summary = {
             "seed": seed,
@@ -310,7 +311,7 @@ def run_tools_smollm2(root: str | Path, seeds: list[int], quick: bool = False) -
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         runs[seed] = summary
-        gain = {s: after[s]["pass@1"] - starts["sft"][s]["pass@1"] for s in SETS}
+        gain = {s: after[s]["pass@1"] - starts["sft"][s]["pass@1"] for s in sizes["sets"]}
         print(
             f"[tools] seed {seed}: {len(rows)} iterations in {train_s:.0f} s, success gain over "
             "SFT " + ", ".join(f"{s} {g:+.3f}" for s, g in gain.items()),
