@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,11 +15,40 @@ import torch
 
 # model.cpu_gemm: auto keeps its kernel choices per machine (models.cpu_gemm.Choices): the suite
 # makes its own, in a directory of its own, and leaves the user's ~/.cache/rlhfkit alone
-os.environ.setdefault("RLHFKIT_CACHE_DIR", tempfile.mkdtemp(prefix="rlhfkit-test-cache-"))
+if "RLHFKIT_CACHE_DIR" not in os.environ:
+    os.environ["RLHFKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhfkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RLHFKIT_CACHE_DIR"], ignore_errors=True)
 
 from rlhfkit.toy import build_tiny_lm  # noqa: E402
 
-torch.set_num_threads(2)
+# pytest-xdist (scripts/test.sh) runs the suite in one worker per core: each worker, and each
+# process its tests start, gets its share of the cores, as two processes on 2 cores need 1 thread each
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+else:
+    torch.set_num_threads(2)
+
+# Under pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) each module runs
+# on one worker, handed out in collection order: the longest modules go first, so that none of
+# them starts last and keeps one worker busy after the other is done (minutes at 1 thread each,
+# Zen 1 EPYC). The order within a module is kept.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_smollm2.py",
+    "test_distributed.py",
+    "test_reliability.py",
+    "test_agent_runs.py",
+    "test_rewards.py",
+    "test_ppo.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 COLORS = ["red", "blue", "green", "gold", "pink", "gray"]
 WORDS = COLORS + ["copy", ":", "good", "bad", "ok", "say", "the", "a", "word", "user", "assistant"]

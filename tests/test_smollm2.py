@@ -103,6 +103,9 @@ def test_the_rlhf_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path):
     assert {"sft_judge_score", "ppo_judge_score", "ppo_win_rate"} <= summary.keys()
     assert -1.0 <= summary["ppo_judge_score"] <= 1.0 and 0.0 <= summary["ppo_win_rate"] <= 1.0
     assert (out / "report" / "report.html").exists()
+    # the recipe reports its process's peak memory, in MB: at least the policy's fp32 weights
+    weights_mb = (smollm2 / "model.safetensors").stat().st_size / 2**20
+    assert weights_mb < summary["peak_rss_mb"] < 24 * 1024
 
 
 def test_the_tool_recipe_runs_end_to_end_on_smollm2(smollm2, tmp_path, monkeypatch):

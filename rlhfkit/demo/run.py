@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import sys
 import time
 from importlib import resources
@@ -245,6 +246,8 @@ def run_demo(
     timing = {
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "base_model_seconds": round(t_base, 1),
+        # the process's peak resident memory (every stage runs in it), as the other recipes report
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     return write_report(out, result, cfg, extra=timing, intro=INTRO)
 
