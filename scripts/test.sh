@@ -6,17 +6,10 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 # tcmalloc preloaded where installed, as the `rlhfkit` command does (rlhfkit/launch.py); the
-# slowest tests are listed so that the next slow one shows itself
+# slowest tests are listed so that the next slow one shows itself; pyproject's addopts run the
+# suite on one pytest-xdist worker per core
 if [ "$#" -eq 0 ]; then ALL=1; fi
-# pytest-xdist: one worker per core (at most 4), each with its share of the threads
-# (tests/conftest.py). Each test module runs on one worker, so its module fixtures are built
-# once; modules are handed out in collection order, the longest first (conftest.LONGEST_FIRST).
-# (--dist loadgroup would split modules finer, but pytest-xdist 3.8's grouping has no effect
-# under pytest 9.2: it renames items through an attribute pytest no longer reads.)
-WORKERS="${RLHFKIT_TEST_WORKERS:-$(nproc)}"
-[ "$WORKERS" -gt 4 ] && WORKERS=4
-XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
-.venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q --durations=25 "${XDIST[@]}" "$@"
+.venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q --durations=25 "$@"
 if [ "${ALL:-}" = 1 ] && ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   # an AVX2-only CPU: the first pass ran at AVX2 already, which is all the cap would give
   echo "== cpu_isa tests: this CPU has no AVX-512, so the run above was the AVX2 run =="
@@ -27,5 +20,5 @@ elif [ "${ALL:-}" = 1 ]; then
   # kernels it compiled for AVX-512 are not valid under the cap.
   echo "== cpu_isa tests with the ISA capped at AVX2 =="
   ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor-avx2" \
-    .venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q -m cpu_isa -p no:cacheprovider "${XDIST[@]}"
+    .venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q -m cpu_isa -p no:cacheprovider
 fi

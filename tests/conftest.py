@@ -21,7 +21,7 @@ if "RLHFKIT_CACHE_DIR" not in os.environ:
 
 from rlhfkit.toy import build_tiny_lm  # noqa: E402
 
-# pytest-xdist (scripts/test.sh) runs the suite in one worker per core: each worker, and each
+# pytest-xdist (pyproject addopts) runs the suite in one worker per core: each worker, and each
 # process its tests start, gets its share of the cores, as two processes on 2 cores need 1 thread each
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
@@ -30,7 +30,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 else:
     torch.set_num_threads(2)
 
-# Under pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) each module runs
+# Under pytest-xdist (pyproject addopts: --dist loadfile --no-loadscope-reorder) each module runs
 # on one worker, handed out in collection order: the longest modules go first, so that none of
 # them starts last and keeps one worker busy after the other is done (minutes at 1 thread each,
 # Zen 1 EPYC). The order within a module is kept.
