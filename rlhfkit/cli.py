@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=int, default=32, help="responses per forward")
     serve.add_argument("--max-items", type=int, default=1024, help="largest request accepted")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    vserve = sub.add_parser(
+        "vllm-serve",
+        help="serve a policy with vLLM for rollout.engine: vllm, vllm_mode: server",
+        description="Load MODEL_DIR (a HF causal LM directory) into vLLM and serve the rollout "
+        "protocol of docs/vllm.md: POST /generate, POST /load_weights, GET /health (needs the "
+        "vllm extra: pip install 'rlhfkit[vllm]').",
+    )
+    vserve.add_argument("model_dir", help="the policy's starting weights (e.g. the SFT model)")
+    vserve.add_argument("--host", default="127.0.0.1")
+    vserve.add_argument("--port", type=int, default=8001)
+    vserve.add_argument(
+        "--temperature", type=float, default=1.0, help="the rollout's (picks vLLM's logprob mode)"
+    )
+    vserve.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache on the CPU")
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline offline on a tiny model, with a report",
@@ -162,7 +176,11 @@ STAGE_KEYS = ("sft", "rm", "ppo", "dpo")  # a pipeline config's stages
 
 def needed_extras(command: str, cfg=None) -> list[tuple[str, str]]:
     """(extra, what needs it) for a command and its config: checked before any work starts."""
-    needs = {"demo": [("demo", "rlhfkit demo")], "serve-rm": [("serve", "rlhfkit serve-rm")]}
+    needs = {
+        "demo": [("demo", "rlhfkit demo")],
+        "serve-rm": [("serve", "rlhfkit serve-rm")],
+        "vllm-serve": [("vllm", "rlhfkit vllm-serve"), ("serve", "rlhfkit vllm-serve")],
+    }
     out = list(needs.get(command, []))
     if command == "pipeline":
         out.append(("report", "rlhfkit pipeline (its report's plots)"))
@@ -171,6 +189,9 @@ def needed_extras(command: str, cfg=None) -> list[tuple[str, str]]:
         log = getattr(part, "log", None)
         if log is not None and log.wandb:
             out.append(("wandb", f"{prefix}log.wandb"))
+        rollout = getattr(part, "rollout", None)
+        if rollout is not None and rollout.engine == "vllm" and rollout.vllm_mode == "colocate":
+            out.append(("vllm", f"{prefix}rollout.engine: vllm"))
         env = getattr(part, "env", None)
         if env is not None and env.url:  # an OpenEnv server: its client is openenv-core's
             out.append(("envs", f"{prefix}env.url"))
@@ -196,8 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         print(_env_report())
         return 0
-    if args.command in ("serve-rm", "demo") and not _check_extras(args.command):
+    if args.command in ("serve-rm", "demo", "vllm-serve") and not _check_extras(args.command):
         return 2
+    if args.command == "vllm-serve":
+        from rlhfkit.rollout.vllm_engine import VLLMError
+        from rlhfkit.rollout.vllm_server import serve
+
+        if not Path(args.model_dir, "config.json").exists():
+            print(f"rlhfkit vllm-serve: {args.model_dir} is not a model directory", file=sys.stderr)
+            return 2
+        try:
+            serve(args.model_dir, args.host, args.port, args.temperature, args.kv_cache_gb)
+        except VLLMError as e:
+            print(f"rlhfkit vllm-serve: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "serve-rm":
         from rlhfkit.rewards.server import serve_rm
 
@@ -249,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.data.readers import DataError
     from rlhfkit.rewards.http import RewardServerError
     from rlhfkit.rollout.rewards import RewardFunctionError
+    from rlhfkit.rollout.vllm_engine import VLLMError
     from rlhfkit.train.dist import init_from_env, shutdown
     from rlhfkit.train.guard import StopRequested, TrainingDiverged
 
@@ -264,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:
         print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (TrainingDiverged, RewardServerError, RewardFunctionError) as e:
+    except (TrainingDiverged, RewardServerError, RewardFunctionError, VLLMError) as e:
         print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "envs": ("openenv", "mcp"),
     "report": ("matplotlib",),
     "serve": ("fastapi", "uvicorn"),
+    "vllm": ("vllm",),
     "wandb": ("wandb",),
 }
 

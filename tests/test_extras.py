@@ -83,3 +83,21 @@ def test_env_url_without_the_envs_extra_names_the_key(tmp_path, hide, capsys, ti
     assert main([*args, f"run.output_dir={out}", "env.url=http://127.0.0.1:1"]) == 2
     _one_line_error(capsys, "env.url", "openenv", "pip install 'rlhfkit[envs]'")
     assert not (out / "checkpoints").exists()
+
+
+def test_rollout_engine_vllm_without_vllm_names_the_key_and_the_extra(
+    tmp_path, hide, capsys, tiny_lm
+):
+    hide("vllm")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    out = tmp_path / "ppo"
+    args = ["ppo", f"model.name_or_path={tiny_lm}", f"data.train_file={data}"]
+    assert main([*args, f"run.output_dir={out}", "rollout.engine=vllm"]) == 2
+    _one_line_error(capsys, "rollout.engine: vllm", "vllm", "pip install 'rlhfkit[vllm]'")
+    assert not out.exists()
+
+
+def test_vllm_serve_without_vllm_stops_at_once(tmp_path, hide, capsys):
+    hide("vllm")
+    assert main(["vllm-serve", str(tmp_path), "--port", "1"]) == 2
+    _one_line_error(capsys, "rlhfkit vllm-serve", "pip install 'rlhfkit[vllm]'")

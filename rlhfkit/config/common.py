@@ -259,6 +259,40 @@ class RolloutConfig:
         "ppo.rollout_correction: tis)",
         lo=0,
     )
+    engine: Literal["hf", "vllm"] = knob(
+        "hf",
+        "what samples the responses: hf = rlhfkit's own KV-cache decode loop over the HF model "
+        "(exact logprobs, no extra install); vllm = vLLM (pip install 'rlhfkit[vllm]', "
+        "docs/vllm.md), its weights synced from the actor before every rollout; the trainer "
+        "then recomputes log pi_old and keeps vLLM's as the sampler's (ppo.rollout_correction)",
+    )
+    vllm_mode: Literal["colocate", "server"] = knob(
+        "colocate",
+        "engine vllm: colocate = an in-process vllm.LLM; server = `rlhfkit vllm-serve` at "
+        "rollout.vllm_url (its own process or machine, its own virtualenv)",
+    )
+    vllm_url: str = knob("", "engine vllm, vllm_mode server: the server's base URL")
+    vllm_kv_cache_gb: float = knob(
+        2.0, "engine vllm, colocate, on the CPU: the KV cache's memory in GB", lo=0, lo_open=True
+    )
+
+    def validate(self, prefix: str = "") -> None:
+        if self.engine != "vllm":
+            for key in ("vllm_mode", "vllm_url"):
+                if getattr(self, key) != getattr(RolloutConfig, key):
+                    raise ConfigError(f"{prefix}{key}: needs {prefix}engine: vllm")
+            return
+        if self.vllm_mode == "server" and not self.vllm_url:
+            raise ConfigError(
+                f"{prefix}vllm_url: vllm_mode server needs the server's URL "
+                "(start one with `rlhfkit vllm-serve MODEL_DIR`)"
+            )
+        if self.vllm_mode == "colocate" and self.vllm_url:
+            raise ConfigError(f"{prefix}vllm_url: only with {prefix}vllm_mode: server")
+        if self.compile:
+            raise ConfigError(
+                f"{prefix}compile: compiles the hf engine's decode step; vLLM has its own"
+            )
 
 
 @dataclass(frozen=True)

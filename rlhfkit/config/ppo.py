@@ -208,6 +208,11 @@ class PPOConfig(RewardKeys):
             raise ConfigError(
                 f"{prefix}ppo.minibatch_size must divide {prefix}rollout.episodes_per_iteration"
             )
+        if self.rollout.engine == "vllm" and self.run.parallel == "fsdp":
+            raise ConfigError(
+                f"{prefix}rollout.engine: vllm loads the whole policy into vLLM before each "
+                f"rollout; {prefix}run.parallel: fsdp shards it (use engine: hf, or ddp)"
+            )
         if self.rollout.max_staleness and self.run.parallel == "fsdp":
             raise ConfigError(
                 f"{prefix}rollout.max_staleness: {self.rollout.max_staleness} samples with a "

@@ -21,11 +21,11 @@ from rlhfkit.data.tokenize import pad_left
 from rlhfkit.models import autocast, device_of
 from rlhfkit.models.cpu_gemm import packed_weights
 from rlhfkit.rollout.columns import columns_of
+from rlhfkit.rollout.engines import HFEngine
 from rlhfkit.rollout.episodes import Episodes
 from rlhfkit.rollout.experience import Experience, concat
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.rollout.rewards import ScoreNormalizer
-from rlhfkit.rollout.sampling import generate
 from rlhfkit.train import dist
 
 
@@ -121,15 +121,20 @@ def _pad_generation(gen, width: int, pad_id: int):
 
 
 class SingleTurn:
-    """The rollout's sampler without an environment: one response per prompt."""
+    """The rollout's sampler without an environment: one response per prompt, from ``engine``
+    (``rollout.engine``: rlhfkit's own decode loop by default)."""
 
     provides: tuple[str, ...] = ()  # columns it adds for the reward sources
+
+    def __init__(self, engine=None):
+        self.engine = engine or HFEngine()
 
     def __call__(self, actor, tokenizer, prompts, sample: dict, prompt_width) -> Episodes:
         ids, mask = pad_left(
             [p.prompt_ids for p in prompts], tokenizer.pad_token_id, device_of(actor), prompt_width
         )  # (B, P)
-        gen = generate(actor, ids, mask, **sample)
+        self.engine.sync(actor)
+        gen = self.engine(actor, ids, mask, **sample)
         none = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
         return Episodes(ids, mask, gen, None, [0.0] * len(prompts), [], none)
 
@@ -196,10 +201,11 @@ def rollout_chunk(
     # the model's own tokens: all of a single-turn response, the model's turns of an episode
     action = gen.mask if ep.action_mask is None else _pad_cols(ep.action_mask, gen.mask)
     seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
+    # the sampler's logprobs as log pi_old when they are the policy's own (the hf engine's, in
+    # fp32); another engine's are kept for the rollout correction only
+    exact = sampler_logprobs_usable(rc.old_logprobs, cfg.model.dtype)
     sampled = (
-        (gen.logprobs, gen.entropy)
-        if sampler_logprobs_usable(rc.old_logprobs, cfg.model.dtype)
-        else None
+        (gen.logprobs, gen.entropy) if exact and models.sampler.engine.exact_logprobs else None
     )
     logprobs, entropy, values = learner.rollout_outputs(seq, rc.temperature, sampled)  # (B, T)
     if models.ref is None:

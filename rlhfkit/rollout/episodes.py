@@ -30,6 +30,7 @@ import torch
 from rlhfkit.data.build import PromptItem
 from rlhfkit.data.tokenize import _plain, encode_prompt, pad_left, uses_chat_template
 from rlhfkit.envs import EnvError, as_messages, as_step, make_factory, parser_for
+from rlhfkit.rollout.engines import HFEngine
 from rlhfkit.rollout.sampling import Generation, generate
 
 # markers of a stand-in conversation: the delta of an observation is what the template writes
@@ -149,8 +150,10 @@ def run_episodes(
     settings: EnvSettings,
     sample: dict,
     prompt_width: int | None = None,
+    engine=generate,
 ) -> Episodes:
-    """Play one episode per row of ``prompts``. ``sample``: ``generate``'s sampling keywords
+    """Play one episode per row of ``prompts``, each model turn sampled by ``engine``
+    (``rollout.engine``; called as ``generate`` is). ``sample``: ``generate``'s sampling keywords
     (eos_id, pad_id, temperature, top_k, top_p, stop_sequences, compile_decode).
     ``prompt_width`` (a fixed layout below fp32): starts padded to it, trajectories to
     ``max_total_tokens``."""
@@ -183,7 +186,7 @@ def run_episodes(
             live = [ep for ep in eps if not ep.done]
             if not live:
                 break
-            _model_turn(actor, tokenizer, live, settings, sample, device)
+            _model_turn(actor, tokenizer, live, settings, sample, device, engine)
             _env_turn(pool, tokenizer, live, settings, counts)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -201,13 +204,13 @@ def _close(env) -> None:
         getattr(env, "close", lambda: None)()
 
 
-def _model_turn(actor, tokenizer, live: list[_Episode], settings, sample, device) -> None:
+def _model_turn(actor, tokenizer, live: list[_Episode], settings, sample, device, engine) -> None:
     """Every live episode samples its next turn, in one batch."""
     budget = [settings.max_total_tokens - len(ep.tokens) for ep in live]
     ids, mask = pad_left([ep.start + ep.tokens for ep in live], tokenizer.pad_token_id, device)
     per_turn = min(settings.max_new_tokens, max(budget))
     sample = {k: v for k, v in sample.items() if k != "max_new_tokens"}  # per turn, from settings
-    gen = generate(actor, ids, mask, max_new_tokens=per_turn, **sample)
+    gen = engine(actor, ids, mask, max_new_tokens=per_turn, **sample)
     for i, ep in enumerate(live):
         n = min(int(gen.lengths[i]), budget[i])  # a row past its total budget is cut there
         toks = gen.tokens[i, :n].tolist()
@@ -321,12 +324,14 @@ class MultiTurn:
 
     provides = ("env_reward", "final_response", "environments")  # see ``columns``
 
-    def __init__(self, settings: EnvSettings):
+    def __init__(self, settings: EnvSettings, engine=None):
         self.settings = settings
+        self.engine = engine or HFEngine()  # rollout.engine: samples each model turn
 
     def __call__(self, actor, tokenizer, prompts, sample: dict, prompt_width) -> Episodes:
         width = self.settings.max_prompt_length if prompt_width is not None else None
-        return run_episodes(actor, tokenizer, prompts, self.settings, sample, width)
+        self.engine.sync(actor)  # once: every turn of these episodes samples from one version
+        return run_episodes(actor, tokenizer, prompts, self.settings, sample, width, self.engine)
 
     def columns(self, episodes: Episodes) -> dict[str, list]:
         """What the reward sources may read besides the row's columns: the episode's summed
@@ -340,7 +345,8 @@ class MultiTurn:
 
 
 def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: int,
-               max_prompt_length: int, chat_template: str | None = None) -> MultiTurn:  # fmt: skip
+               max_prompt_length: int, chat_template: str | None = None,
+               engine=None) -> MultiTurn:  # fmt: skip
     """The sampler of a config's ``env`` section (``env.factory`` or ``env.tools``): the
     settings that ``EnvConfig`` and ``EnvSettings`` share are taken by name. ``chat_template``:
     the policy tokenizer's, from which ``env.tool_parser: auto`` picks the tool-call format."""
@@ -360,5 +366,6 @@ def multi_turn(env_cfg, max_turns: int, max_new_tokens: int, max_total_tokens: i
             max_total_tokens=max_total_tokens,
             max_prompt_length=max_prompt_length,
             **shared,
-        )
+        ),
+        engine,
     )

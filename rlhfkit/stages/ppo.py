@@ -44,6 +44,7 @@ from rlhfkit.rollout.collect import (
     SingleTurn,
 )
 from rlhfkit.rollout.columns import check_columns
+from rlhfkit.rollout.engines import build_engine
 from rlhfkit.rollout.episodes import multi_turn
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.rewards import (
@@ -109,7 +110,7 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     reward = build_reward(cfg, frozen_cfg, tok, reward_fn)
     if cfg.env.tools or cfg.env.mcp:  # the schemas must reach the model through its template
         check_tools_shown(tok, "env.tools")
-    sampler = rollout_sampler(cfg, tok.chat_template)
+    sampler = rollout_sampler(cfg, tok.chat_template, build_engine(cfg.rollout, cfg.model, tok))
     if cfg.run.parallel == "fsdp":  # every rank runs the frozen forwards in step: shard them too
         for frozen in (ref, reward.module):
             if frozen is not None:
@@ -117,15 +118,16 @@ def load_models(cfg: PPOConfig, ckpt: Path | None, reward_fn: RewardFn | None) -
     return Models(tok, learner, ref, reward, sampler)
 
 
-def rollout_sampler(cfg: PPOConfig, chat_template: str | None):
+def rollout_sampler(cfg: PPOConfig, chat_template: str | None, engine=None):
     """One response per prompt, or episodes with the config's environment (``chat_template``:
-    the policy tokenizer's, for ``env.tool_parser: auto``)."""
+    the policy tokenizer's, for ``env.tool_parser: auto``), sampled by ``engine``
+    (``rollout.engine``; rlhfkit's own decode loop when None)."""
     if not cfg.env.enabled:
-        return SingleTurn()
+        return SingleTurn(engine)
     rc = cfg.rollout
     return multi_turn(
         cfg.env, rc.max_turns, rc.max_new_tokens, rc.max_total_tokens,
-        cfg.data.max_prompt_length, chat_template,
+        cfg.data.max_prompt_length, chat_template, engine,
     )  # fmt: skip
 
 

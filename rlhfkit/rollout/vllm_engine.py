@@ -1,0 +1,333 @@
+"""vLLM as the rollout engine (``rollout.engine: vllm``; docs/vllm.md).
+
+Two modes, as TRL's:
+- ``colocate``: a ``vllm.LLM`` in the trainer's process (its engine core in-process too, so the
+  weights are handed over as tensors, without a copy through a socket);
+- ``server``: ``rlhfkit vllm-serve MODEL_DIR`` in a process (or on a machine) of its own, in a
+  virtualenv of its own if need be; the trainer talks to it over HTTP (``ServerEngine``).
+
+Either way the engine is called like ``sampling.generate``: prompt ids in as ids, response ids
+out as ids (nothing is re-tokenized), with each sampled token's logprob. Before every rollout the
+actor's current weights are loaded into vLLM (``policy_weights``: the full weights, a LoRA
+actor's with its adapters' deltas added, the trainer's own weights untouched), so the rollout
+never samples from a policy the trainer no longer has. A skipped sync is what
+tests/test_vllm.py's broken twin catches: vLLM's logprobs then differ from the trainer's.
+
+Sampling settings map onto vLLM's ``SamplingParams``: temperature, top_k, top_p,
+max_new_tokens (``max_tokens``), EOS (``stop_token_ids``, or ``ignore_eos`` when the rollout
+ignores it), stop sequences (as strings, so that vLLM stops early, then cut at the first
+token-level match as the ``hf`` engine does) and the seed (one per row, drawn from the
+rollout's torch generator, so ``run.seed`` fixes the samples).
+
+The logprobs are vLLM's ``raw_logprobs`` (log softmax of the logits) at temperature 1 and its
+``processed_logprobs`` (after the temperature) otherwise: the distribution the ``hf`` engine's
+logprobs are taken from. With top_k / top_p on, vLLM's processed logprobs are those of the
+filtered distribution, the hf engine's of the unfiltered one (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.extras import require
+from rlhfkit.rollout.sampling import Generation
+
+# what each row of a request returns: (response ids, their logprobs, stopped)
+Sampled = tuple[list[int], list[float], bool]
+
+
+class VLLMError(RuntimeError):
+    """vLLM could not load a model, or a vLLM server failed (the message names the URL)."""
+
+
+# --------------------------------------------------------------------------- the policy's weights
+
+
+def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights under the names of its HF checkpoint, as vLLM's loader reads them.
+    A PEFT (LoRA) model gives its base weights with each active adapter's delta added
+    (W + scale * B @ A, computed here; the trainer's parameters are not merged or touched)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    deltas = {}
+    if base is not model:  # peft: the adapters' deltas, by the base layer's weight name
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                deltas[f"{name}.weight"] = delta
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        w = tensor.detach()
+        if name in deltas:
+            w = w + deltas[name].to(w.dtype)
+        yield name, w
+
+
+# --------------------------------------------------------------------------- sampling settings
+
+
+@dataclass(frozen=True)
+class Request:
+    """One batch's sampling settings, as both modes send them."""
+
+    max_new_tokens: int
+    eos_id: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_strings: tuple[str, ...]
+
+    def params(self, seed: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=self.temperature,
+            top_k=self.top_k or 0,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            # vLLM's own EOS (the model config's) is ignored: the rollout's eos_id alone ends a
+            # row, as in the hf engine (rollout.ignore_eos gives None)
+            ignore_eos=True,
+            stop_token_ids=[] if self.eos_id is None else [self.eos_id],
+            stop=list(self.stop_strings) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own
+            seed=seed,
+            detokenize=bool(self.stop_strings),  # stop strings are matched on text
+            skip_special_tokens=False,
+        )
+
+
+def row_seeds(n: int, generator: torch.Generator | None) -> list[int]:
+    """One vLLM seed per row, drawn from the rollout's generator (torch's global one if None)."""
+    base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    return [base + i for i in range(n)]
+
+
+def read_outputs(outputs) -> list[Sampled]:
+    """vLLM's ``RequestOutput``s -> (ids, logprobs, stopped) per row."""
+    rows = []
+    for out in outputs:
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        if c.logprobs is None or len(c.logprobs) != len(ids):
+            raise VLLMError(f"vLLM returned {len(ids)} tokens without a logprob for each")
+        lps = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
+        rows.append((ids, lps, c.finish_reason == "stop"))
+    return rows
+
+
+def _cut_at_stop(ids: list[int], stops: list[list[int]]) -> int | None:
+    """The length up to and including the first token-level stop sequence, or None."""
+    for t in range(1, len(ids) + 1):
+        for s in stops:
+            if s and t >= len(s) and ids[t - len(s) : t] == s:
+                return t
+    return None
+
+
+def to_generation(rows: list[Sampled], stops: list[list[int]], pad_id: int, device) -> Generation:
+    """Rows of (ids, logprobs, stopped) -> a ``Generation`` (right-padded with ``pad_id``). The
+    entropy is not returned by vLLM: zeros, and the trainer's forward recomputes it."""
+    cut = []
+    for ids, lps, stopped in rows:
+        n = _cut_at_stop(ids, stops) if stops else None
+        cut.append((ids, lps, stopped) if n is None else (ids[:n], lps[:n], True))
+    width = max(1, max(len(ids) for ids, _, _ in cut))
+    b = len(cut)
+    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    logprobs = torch.zeros(b, width)
+    for i, (ids, lps, _) in enumerate(cut):
+        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logprobs[i, : len(lps)] = torch.tensor(lps)
+    return Generation(
+        tokens.to(device),
+        torch.tensor([len(ids) for ids, _, _ in cut], device=device),
+        torch.tensor([s for _, _, s in cut], device=device),
+        logprobs.to(device),
+        torch.zeros(b, width, device=device),
+    )
+
+
+def prompt_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Left-padded prompts (B, P) -> each row's ids without its padding."""
+    return [
+        ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- the vLLM model
+
+
+class VLLMModel:
+    """A ``vllm.LLM`` over a HF model directory, with the two things a rollout asks of it:
+    ``load`` new weights in place, ``sample`` token ids with their logprobs."""
+
+    def __init__(self, model_dir: str, temperature: float, kv_cache_gb: float, seed: int = 0):
+        require("vllm", "rollout.engine: vllm")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+        _check_architecture(model_dir)
+        from vllm import LLM
+
+        set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
+        threads = torch.get_num_threads()
+        try:
+            self.llm = LLM(
+                model=str(model_dir),
+                dtype="float32",
+                enforce_eager=True,
+                seed=seed,
+                enable_prefix_caching=False,
+                logprobs_mode="raw_logprobs" if temperature == 1.0 else "processed_logprobs",
+            )
+        except Exception as e:
+            raise VLLMError(f"vLLM could not load {model_dir}: {e}") from e
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+
+    def load(self, weights) -> None:
+        """Load (name, tensor) pairs into the running model (vLLM repacks them for its kernels)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+
+    def sample(self, prompts: list[list[int]], request: Request, seeds: list[int]) -> list:
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+        params = [request.params(s) for s in seeds]
+        return read_outputs(self.llm.generate(inputs, params, use_tqdm=False))
+
+
+def _check_architecture(model_dir: str) -> None:
+    """An architecture vLLM has no implementation of: an error naming it, before loading."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    archs = getattr(AutoConfig.from_pretrained(model_dir), "architectures", None) or []
+    supported = set(ModelRegistry.get_supported_archs())
+    if not any(a in supported for a in archs):
+        raise VLLMError(
+            f"vLLM does not support the architecture {archs or '(none in config.json)'} of "
+            f"{model_dir}; use rollout.engine: hf"
+        )
+
+
+# --------------------------------------------------------------------------- the engines
+
+
+class _Engine:
+    """What both modes share: ``sync`` loads the policy's weights, a call samples."""
+
+    exact_logprobs = False  # another forward than the trainer's: log pi_old is recomputed
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.syncs = 0
+
+    def sync(self, model) -> None:
+        """Load ``model``'s current weights into vLLM (the samplers call it before a rollout)."""
+        self.load(policy_weights(model))
+        self.syncs += 1
+
+    def __call__(
+        self,
+        model,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        eos_id: int | None,
+        pad_id: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_sequences: list[list[int]] | None = None,
+        generator: torch.Generator | None = None,
+        compile_decode: bool = False,
+    ) -> Generation:
+        stops = [list(s) for s in (stop_sequences or []) if s]
+        request = Request(
+            max_new_tokens, eos_id, temperature, top_k, top_p,
+            tuple(self.tokenizer.decode(s) for s in stops),
+        )  # fmt: skip
+        prompts = prompt_lists(prompt_ids, prompt_mask)
+        rows = self.sample(prompts, request, row_seeds(len(prompts), generator))
+        return to_generation(rows, stops, pad_id, prompt_ids.device)
+
+    def close(self) -> None:
+        pass
+
+
+class ColocateEngine(_Engine):
+    """vLLM in the trainer's process."""
+
+    def __init__(self, model_dir: str, tokenizer, temperature: float, kv_cache_gb: float):
+        super().__init__(tokenizer)
+        self.model = VLLMModel(model_dir, temperature, kv_cache_gb)
+        self.load, self.sample = self.model.load, self.model.sample
+
+
+class ServerEngine(_Engine):
+    """A ``rlhfkit vllm-serve`` server: POST /load_weights (a safetensors body), POST /generate
+    (ids in, ids and logprobs out), GET /health. Every error names the URL."""
+
+    def __init__(self, url: str, tokenizer, timeout: float = 3600.0):
+        super().__init__(tokenizer)
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self._call("GET", "/health", timeout=30)  # unreachable: fail before any work
+
+    def _call(self, method: str, path: str, timeout: float, **kw):
+        import requests
+
+        url = self.url + path
+        try:
+            r = requests.request(method, url, timeout=timeout, **kw)
+        except requests.RequestException as e:
+            raise VLLMError(f"vLLM server {url}: {type(e).__name__}: {e}") from e
+        if r.status_code != 200:
+            raise VLLMError(f"vLLM server {url}: HTTP {r.status_code}: {r.text[:500]}")
+        try:
+            return r.json()
+        except ValueError as e:
+            raise VLLMError(f"vLLM server {url}: not JSON: {r.text[:200]!r}") from e
+
+    def load(self, weights) -> None:
+        from safetensors.torch import save
+
+        # a tied LM head is the embedding's tensor: safetensors stores a tensor once, so a
+        # second name of it goes as a copy (vLLM's CPU kernels repack the head from its own)
+        seen, named = set(), {}
+        for k, v in weights:
+            named[k] = v.clone() if v.data_ptr() in seen else v.contiguous()
+            seen.add(v.data_ptr())
+        body = save(named)
+        self._call("POST", "/load_weights", self.timeout, data=body)
+
+    def sample(self, prompts, request: Request, seeds: list[int]) -> list[Sampled]:
+        got = self._call(
+            "POST",
+            "/generate",
+            self.timeout,
+            json={"prompts": prompts, "request": request.__dict__, "seeds": seeds},
+        )
+        rows = got.get("rows") if isinstance(got, dict) else None
+        if not isinstance(rows, list) or len(rows) != len(prompts):
+            raise VLLMError(
+                f"vLLM server {self.url}/generate: expected 'rows' for {len(prompts)} prompts, "
+                f"got {str(got)[:200]}"
+            )
+        return [(list(r[0]), list(r[1]), bool(r[2])) for r in rows]
+
+
+def vllm_engine(rollout, model_cfg, tokenizer):
+    """``rollout.engine: vllm``'s engine for the actor of ``model_cfg``."""
+    if rollout.vllm_mode == "server":
+        return ServerEngine(rollout.vllm_url, tokenizer)
+    return ColocateEngine(model_cfg.path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb)

