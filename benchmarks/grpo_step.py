@@ -95,7 +95,9 @@ def flops(model_n: int, hidden: int, vocab: int, prompts: list[int], lengths: li
     return {"generate": gen, "ref": fwd, "update": 3 * fwd}
 
 
-def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "auto") -> list[dict]:
+def run_ours(
+    size: str, iters: int, micro: int, cpu_gemm: str = "auto", engine: str = "hf"
+) -> list[dict]:
     import torch
 
     from rlhfkit.config import PPOConfig, load_config
@@ -133,6 +135,7 @@ def run_ours(size: str, iters: int, micro: int, cpu_gemm: str = "auto") -> list[
             "ppo.reward_norm=none",
             f"run.output_dir={tmp / 'run'}",
             f"model.cpu_gemm={cpu_gemm}",
+            f"rollout.engine={engine}",  # benchmarks/rollout_engines.py compares the two
         ],
     )
     models = load_models(cfg, None, None)

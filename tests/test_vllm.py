@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLORS, WORDS, write_jsonl
+from conftest import CHAT_TEMPLATE, COLORS, WORDS, write_jsonl
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup_vllm.sh)")
 
 from rlhfkit.config import PPOConfig, load_config  # noqa: E402
 from rlhfkit.data.tokenize import pad_left  # noqa: E402
+from rlhfkit.rollout.engines import build_engine  # noqa: E402
 from rlhfkit.rollout.forward import join, policy_logprobs  # noqa: E402
 from rlhfkit.rollout.vllm_engine import (  # noqa: E402
     ColocateEngine,
@@ -48,14 +49,22 @@ FP32_LOGPROB_TOL = 1e-4
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
     # head_dim 64: vLLM's CPU attention takes head sizes of 32 and up
-    return build_tiny_lm(tmp_path_factory.mktemp("vllm") / "lm", WORDS, hidden=128, heads=2)
+    return build_tiny_lm(
+        tmp_path_factory.mktemp("vllm") / "lm", WORDS, hidden=128, heads=2,
+        chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def engine(lm):
     from transformers import AutoTokenizer
 
-    return ColocateEngine(str(lm), AutoTokenizer.from_pretrained(lm), 1.0, 1.0)
+    cfg = load_config(
+        PPOConfig, None, [f"model.name_or_path={lm}", "reward_fn=m:f", "rollout.engine=vllm"]
+    )
+    built = build_engine(cfg.rollout, cfg.model, AutoTokenizer.from_pretrained(lm))
+    assert isinstance(built, ColocateEngine) and not built.exact_logprobs
+    return built
 
 
 def _prompts(tok, n=8):
@@ -97,9 +106,21 @@ def test_after_a_sync_vllm_logprobs_equal_the_trainers(engine, lm):
 
 
 def test_a_skipped_sync_fails_the_sync_check(engine, lm):
+    model = _trained(lm, seed=0)
+    engine.sync(model)
+    with torch.no_grad():  # an update in place, and no sync after it
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert logprob_gap(engine, model, sync=False) > 100 * FP32_LOGPROB_TOL
+
+
+def test_another_policy_is_loaded_before_it_samples(engine, lm):
+    """The rollout worker's copy and the trainer's policy share one engine under staleness: a
+    call with a policy other than the one loaded loads it first."""
     engine.sync(_trained(lm, seed=0))
-    gap = logprob_gap(engine, _trained(lm, seed=1), sync=False)  # a newer policy, not loaded
-    assert gap > 100 * FP32_LOGPROB_TOL
+    before = engine.syncs
+    assert logprob_gap(engine, _trained(lm, seed=1), sync=False) < FP32_LOGPROB_TOL
+    assert engine.syncs == before + 1
 
 
 def test_lora_actor_syncs_its_adapters_without_merging_them(engine, lm):
@@ -118,7 +139,8 @@ def test_lora_actor_syncs_its_adapters_without_merging_them(engine, lm):
     assert not any("lora" in k or "base_layer" in k for k in names)
     assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
     with model.disable_adapter():  # the adapters matter: without them the logprobs differ
-        assert logprob_gap(engine, model, sync=False) > 100 * FP32_LOGPROB_TOL
+        base = dict(policy_weights(model))
+    assert any(not torch.equal(base[k], names[k]) for k in names)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing merged
 
@@ -243,3 +265,58 @@ def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, e
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     start = AutoModelForCausalLM.from_pretrained(lm)
     assert not torch.equal(final.lm_head.weight, start.lm_head.weight)  # it trained
+
+
+def _ends_turns_often(model, tok):
+    """The policy made to end its turns at EOS often (P ~ 0.25; a random-init model almost never
+    does): the EOS embedding row (tied to the LM head) set along the mean final hidden state,
+    scaled to a logit 1 above the typical largest one. vLLM gets these weights by the sync."""
+    ids = torch.randint(4, len(tok), (16, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        h = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1]).mean(0)
+        top = float(out.logits.max(-1).values.mean())
+        model.get_input_embeddings().weight[tok.eos_token_id] = h / h.norm() ** 2 * (top + 1.0)
+    return model
+
+
+def test_multi_turn_episodes_run_on_vllm_with_the_env_turns_as_ids(engine, lm):
+    from agent_env import make
+    from agent_kit import items, sample_kw, settings
+
+    from rlhfkit.rollout.episodes import MultiTurn, observation_ids
+
+    tok = engine.tokenizer
+    model = _ends_turns_often(_trained(lm, seed=5), tok)
+    sampler = MultiTurn(settings(make, max_turns=2, max_new_tokens=8, max_total_tokens=48), engine)
+    torch.manual_seed(0)
+    ep = sampler(model, tok, items(tok, 6) * 2, sample_kw(tok), None)
+    gen, act = ep.gen, ep.action_mask
+    delta = observation_ids(tok, [{"role": "user", "content": "say good"}], None)
+    two_turns = 0
+    for b in range(gen.tokens.shape[0]):
+        row, a = gen.tokens[b, : int(gen.lengths[b])].tolist(), act[b, : int(gen.lengths[b])]
+        env = (~a).nonzero().flatten().tolist()
+        if env:  # the environment's turn: its ids as the chat template writes them, after EOS
+            two_turns += 1
+            assert [row[t] for t in env] == delta and row[env[0] - 1] == tok.eos_token_id
+    assert two_turns >= 2
+    # the model's tokens: vLLM's logprobs are the trainer's, on the whole trajectory
+    seq = join(ep.prompt_ids, ep.prompt_mask, gen.tokens, gen.mask)
+    with torch.no_grad():
+        trainer, _ = policy_logprobs(model, seq, 1.0)
+    assert float((trainer - gen.logprobs).abs()[act].max()) < FP32_LOGPROB_TOL
+
+
+def test_an_architecture_vllm_lacks_is_named_with_the_way_out(tmp_path, lm):
+    import json
+    import shutil
+
+    from rlhfkit.rollout.vllm_engine import VLLMModel
+
+    odd = tmp_path / "odd"
+    shutil.copytree(lm, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(cfg | {"architectures": ["NotAModelForCausalLM"]}))
+    with pytest.raises(VLLMError, match=r"NotAModelForCausalLM.*use rollout.engine: hf"):
+        VLLMModel(str(odd), 1.0, 1.0)

@@ -28,6 +28,8 @@ filtered distribution, the hf engine's of the unfiltered one (docs/decisions.md)
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -223,18 +225,28 @@ def _check_architecture(model_dir: str) -> None:
 
 
 class _Engine:
-    """What both modes share: ``sync`` loads the policy's weights, a call samples."""
+    """What both modes share: ``sync`` loads the policy's weights, a call samples.
+
+    A call with a policy other than the one last loaded loads it first, under one lock with the
+    sampling: with ``rollout.max_staleness`` the rollout worker's copy of the policy and the
+    trainer's (its held-out evaluation) take turns on one engine, and neither may sample with
+    the other's weights. The same policy changed in place since its sync (a skipped sync after
+    an update) is not detected here: the samplers sync before every rollout."""
 
     exact_logprobs = False  # another forward than the trainer's: log pi_old is recomputed
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.syncs = 0
+        self._lock = threading.RLock()
+        self._loaded = None  # a weak reference to the policy whose weights vLLM holds
 
     def sync(self, model) -> None:
         """Load ``model``'s current weights into vLLM (the samplers call it before a rollout)."""
-        self.load(policy_weights(model))
-        self.syncs += 1
+        with self._lock:
+            self.load(policy_weights(model))
+            self._loaded = weakref.ref(model)
+            self.syncs += 1
 
     def __call__(
         self,
@@ -252,6 +264,14 @@ class _Engine:
         generator: torch.Generator | None = None,
         compile_decode: bool = False,
     ) -> Generation:
+        with self._lock:
+            if model is not None and (self._loaded is None or self._loaded() is not model):
+                self.sync(model)
+            return self._sample(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id,
+                                temperature, top_k, top_p, stop_sequences, generator)  # fmt: skip
+
+    def _sample(self, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature,
+                top_k, top_p, stop_sequences, generator) -> Generation:  # fmt: skip
         stops = [list(s) for s in (stop_sequences or []) if s]
         request = Request(
             max_new_tokens, eos_id, temperature, top_k, top_p,
@@ -330,4 +350,6 @@ def vllm_engine(rollout, model_cfg, tokenizer):
     """``rollout.engine: vllm``'s engine for the actor of ``model_cfg``."""
     if rollout.vllm_mode == "server":
         return ServerEngine(rollout.vllm_url, tokenizer)
-    return ColocateEngine(model_cfg.path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb)
+    return ColocateEngine(
+        model_cfg.name_or_path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb
+    )
