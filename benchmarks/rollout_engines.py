@@ -35,7 +35,9 @@ import grpo_step  # noqa: E402
 def _prompt_ids(size: str, tok, batch: int) -> list[list[int]]:
     rows = grpo_step.prompt_rows(size, batch)
     if size == "smollm2":
-        texts = [tok.apply_chat_template(r, add_generation_prompt=True, tokenize=False) for r in rows]
+        texts = [
+            tok.apply_chat_template(r, add_generation_prompt=True, tokenize=False) for r in rows
+        ]
         return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     return [tok(r)["input_ids"] for r in rows]
 
@@ -116,7 +118,9 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 64])
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="A B rounds")
+    ap.add_argument("--grpo-rounds", type=int, default=1, help="A B rounds of GRPO steps")
     ap.add_argument("--no-grpo", action="store_true", help="skip the GRPO steps")
+    ap.add_argument("--no-gen", action="store_true", help="skip the rollout rows")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -132,7 +136,7 @@ def main() -> None:
     peak, line = common.peaks_line()
     print(line)
     rows = []
-    for size in a.sizes:
+    for size in a.sizes if not a.no_gen else []:
         for batch in a.batches:
             for _ in range(a.rounds):
                 for engine in ("hf", "vllm"):  # A B A B
@@ -144,7 +148,7 @@ def main() -> None:
     print("| model | batch | engine | tokens/s | rollout s | tokens (median len, stopped) | "
           "first token s | start-up s | peak RSS MB | n |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for size in a.sizes:
+    for size in a.sizes if not a.no_gen else []:
         for batch in a.batches:
             for engine in ("hf", "vllm"):
                 rs = [
@@ -160,7 +164,7 @@ def main() -> None:
         return
     steps = []
     for size in a.sizes:
-        for _ in range(a.rounds):
+        for _ in range(a.grpo_rounds):
             for engine in ("hf", "vllm"):
                 steps.append(child(["grpo", engine, size]))
                 print(f"  grpo {size} {engine}: {steps[-1]['total']:.1f} s", flush=True)

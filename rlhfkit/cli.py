@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=1.0, help="the rollout's (picks vLLM's logprob mode)"
     )
     vserve.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache on the CPU")
+    vserve.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="the weights' dtype: float32 for model.dtype fp32, bfloat16 for bf16 / bf16-mixed",
+    )  # fmt: skip
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline offline on a tiny model, with a report",
@@ -227,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhfkit vllm-serve: {args.model_dir} is not a model directory", file=sys.stderr)
             return 2
         try:
-            serve(args.model_dir, args.host, args.port, args.temperature, args.kv_cache_gb)
+            serve(
+                args.model_dir, args.host, args.port, args.temperature, args.kv_cache_gb,
+                args.dtype,
+            )  # fmt: skip
         except VLLMError as e:
             print(f"rlhfkit vllm-serve: {e}", file=sys.stderr)
             return 1

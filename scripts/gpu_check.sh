@@ -4,6 +4,8 @@
 #   1. the CUDA checks: exact resume with the CUDA RNG, CUDA-graph decoding equal to eager
 #   2. one PPO iteration benchmark on a random-init ~0.5B Llama-shaped model, built here:
 #      fp32 vs bf16-mixed, eager vs CUDA-graph decoding; tokens/s per phase, peak memory, MFU
+#   3. where vLLM is installed: rollout.engine: vllm, colocate, on the same ~0.5B model (at most
+#      120 s): a weight sync, then vLLM's logprobs against the trainer's, and its tokens/s
 # Finishes in under 8 minutes: the checks get at most 200 s, the benchmark what is left of 450 s
 # (it starts no setting in its last 100 s, and prints each row when it is done). Output: stdout,
 # and ${OUT:-/tmp}/gpu_check.log.
@@ -35,6 +37,7 @@ run_all() {
   local left=$((450 - (SECONDS - start)))
   timeout "$left" "$py" benchmarks/gpu_ppo.py --device "$device" --size "$size" --iters "$iters" \
     --budget-s $((left - 100)) || status=1
+  timeout 120 "$py" benchmarks/gpu_vllm.py --device "$device" --size "$size" || status=1
   echo "gpu_check: $((SECONDS - start)) s, status $status"
   return "$status"
 }

@@ -109,3 +109,14 @@ def test_a_bad_answer_from_a_vllm_server_names_the_url_and_what_was_wrong(tiny_l
             engine(None, ids, mask, max_new_tokens=4, eos_id=2, pad_id=0)
     finally:
         server.shutdown()
+
+
+def test_prompts_go_to_vllm_in_parts_no_larger_than_one_prefill_step():
+    from rlhfkit.rollout.vllm_engine import prefill_parts
+
+    lengths = [5, 7, 3, 9, 20, 1]
+    parts = prefill_parts(lengths, 12)
+    assert parts == [[0, 1], [2, 3], [4], [5]]  # in order; a prompt over the budget alone
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in p) <= 12 for p in parts if len(p) > 1)
+    assert prefill_parts([4] * 8, 64) == [list(range(8))]

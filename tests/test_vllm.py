@@ -218,15 +218,9 @@ def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
         engine.sync(model)
 
 
-def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, engine):
-    """A GRPO run with its rollouts from vLLM (the colocate engine of this module's fixture, the
-    one ColocateEngine of this process): the rollout correction's mismatch between vLLM's
-    logprobs and the trainer's recomputed log pi_old is fp32 rounding, iteration after
-    iteration, so every sync landed."""
-    import rlhfkit.stages.ppo as ppo_stage
-
+def _grpo_cfg(tmp_path, lm, *extra):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
-    cfg = load_config(
+    return load_config(
         PPOConfig,
         None,
         [
@@ -247,24 +241,55 @@ def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, e
             "log.tensorboard=false",
             "run.sample_every=0",
             "rollout.engine=vllm",
+            *extra,
         ],
     )
 
-    def count_good(prompts, responses):
-        return [float(r.split().count("good")) for r in responses]
+
+def _count_good(prompts, responses):
+    return [float(r.split().count("good")) for r in responses]
+
+
+def _run_on(engine, cfg):
+    """run_ppo with this module's engine (one ColocateEngine per process)."""
+    import rlhfkit.stages.ppo as ppo_stage
 
     built = ppo_stage.build_engine
-    ppo_stage.build_engine = lambda rollout, model_cfg, tok: engine  # the module's own LLM
+    ppo_stage.build_engine = lambda rollout, model_cfg, tok: engine
     try:
-        run_ppo(cfg, reward_fn=count_good)
+        return run_ppo(cfg, reward_fn=_count_good)
     finally:
         ppo_stage.build_engine = built
+
+
+def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, engine):
+    """A GRPO run with its rollouts from vLLM: the rollout correction's mismatch between vLLM's
+    logprobs and the trainer's recomputed log pi_old is fp32 rounding, iteration after
+    iteration, so every sync landed."""
+    cfg = _grpo_cfg(tmp_path, lm)
+    _run_on(engine, cfg)
     rows = [m for m in read_metrics(cfg.run.output_dir) if "correction/mismatch" in m]
     assert len(rows) == 3
     assert all(r["correction/mismatch"] < FP32_LOGPROB_TOL for r in rows)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     start = AutoModelForCausalLM.from_pretrained(lm)
     assert not torch.equal(final.lm_head.weight, start.lm_head.weight)  # it trained
+
+
+def test_staleness_one_on_the_vllm_engine(tmp_path, lm, engine):
+    """rollout.max_staleness: 1 with vLLM: the worker's copy of the policy is what is synced;
+    a batch sampled one version behind the trainer has a mismatch that is no longer rounding
+    (TIS weighs it), a batch of the trainer's own version only rounding."""
+    cfg = _grpo_cfg(tmp_path, lm, "rollout.max_staleness=1", "run.iterations=4")
+    before = engine.syncs
+    _run_on(engine, cfg)
+    rows = [m for m in read_metrics(cfg.run.output_dir) if "rollout/staleness" in m]
+    stale = [r["rollout/staleness"] for r in rows]
+    assert len(rows) == 4 and stale[0] == 0 and set(stale) <= {0, 1} and 1 in stale
+    for r in rows:  # a batch trained by the version that sampled it: rounding; one behind: not
+        fresh = r["rollout/staleness"] == 0
+        assert (r["correction/mismatch"] < FP32_LOGPROB_TOL) == fresh, r
+    assert engine.syncs >= before + 4
 
 
 def _ends_turns_often(model, tok):

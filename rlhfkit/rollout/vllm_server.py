@@ -58,8 +58,15 @@ def make_app(model: VLLMModel):
     return app
 
 
-def serve(model_dir: str, host: str, port: int, temperature: float, kv_cache_gb: float) -> None:
+def serve(
+    model_dir: str,
+    host: str,
+    port: int,
+    temperature: float,
+    kv_cache_gb: float,
+    dtype: str = "float32",
+) -> None:
     """``rlhfkit vllm-serve``: load ``model_dir`` into vLLM and serve it until stopped."""
-    model = VLLMModel(model_dir, temperature, kv_cache_gb)
+    model = VLLMModel(model_dir, temperature, kv_cache_gb, dtype=dtype)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run(make_app(model), host=host, port=port, log_level="warning")
