@@ -107,6 +107,7 @@ def child(args: list[str]) -> dict:
     lines = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"child {args} failed:\n{out.stderr[-4000:]}")
+    print(lines[-1], flush=True)  # every row kept in the log, should a later child fail
     return json.loads(lines[-1][6:])
 
 

@@ -345,3 +345,11 @@ def test_an_architecture_vllm_lacks_is_named_with_the_way_out(tmp_path, lm):
     (odd / "config.json").write_text(json.dumps(cfg | {"architectures": ["NotAModelForCausalLM"]}))
     with pytest.raises(VLLMError, match=r"NotAModelForCausalLM.*use rollout.engine: hf"):
         VLLMModel(str(odd), 1.0, 1.0)
+
+
+def test_a_head_size_the_cpu_kernels_lack_is_named_with_the_way_out(tmp_path):
+    small_heads = build_tiny_lm(tmp_path / "lm16", WORDS, hidden=32, heads=2)  # head size 16
+    from rlhfkit.rollout.vllm_engine import VLLMModel
+
+    with pytest.raises(VLLMError, match=r"has 16; use rollout.engine: hf"):
+        VLLMModel(str(small_heads), 1.0, 1.0)

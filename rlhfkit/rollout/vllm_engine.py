@@ -250,16 +250,30 @@ def prefill_parts(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def _check_architecture(model_dir: str) -> None:
-    """An architecture vLLM has no implementation of: an error naming it, before loading."""
+    """What vLLM cannot run, named before loading: an architecture it has no implementation of,
+    or on the CPU an attention head size its CPU kernels lack."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    archs = getattr(AutoConfig.from_pretrained(model_dir), "architectures", None) or []
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = getattr(config, "architectures", None) or []
     supported = set(ModelRegistry.get_supported_archs())
     if not any(a in supported for a in archs):
         raise VLLMError(
             f"vLLM does not support the architecture {archs or '(none in config.json)'} of "
             f"{model_dir}; use rollout.engine: hf"
+        )
+    if torch.cuda.is_available():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (heads and config.hidden_size // heads)
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head and head not in sizes:
+        raise VLLMError(
+            f"vLLM's CPU attention takes head sizes {sizes}; {model_dir} has {head}; use "
+            "rollout.engine: hf"
         )
 
 
