@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, COLORS, WORDS, write_jsonl
+from conftest import CHAT_TEMPLATE, COLORS, WORDS
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup_vllm.sh)")
+
+from test_ppo import count_good, ppo_cfg  # noqa: E402
 
 from rlhfkit.config import PPOConfig, load_config  # noqa: E402
 from rlhfkit.data.tokenize import pad_left  # noqa: E402
@@ -219,35 +221,12 @@ def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
 
 
 def _grpo_cfg(tmp_path, lm, *extra):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"say {c} :"} for c in COLORS])
-    return load_config(
-        PPOConfig,
-        None,
-        [
-            f"model.name_or_path={lm}",
-            "reward_fn=tests:unused",
-            f"data.train_file={prompts}",
-            f"run.output_dir={tmp_path / 'out'}",
-            "ppo.estimator=grpo",
-            "rollout.samples_per_prompt=4",
-            "rollout.episodes_per_iteration=16",
-            "rollout.chunk_size=16",
-            "rollout.max_new_tokens=8",
-            "ppo.minibatch_size=8",
-            "ppo.micro_batch_size=8",
-            "ppo.rollout_correction=tis",
-            "actor.lr=1e-3",
-            "run.iterations=3",
-            "log.tensorboard=false",
-            "run.sample_every=0",
-            "rollout.engine=vllm",
-            *extra,
-        ],
-    )
-
-
-def _count_good(prompts, responses):
-    return [float(r.split().count("good")) for r in responses]
+    """test_ppo's tiny PPO config as GRPO on the vLLM engine, with TIS."""
+    return ppo_cfg(
+        tmp_path, lm, "ppo.estimator=grpo", "rollout.samples_per_prompt=4",
+        "rollout.episodes_per_iteration=16", "ppo.minibatch_size=8", "ppo.rollout_correction=tis",
+        "run.iterations=3", "rollout.engine=vllm", *extra,
+    )  # fmt: skip
 
 
 def _run_on(engine, cfg):
@@ -257,7 +236,7 @@ def _run_on(engine, cfg):
     built = ppo_stage.build_engine
     ppo_stage.build_engine = lambda rollout, model_cfg, tok: engine
     try:
-        return run_ppo(cfg, reward_fn=_count_good)
+        return run_ppo(cfg, reward_fn=count_good)
     finally:
         ppo_stage.build_engine = built
 
@@ -271,7 +250,7 @@ def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, e
     rows = [m for m in read_metrics(cfg.run.output_dir) if "correction/mismatch" in m]
     assert len(rows) == 3
     assert all(r["correction/mismatch"] < FP32_LOGPROB_TOL for r in rows)
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    final = AutoModelForCausalLM.from_pretrained(Path(cfg.run.output_dir) / "final")
     start = AutoModelForCausalLM.from_pretrained(lm)
     assert not torch.equal(final.lm_head.weight, start.lm_head.weight)  # it trained
 
