@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "vllm-serve",
         help="serve a policy with vLLM for rollout.engine: vllm, vllm_mode: server",
         description="Load MODEL_DIR (a HF causal LM directory) into vLLM and serve the rollout "
-        "protocol of docs/vllm.md: POST /generate, POST /load_weights, GET /health (needs the "
+        "protocol of docs/vllm.md: POST /generate, POST /load_weights, POST /load_lora, GET "
+        "/health (needs the "
         "vllm extra: pip install 'rlhfkit[vllm]').",
     )
     vserve.add_argument("model_dir", help="the policy's starting weights (e.g. the SFT model)")
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     vserve.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32",
         help="the weights' dtype: float32 for model.dtype fp32, bfloat16 for bf16 / bf16-mixed",
+    )  # fmt: skip
+    vserve.add_argument(
+        "--max-lora-rank", type=int, default=0,
+        help="serve LoRA adapters up to this rank (the actor's model.lora.r; 0: no LoRA, "
+        "rollout.vllm_lora_sync: merged then)",
     )  # fmt: skip
     demo = sub.add_parser(
         "demo",
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve(
                 args.model_dir, args.host, args.port, args.temperature, args.kv_cache_gb,
-                args.dtype,
+                args.dtype, args.max_lora_rank,
             )  # fmt: skip
         except VLLMError as e:
             print(f"rlhfkit vllm-serve: {e}", file=sys.stderr)

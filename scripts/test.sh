@@ -9,6 +9,13 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" HF_HUB_OFFLINE=1 TOKENIZERS_PARAL
 # slowest tests are listed so that the next slow one shows itself; pyproject's addopts run the
 # suite on one pytest-xdist worker per core
 if [ "$#" -eq 0 ]; then ALL=1; fi
+if [ "${ALL:-}" = 1 ] && [ "$(uname -m)" = x86_64 ]; then
+  # vLLM's virtualenv (scripts/setup_vllm.sh, ~1 min) is built while the suite starts;
+  # tests/test_vllm_venv.py waits for its exit status, then runs tests/test_vllm.py in it
+  mkdir -p .cache && rm -f .cache/setup_vllm.rc
+  ( set +e; bash scripts/setup_vllm.sh > .cache/setup_vllm.log 2>&1; echo $? > .cache/setup_vllm.rc ) &
+  export RLHFKIT_VLLM_SETUP="$PWD/.cache/setup_vllm.rc"
+fi
 .venv/bin/python -m rlhfkit.launch .venv/bin/python -m pytest -q --durations=25 "$@"
 if [ "${ALL:-}" = 1 ] && ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
   # an AVX2-only CPU: the first pass ran at AVX2 already, which is all the cap would give

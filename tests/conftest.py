@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "test_demo.py",
     "test_smollm2.py",
     "test_distributed.py",
+    "test_vllm_venv.py",  # waits for vLLM's virtualenv (built beside the suite's start)
     "test_reliability.py",
     "test_agent_runs.py",
     "test_rewards.py",

@@ -12,7 +12,7 @@ import torch
 from rlhfkit.config import ConfigError, PPOConfig, load_config
 from rlhfkit.rollout.engines import ENGINES, HFEngine
 from rlhfkit.rollout.sampling import generate
-from rlhfkit.rollout.vllm_engine import ServerEngine, VLLMError, to_generation
+from rlhfkit.rollout.vllm_engine import ServerEngine, VLLMError, to_generation, vllm_lora_rank
 
 
 def _cfg(*overrides):
@@ -26,6 +26,8 @@ def _cfg(*overrides):
         (["rollout.engine=vllm", "rollout.vllm_url=http://h:1"], "rollout.vllm_url"),
         (["rollout.vllm_mode=server"], "rollout.vllm_mode"),
         (["rollout.vllm_url=http://h:1"], "rollout.vllm_url"),
+        (["rollout.vllm_lora_sync=merged"], "rollout.vllm_lora_sync"),
+        (["rollout.engine=vllm", "rollout.vllm_lora_sync=delta"], "rollout.vllm_lora_sync"),
         (["rollout.engine=vllm", "rollout.compile=true"], "rollout.compile"),
         (["rollout.engine=sglang"], "rollout.engine"),
     ],
@@ -109,6 +111,66 @@ def test_a_bad_answer_from_a_vllm_server_names_the_url_and_what_was_wrong(tiny_l
             engine(None, ids, mask, max_new_tokens=4, eos_id=2, pad_id=0)
     finally:
         server.shutdown()
+
+
+def test_a_server_without_lora_is_named_for_a_lora_actor_before_any_work(tiny_lm):
+    """/health says the server's LoRA rank (none here): an adapter sync could not land, so the
+    client stops at once, naming the URL and the flag; the merged sync needs no LoRA."""
+    server = HTTPServer(("127.0.0.1", 0), _Wrong)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(
+            VLLMError, match=rf"{url}: serves LoRA ranks up to 0.*--max-lora-rank 8"
+        ):
+            ServerEngine(url, None, lora_rank=8)
+        assert ServerEngine(url, None, lora_rank=8, lora_sync="merged").lora_sync == "merged"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("r, rank", [(1, 1), (2, 8), (8, 8), (9, 16), (300, 320), (512, 512)])
+def test_an_adapter_gets_the_smallest_lora_rank_vllm_is_built_for(r, rank):
+    assert vllm_lora_rank(r) == rank
+
+
+def test_a_rank_above_vllms_largest_is_named():
+    with pytest.raises(VLLMError, match="ranks up to 512; the adapter has 513"):
+        vllm_lora_rank(513)
+
+
+def test_the_adapter_sent_to_vllm_is_the_actors_own_as_peft_reloads_it(tiny_lm, tmp_path):
+    """What an adapter sync sends: the LoRA tensors alone (no base weight), unmerged, as a PEFT
+    adapter directory; PEFT loads it back onto the base into the same policy, to the bit."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.rollout.vllm_engine import lora_adapter
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_lm),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():  # a trained adapter: B is zero at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = lora_adapter(model)
+    assert adapter.rank == 4 and adapter.config["lora_alpha"] == 8
+    assert adapter.tensors and all(".lora_A." in k or ".lora_B." in k for k in adapter.tensors)
+    assert sorted(adapter.config["target_modules"]) == ["q_proj", "v_proj"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not merged
+    assert lora_adapter(AutoModelForCausalLM.from_pretrained(tiny_lm)) is None
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_lm), str(adapter.write(tmp_path / "a"))
+    )
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.equal(want, got) and not torch.allclose(want, base, atol=1e-3)
 
 
 def test_prompts_go_to_vllm_in_parts_no_larger_than_one_prefill_step():

@@ -53,7 +53,37 @@ def test_the_conversion_is_seeded_and_leaves_the_callers_generator_alone(tmp_pat
         torch.manual_seed(caller_seed)
         expected_next = torch.rand(3)
         torch.manual_seed(caller_seed)
-        out = conversion.convert_gguf("src", "f.gguf", tmp_path / name)
-        rows.append(torch.load(out / "row.pt"))
+        (tmp_path / name).mkdir()
+        conversion.dequantize("src", "f.gguf", tmp_path / name)
+        rows.append(torch.load(tmp_path / name / "row.pt"))
         assert torch.equal(torch.rand(3), expected_next)
     assert torch.equal(rows[0], rows[1])
+
+
+def test_a_gguf_file_is_converted_once_per_machine_and_copied(tmp_path, monkeypatch):
+    """convert_gguf converts into the machine's cache once (keyed by the file's name, size and
+    time), then copies: a second output directory is a copy of the first conversion, and a
+    write into it leaves the cache alone."""
+    src = tmp_path / "pkg"
+    src.mkdir()
+    (src / "m.gguf").write_bytes(b"x" * 10)
+    calls = []
+
+    def dequantize(src_dir, gguf_file, out):
+        calls.append(gguf_file)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"w" * 8)
+
+    monkeypatch.setenv("RLHFKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(conversion, "dequantize", dequantize)
+    a = conversion.convert_gguf(str(src), "m.gguf", tmp_path / "a")
+    b = conversion.convert_gguf(str(src), "m.gguf", tmp_path / "b")
+    assert calls == ["m.gguf"] and a != b
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    (b / "model.safetensors").write_bytes(b"changed")  # a save into an output directory
+    cached = conversion.converted_gguf(str(src), "m.gguf")
+    assert (cached / "model.safetensors").read_bytes() == b"w" * 8
+    assert cached.parent == tmp_path / "cache" / "gguf" and calls == ["m.gguf"]
+    (src / "m.gguf").write_bytes(b"y" * 11)  # another file (a new package version): converted again
+    conversion.convert_gguf(str(src), "m.gguf", tmp_path / "c")
+    assert calls == ["m.gguf", "m.gguf"]

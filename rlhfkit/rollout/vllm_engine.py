@@ -8,10 +8,16 @@ Two modes, as TRL's:
 
 Either way the engine is called like ``sampling.generate``: prompt ids in as ids, response ids
 out as ids (nothing is re-tokenized), with each sampled token's logprob. Before every rollout the
-actor's current weights are loaded into vLLM (``policy_weights``: the full weights, a LoRA
-actor's with its adapters' deltas added, the trainer's own weights untouched), so the rollout
-never samples from a policy the trainer no longer has. A skipped sync is what
-tests/test_vllm.py's broken twin catches: vLLM's logprobs then differ from the trainer's.
+actor's current weights are loaded into vLLM, so the rollout never samples from a policy the
+trainer no longer has:
+- a full-weight actor: all of its weights (``policy_weights``);
+- a LoRA actor (``rollout.vllm_lora_sync: adapter``, the default): its adapters alone, as a PEFT
+  adapter directory that vLLM applies with its LoRA kernels (``lora_adapter``), unmerged; the
+  frozen base weights go once, when a policy with another base is first synced;
+- a LoRA actor with ``vllm_lora_sync: merged``: its base weights with each adapter's delta added
+  (computed here; the trainer's own weights untouched), for when vLLM's LoRA kernels are slower.
+A skipped sync is what tests/test_vllm.py's broken twin catches: vLLM's logprobs then differ from
+the trainer's.
 
 Sampling settings map onto vLLM's ``SamplingParams``: temperature, top_k, top_p,
 max_new_tokens (``max_tokens``), EOS (``stop_token_ids``, or ``ignore_eos`` when the rollout
@@ -27,11 +33,15 @@ filtered distribution, the hf engine's of the unfiltered one (docs/decisions.md)
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,13 +59,14 @@ class VLLMError(RuntimeError):
 # --------------------------------------------------------------------------- the policy's weights
 
 
-def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+def policy_weights(model, merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights under the names of its HF checkpoint, as vLLM's loader reads them.
-    A PEFT (LoRA) model gives its base weights with each active adapter's delta added
-    (W + scale * B @ A, computed here; the trainer's parameters are not merged or touched)."""
+    A PEFT (LoRA) model gives its base weights, with each active adapter's delta added if
+    ``merge`` (W + scale * B @ A, computed here; the trainer's parameters are not merged or
+    touched)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     deltas = {}
-    if base is not model:  # peft: the adapters' deltas, by the base layer's weight name
+    if base is not model and merge:  # peft: the adapters' deltas, by the base layer's weight name
         from peft.tuners.lora import LoraLayer
 
         for name, module in base.named_modules():
@@ -70,6 +81,64 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if name in deltas:
             w = w + deltas[name].to(w.dtype)
         yield name, w
+
+
+# vLLM's LoRA kernels are built for these ranks (vllm.config.lora.MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM's LoRA kernels are built for that holds a rank-``r`` adapter."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise VLLMError(f"vLLM's LoRA takes ranks up to {VLLM_LORA_RANKS[-1]}; the adapter has {r}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA actor's adapter as PEFT saves it: ``tensors`` under PEFT's saved names
+    (``adapter_model.safetensors``) and ``config``, its ``adapter_config.json``."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict
+
+    @property
+    def rank(self) -> int:
+        ranks = [int(self.config["r"])] + [
+            int(r) for r in self.config.get("rank_pattern", {}).values()
+        ]
+        return max(ranks)
+
+    def write(self, directory: Path) -> Path:
+        """A PEFT adapter directory, as vLLM's LoRA loader reads it."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(directory / "adapter_model.safetensors"))
+        (directory / "adapter_config.json").write_text(json.dumps(self.config))
+        return directory
+
+
+def lora_adapter(model) -> Adapter | None:
+    """The adapter of a PEFT (LoRA) actor, unmerged; None for a model without adapters."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
+        return None
+    from peft import get_peft_model_state_dict
+
+    active = model.active_adapters if hasattr(model, "active_adapters") else ["default"]
+    if len(active) != 1:
+        raise VLLMError(f"vLLM applies one LoRA adapter per request; the actor has {active}")
+    name = active[0]
+    tensors = {
+        k: v.detach().contiguous().clone()
+        for k, v in get_peft_model_state_dict(model, adapter_name=name).items()
+    }
+    config = model.peft_config[name].to_dict()
+    config = json.loads(
+        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
+    return Adapter(tensors, config)
 
 
 # --------------------------------------------------------------------------- sampling settings
@@ -170,8 +239,9 @@ def prompt_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[li
 
 
 class VLLMModel:
-    """A ``vllm.LLM`` over a HF model directory, with the two things a rollout asks of it:
-    ``load`` new weights in place, ``sample`` token ids with their logprobs."""
+    """A ``vllm.LLM`` over a HF model directory, with what a rollout asks of it: ``load`` new
+    weights in place, ``load_lora`` an adapter to sample with (``max_lora_rank`` > 0 turns vLLM's
+    LoRA on), ``sample`` token ids with their logprobs."""
 
     def __init__(
         self,
@@ -181,6 +251,7 @@ class VLLMModel:
         seed: int = 0,
         gpu_memory: float = 0.3,
         dtype: str = "float32",
+        max_lora_rank: int = 0,
     ):
         require("vllm", "rollout.engine: vllm")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
@@ -199,6 +270,15 @@ class VLLMModel:
             if on_gpu
             else {"enforce_eager": True}
         )
+        # LoRA: one adapter at a time (the policy's), each sync a new adapter id
+        self.max_lora_rank = vllm_lora_rank(max_lora_rank) if max_lora_rank else 0
+        lora_args = (
+            {"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 1}
+            if max_lora_rank
+            else {}
+        )
+        self.lora = None  # the vllm LoRARequest sampled with, if any
+        self._lora_dir = None
         try:
             self.llm = LLM(
                 model=str(model_dir),
@@ -208,6 +288,7 @@ class VLLMModel:
                 logprobs_mode="raw_logprobs" if temperature == 1.0 else "processed_logprobs",
                 max_num_batched_tokens=PREFILL_TOKENS,
                 **device_args,
+                **lora_args,
             )
         except Exception as e:
             raise VLLMError(f"vLLM could not load {model_dir}: {e}") from e
@@ -216,15 +297,53 @@ class VLLMModel:
             torch.set_num_threads(threads)
 
     def load(self, weights) -> None:
-        """Load (name, tensor) pairs into the running model (vLLM repacks them for its kernels)."""
+        """Load (name, tensor) pairs into the running model (vLLM repacks them for its kernels).
+        New weights end the adapter: a LoRA policy's adapter is loaded after its base."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self._drop_lora()
+
+    def load_lora(self, adapter: Adapter) -> None:
+        """Sample with ``adapter`` (unmerged, on vLLM's LoRA kernels) from now on. vLLM caches an
+        adapter by its id, so each sync is a new id and the previous one is removed."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.max_lora_rank:
+            raise VLLMError(
+                "this vLLM engine was started without LoRA; start `rlhfkit vllm-serve` with "
+                f"--max-lora-rank {adapter.rank} (or set rollout.vllm_lora_sync: merged)"
+            )
+        if adapter.rank > self.max_lora_rank:
+            raise VLLMError(
+                f"the adapter's rank {adapter.rank} exceeds this vLLM engine's --max-lora-rank "
+                f"{self.max_lora_rank}"
+            )
+        if self._lora_dir is None:  # removed with this object, or at exit
+            self._lora_dir = tempfile.mkdtemp(prefix="rlhfkit-vllm-lora-")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
+        n = (self.lora.lora_int_id if self.lora else 0) + 1
+        path = adapter.write(Path(self._lora_dir) / f"v{n}")
+        new = LoRARequest(f"policy-v{n}", n, str(path))
+        try:
+            self.llm.llm_engine.add_lora(new)  # a bad adapter fails here, not mid-rollout
+        except Exception as e:
+            raise VLLMError(f"vLLM could not load the LoRA adapter: {e}") from e
+        self._drop_lora()
+        self.lora = new
+
+    def _drop_lora(self) -> None:
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            shutil.rmtree(self.lora.lora_path, ignore_errors=True)
+            self.lora = None
 
     def sample(self, prompts: list[list[int]], request: Request, seeds: list[int]) -> list:
         rows = []
         for part in prefill_parts([len(p) for p in prompts], PREFILL_TOKENS):
             inputs = [{"prompt_token_ids": prompts[i]} for i in part]
             params = [request.params(seeds[i]) for i in part]
-            rows += read_outputs(self.llm.generate(inputs, params, use_tqdm=False))
+            rows += read_outputs(
+                self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+            )
         return rows
 
 
@@ -291,16 +410,28 @@ class _Engine:
 
     exact_logprobs = False  # another forward than the trainer's: log pi_old is recomputed
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, lora_sync: str = "adapter"):
         self.tokenizer = tokenizer
+        self.lora_sync = lora_sync  # rollout.vllm_lora_sync: adapter | merged
         self.syncs = 0
         self._lock = threading.RLock()
         self._loaded = None  # a weak reference to the policy whose weights vLLM holds
+        self._base = None  # ... and to the LoRA policy's base model whose weights it holds
 
     def sync(self, model) -> None:
-        """Load ``model``'s current weights into vLLM (the samplers call it before a rollout)."""
+        """Load ``model``'s current weights into vLLM (the samplers call it before a rollout):
+        a LoRA policy's adapter alone once its base weights are there, else all its weights."""
         with self._lock:
-            self.load(policy_weights(model))
+            adapter = lora_adapter(model) if self.lora_sync == "adapter" else None
+            if adapter is None:
+                self.load(policy_weights(model))
+                self._base = None
+            else:
+                base = model.get_base_model()  # frozen: loaded once per base model
+                if self._base is None or self._base() is not base:
+                    self.load(policy_weights(model, merge=False))
+                    self._base = weakref.ref(base)
+                self.load_lora(adapter)
             self._loaded = weakref.ref(model)
             self.syncs += 1
 
@@ -351,20 +482,42 @@ class ColocateEngine(_Engine):
         temperature: float,
         kv_cache_gb: float,
         dtype: str = "float32",
+        lora_rank: int = 0,
+        lora_sync: str = "adapter",
     ):
-        super().__init__(tokenizer)
-        self.model = VLLMModel(model_dir, temperature, kv_cache_gb, dtype=dtype)
-        self.load, self.sample = self.model.load, self.model.sample
+        super().__init__(tokenizer, lora_sync)
+        self.model = VLLMModel(
+            model_dir, temperature, kv_cache_gb, dtype=dtype,
+            max_lora_rank=lora_rank if lora_sync == "adapter" else 0,
+        )  # fmt: skip
+        self.load, self.load_lora, self.sample = (
+            self.model.load, self.model.load_lora, self.model.sample
+        )  # fmt: skip
 
 
 class ServerEngine(_Engine):
-    """A ``rlhfkit vllm-serve`` server: POST /load_weights (a safetensors body), POST /generate
+    """A ``rlhfkit vllm-serve`` server: POST /load_weights (a safetensors body), POST /load_lora
+    (a PEFT adapter as a safetensors body, its config in the file's metadata), POST /generate
     (ids in, ids and logprobs out), GET /health. Every error names the URL."""
 
-    def __init__(self, url: str, tokenizer, timeout: float = 3600.0):
-        super().__init__(tokenizer)
+    def __init__(
+        self,
+        url: str,
+        tokenizer,
+        timeout: float = 3600.0,
+        lora_rank: int = 0,
+        lora_sync: str = "adapter",
+    ):
+        super().__init__(tokenizer, lora_sync)
         self.url, self.timeout = url.rstrip("/"), timeout
-        self._call("GET", "/health", timeout=30)  # unreachable: fail before any work
+        health = self._call("GET", "/health", timeout=30)  # unreachable: fail before any work
+        served = int(health.get("max_lora_rank", 0)) if isinstance(health, dict) else 0
+        if lora_rank and lora_sync == "adapter" and served < lora_rank:
+            raise VLLMError(
+                f"vLLM server {self.url}: serves LoRA ranks up to {served}, the actor's adapters "
+                f"have rank {lora_rank}: restart it with --max-lora-rank {lora_rank}, or set "
+                "rollout.vllm_lora_sync: merged"
+            )
 
     def _call(self, method: str, path: str, timeout: float, **kw):
         import requests
@@ -393,6 +546,12 @@ class ServerEngine(_Engine):
         body = save(named)
         self._call("POST", "/load_weights", self.timeout, data=body)
 
+    def load_lora(self, adapter: Adapter) -> None:
+        from safetensors.torch import save
+
+        body = save(adapter.tensors, metadata={"adapter_config": json.dumps(adapter.config)})
+        self._call("POST", "/load_lora", self.timeout, data=body)
+
     def sample(self, prompts, request: Request, seeds: list[int]) -> list[Sampled]:
         got = self._call(
             "POST",
@@ -411,10 +570,14 @@ class ServerEngine(_Engine):
 
 def vllm_engine(rollout, model_cfg, tokenizer):
     """``rollout.engine: vllm``'s engine for the actor of ``model_cfg``."""
+    lora_rank = model_cfg.lora.r if model_cfg.lora.enabled else 0
     if rollout.vllm_mode == "server":
-        return ServerEngine(rollout.vllm_url, tokenizer)
+        return ServerEngine(
+            rollout.vllm_url, tokenizer, lora_rank=lora_rank, lora_sync=rollout.vllm_lora_sync
+        )
     # vLLM's weights in the trainer's compute dtype: fp32, or bf16 under bf16 / bf16-mixed
     dtype = "float32" if model_cfg.dtype == "fp32" else "bfloat16"
     return ColocateEngine(
-        model_cfg.name_or_path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb, dtype
-    )
+        model_cfg.name_or_path, tokenizer, rollout.temperature, rollout.vllm_kv_cache_gb, dtype,
+        lora_rank=lora_rank, lora_sync=rollout.vllm_lora_sync,
+    )  # fmt: skip
