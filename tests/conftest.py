@@ -10,8 +10,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# pytest-xdist's workers share the cores, and the demo's runs keep 2 threads beside another
+# worker (tests/test_demo.py): OpenMP threads that spin at each barrier while their peer waits
+# for a core burn the time the other worker needs (a 2-thread and a 1-thread training loop on 2
+# cores: 66 and 139 steps/s spinning, 159 and 201 passive). Passive waiting changes no result
+# (the threads split the work as before). Set before torch loads OpenMP, here and in the
+# processes the tests start.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # model.cpu_gemm: auto keeps its kernel choices per machine (models.cpu_gemm.Choices): the suite
 # makes its own, in a directory of its own, and leaves the user's ~/.cache/rlhfkit alone

@@ -46,6 +46,10 @@ pytestmark = pytest.mark.slow
 # that is ~1e-6, observed 5e-7. 1e-4 leaves room for other kernels, and a missed sync moves the
 # logprobs by ~1 (the broken twin).
 FP32_LOGPROB_TOL = 1e-4
+# SmolLM2 (30 layers, hidden 576, MLP 1536, logits up to ~30): the same rounding grows with depth
+# and width; measured 3.8e-5 to 5.6e-5 (max over 96 tokens, Zen 1 AVX2, 1 thread). 5e-4 leaves
+# ~10x for other CPUs' accumulation orders; a missed sync after a 0.3% step moves them ~0.1.
+SMOLLM2_LOGPROB_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -459,10 +463,10 @@ def test_smollm2_on_vllm_sync_and_its_broken_twin(tmp_path):
     def update():  # a small step on every weight, as an optimizer's
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(1e-3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+                p.add_(3e-3 * p.abs().mean() * torch.randn(p.shape, generator=g))
 
     update()
-    assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+    assert logprob_gap(engine, model, sync=True) < SMOLLM2_LOGPROB_TOL
     update()
-    assert logprob_gap(engine, model, sync=False) > 100 * FP32_LOGPROB_TOL
-    assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
+    assert logprob_gap(engine, model, sync=False) > 20 * SMOLLM2_LOGPROB_TOL
+    assert logprob_gap(engine, model, sync=True) < SMOLLM2_LOGPROB_TOL
