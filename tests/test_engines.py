@@ -26,7 +26,7 @@ def _cfg(*overrides):
         (["rollout.engine=vllm", "rollout.vllm_url=http://h:1"], "rollout.vllm_url"),
         (["rollout.vllm_mode=server"], "rollout.vllm_mode"),
         (["rollout.vllm_url=http://h:1"], "rollout.vllm_url"),
-        (["rollout.vllm_lora_sync=merged"], "rollout.vllm_lora_sync"),
+        (["rollout.vllm_lora_sync=adapter"], "rollout.vllm_lora_sync"),
         (["rollout.engine=vllm", "rollout.vllm_lora_sync=delta"], "rollout.vllm_lora_sync"),
         (["rollout.engine=vllm", "rollout.compile=true"], "rollout.compile"),
         (["rollout.engine=sglang"], "rollout.engine"),
@@ -123,8 +123,8 @@ def test_a_server_without_lora_is_named_for_a_lora_actor_before_any_work(tiny_lm
         with pytest.raises(
             VLLMError, match=rf"{url}: serves LoRA ranks up to 0.*--max-lora-rank 8"
         ):
-            ServerEngine(url, None, lora_rank=8)
-        assert ServerEngine(url, None, lora_rank=8, lora_sync="merged").lora_sync == "merged"
+            ServerEngine(url, None, lora_rank=8, lora_sync="adapter")
+        assert ServerEngine(url, None, lora_rank=8).lora_sync == "merged"  # the default
     finally:
         server.shutdown()
 

@@ -76,14 +76,19 @@ def _engine(lm, *overrides):
 
 @pytest.fixture(scope="module")
 def engine(lm):
-    """vLLM without LoRA: a LoRA actor's sync sends merged weights (rollout.vllm_lora_sync)."""
-    return _engine(lm, "rollout.vllm_lora_sync=merged")
+    """vLLM without LoRA: a LoRA actor's sync sends merged weights (rollout.vllm_lora_sync's
+    default)."""
+    built = _engine(lm)
+    assert built.lora_sync == "merged"
+    return built
 
 
 @pytest.fixture(scope="module")
 def lora_engine(lm):
     """vLLM with its LoRA kernels, for a rank-4 LoRA actor: a sync sends the adapter alone."""
-    built = _engine(lm, "model.lora.enabled=true", "model.lora.r=4")
+    built = _engine(
+        lm, "model.lora.enabled=true", "model.lora.r=4", "rollout.vllm_lora_sync=adapter"
+    )
     assert built.model.max_lora_rank == 8
     return built
 
@@ -294,7 +299,7 @@ def test_server_mode_syncs_and_samples_and_names_its_url_when_it_dies(lm):
         model = _trained(lm, seed=3)
         assert logprob_gap(engine, model, sync=True) < FP32_LOGPROB_TOL
         # a LoRA actor: its base, then its adapter alone over HTTP, applied unmerged
-        lora = ServerEngine(url, engine.tokenizer, lora_rank=4)
+        lora = ServerEngine(url, engine.tokenizer, lora_rank=4, lora_sync="adapter")
         actor = _lora_actor(_trained(lm, seed=4), seed=4)
         with _Counted(lora) as seen:
             assert logprob_gap(lora, actor, sync=True) < FP32_LOGPROB_TOL
@@ -349,7 +354,9 @@ def test_grpo_trains_on_the_vllm_engine_with_the_mismatch_logged(tmp_path, lm, e
 def test_lora_grpo_syncs_its_adapter_after_every_update(tmp_path, lm, lora_engine):
     """A LoRA actor trained by GRPO on vLLM with adapter syncs: the mismatch is fp32 rounding at
     every iteration, each after an update, so every adapter sync landed; the base went once."""
-    cfg = _grpo_cfg(tmp_path, lm, "model.lora.enabled=true", "model.lora.r=4")
+    cfg = _grpo_cfg(
+        tmp_path, lm, "model.lora.enabled=true", "model.lora.r=4", "rollout.vllm_lora_sync=adapter"
+    )
     with _Counted(lora_engine) as seen:
         _run_on(lora_engine, cfg)
     rows = [m for m in read_metrics(cfg.run.output_dir) if "correction/mismatch" in m]

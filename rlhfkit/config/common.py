@@ -275,11 +275,12 @@ class RolloutConfig:
     vllm_kv_cache_gb: float = knob(
         2.0, "engine vllm, colocate, on the CPU: the KV cache's memory in GB", lo=0, lo_open=True
     )
-    vllm_lora_sync: Literal["adapter", "merged"] = knob(
-        "adapter",
-        "engine vllm, a LoRA actor: adapter = send the adapters alone after each update, "
-        "applied unmerged by vLLM's LoRA kernels (a server needs --max-lora-rank); merged = "
-        "send the base weights with the adapters' deltas added",
+    vllm_lora_sync: Literal["merged", "adapter"] = knob(
+        "merged",
+        "engine vllm, a LoRA actor: merged = send the base weights with the adapters' deltas "
+        "added (vLLM without LoRA; 2.2x faster sampling on the CPU); adapter = send the adapters "
+        "alone after each update, applied unmerged by vLLM's LoRA kernels (a server needs "
+        "--max-lora-rank)",
     )
 
     def validate(self, prefix: str = "") -> None:

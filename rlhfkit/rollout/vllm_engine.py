@@ -11,11 +11,12 @@ out as ids (nothing is re-tokenized), with each sampled token's logprob. Before 
 actor's current weights are loaded into vLLM, so the rollout never samples from a policy the
 trainer no longer has:
 - a full-weight actor: all of its weights (``policy_weights``);
-- a LoRA actor (``rollout.vllm_lora_sync: adapter``, the default): its adapters alone, as a PEFT
-  adapter directory that vLLM applies with its LoRA kernels (``lora_adapter``), unmerged; the
-  frozen base weights go once, when a policy with another base is first synced;
-- a LoRA actor with ``vllm_lora_sync: merged``: its base weights with each adapter's delta added
-  (computed here; the trainer's own weights untouched), for when vLLM's LoRA kernels are slower.
+- a LoRA actor (``rollout.vllm_lora_sync: merged``, the default): its base weights with each
+  adapter's delta added (computed here; the trainer's own weights untouched), sampled by vLLM
+  without LoRA (its CPU LoRA kernels sample 2.2x slower: docs/vllm.md);
+- a LoRA actor with ``vllm_lora_sync: adapter``: its adapters alone, as a PEFT adapter directory
+  that vLLM applies with its LoRA kernels (``lora_adapter``), unmerged; the frozen base weights
+  go once, when a policy with another base is first synced.
 A skipped sync is what tests/test_vllm.py's broken twin catches: vLLM's logprobs then differ from
 the trainer's.
 
@@ -106,7 +107,7 @@ class Adapter:
     @property
     def rank(self) -> int:
         ranks = [int(self.config["r"])] + [
-            int(r) for r in self.config.get("rank_pattern", {}).values()
+            int(r) for r in (self.config.get("rank_pattern") or {}).values()
         ]
         return max(ranks)
 
@@ -410,7 +411,7 @@ class _Engine:
 
     exact_logprobs = False  # another forward than the trainer's: log pi_old is recomputed
 
-    def __init__(self, tokenizer, lora_sync: str = "adapter"):
+    def __init__(self, tokenizer, lora_sync: str = "merged"):
         self.tokenizer = tokenizer
         self.lora_sync = lora_sync  # rollout.vllm_lora_sync: adapter | merged
         self.syncs = 0
@@ -483,7 +484,7 @@ class ColocateEngine(_Engine):
         kv_cache_gb: float,
         dtype: str = "float32",
         lora_rank: int = 0,
-        lora_sync: str = "adapter",
+        lora_sync: str = "merged",
     ):
         super().__init__(tokenizer, lora_sync)
         self.model = VLLMModel(
@@ -506,7 +507,7 @@ class ServerEngine(_Engine):
         tokenizer,
         timeout: float = 3600.0,
         lora_rank: int = 0,
-        lora_sync: str = "adapter",
+        lora_sync: str = "merged",
     ):
         super().__init__(tokenizer, lora_sync)
         self.url, self.timeout = url.rstrip("/"), timeout
