@@ -21,7 +21,10 @@ import torch
 from conftest import CHAT_TEMPLATE, COLORS, WORDS
 from transformers import AutoModelForCausalLM
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup_vllm.sh)")
+pytest.importorskip(
+    "vllm",
+    reason="vLLM is not installed here: tests/test_vllm_venv.py runs this module in .venv-vllm",
+)
 
 from test_ppo import count_good, ppo_cfg  # noqa: E402
 
