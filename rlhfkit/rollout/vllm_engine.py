@@ -131,8 +131,9 @@ def lora_adapter(model) -> Adapter | None:
     if len(active) != 1:
         raise VLLMError(f"vLLM applies one LoRA adapter per request; the actor has {active}")
     name = active[0]
+    # written out (colocate) or serialized (server) at once: views of the trainer's tensors
     tensors = {
-        k: v.detach().contiguous().clone()
+        k: v.detach().contiguous()
         for k, v in get_peft_model_state_dict(model, adapter_name=name).items()
     }
     config = model.peft_config[name].to_dict()
