@@ -95,8 +95,20 @@ def flops(model_n: int, hidden: int, vocab: int, prompts: list[int], lengths: li
     return {"generate": gen, "ref": fwd, "update": 3 * fwd}
 
 
+PADDED = "rlhfkit-padded"
+WITH_PADDED = (
+    "also run rlhfkit with model.padding_free=false (the reference and update forwards over the "
+    "padded batch, as before session 19) as another runner in each round"
+)
+
+
 def run_ours(
-    size: str, iters: int, micro: int, cpu_gemm: str = "auto", engine: str = "hf"
+    size: str,
+    iters: int,
+    micro: int,
+    cpu_gemm: str = "auto",
+    engine: str = "hf",
+    padding_free: bool = True,
 ) -> list[dict]:
     import torch
 
@@ -136,6 +148,7 @@ def run_ours(
             f"run.output_dir={tmp / 'run'}",
             f"model.cpu_gemm={cpu_gemm}",
             f"rollout.engine={engine}",  # benchmarks/rollout_engines.py compares the two
+            f"model.padding_free={str(padding_free).lower()}",
         ],
     )
     models = load_models(cfg, None, None)
@@ -156,7 +169,7 @@ def run_ours(
                    exp.prompt_mask.sum(1).tolist(), lengths)  # fmt: skip
         out.append(
             {
-                "impl": common.IMPL[cpu_gemm],
+                "impl": common.IMPL[cpu_gemm] + ("" if padding_free else "-padded"),
                 "total": t2 - t0,
                 "generate": timer.generate,
                 "ref": timer.score,  # the reference forward and the reward function
@@ -210,6 +223,8 @@ def _subprocess(impl: str, args) -> list[dict]:
     script = "grpo_step.py" if ours else "trl_grpo.py"
     argv = ["--size", args.size, "--iters", str(args.iters), "--micro", str(args.micro),
             "--warmup", str(args.warmup)]  # fmt: skip
+    if impl == PADDED:
+        return common.runner_rows(impl, script, argv + ["--json", "--padded"], python)
     return common.runner_rows(impl, script, argv + common.ours_flags(impl), python)
 
 
@@ -227,11 +242,16 @@ def main() -> None:
     ap.add_argument("--compare-trl", action="store_true")
     ap.add_argument("--with-mkl", action="store_true", help=WITH_MKL)
     ap.add_argument("--with-onednn", action="store_true", help=common.WITH_ONEDNN)
+    ap.add_argument("--with-padded", action="store_true", help=WITH_PADDED)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-gemm", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.json:  # child process: warm-up + timed steps, one JSON line each
-        rows = run_ours(args.size, args.iters + args.warmup, args.micro, args.cpu_gemm)
+        rows = run_ours(
+            args.size, args.iters + args.warmup, args.micro, args.cpu_gemm,
+            padding_free=not args.padded,
+        )  # fmt: skip
         for r in rows[args.warmup :]:
             print("BENCH " + json.dumps({**r, "peak_rss_mb": common.peak_rss_mb()}))
         return
@@ -248,6 +268,8 @@ def main() -> None:
         f"({stop}), micro-batch {args.micro}, fp32"
     )
     impls = common.impls(args.compare_trl, args.with_mkl, args.with_onednn)
+    if args.with_padded:
+        impls.insert(1, PADDED)
     results: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds if len(impls) > 1 else 1):
         for impl in impls:  # A B A B: machine drift hits both
@@ -281,6 +303,12 @@ def main() -> None:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])
         print(
             f"\nauto's kernels (median rlhfkit-onednn / median rlhfkit, s/step): {dnn / ours:.2f}x"
+        )
+    if args.with_padded:
+        pad = statistics.median(r["total"] for r in results[PADDED])
+        ours = statistics.median(r["total"] for r in results["rlhfkit"])
+        print(
+            f"\npadding-free forwards (median {PADDED} / median rlhfkit, s/step): {pad / ours:.2f}x"
         )
     if args.compare_trl:
         ours = statistics.median(r["total"] for r in results["rlhfkit"])

@@ -308,6 +308,42 @@ def test_length_buckets_change_the_update_only_by_rounding(tmp_path, tiny_lm):
         assert s0[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-7), k
 
 
+def test_padding_free_changes_rollout_and_update_only_by_rounding(tmp_path, tiny_lm, monkeypatch):
+    """``model.padding_free`` (fp32): the reference forward and every update forward on the real
+    tokens alone (``models.packing``) give the padded run's reference logprobs and weights up to
+    fp32 rounding; the packed path really runs (its row layouts are counted)."""
+    import copy
+
+    from rlhfkit.models import packing
+
+    layouts: list = []
+    rows_of = packing.rows_of
+    monkeypatch.setattr(packing, "rows_of", lambda n: layouts.append(n) or rows_of(n))
+    out = {}
+    for free in (False, True):
+        cfg = ppo_cfg(
+            tmp_path, tiny_lm, "ppo.micro_batch_size=4", "ppo.epochs=2", "ppo.ent_coef=0.01",
+            f"model.padding_free={free}",
+        )  # fmt: skip
+        models, exp = _seeded_buffer(cfg)
+        ran = len(layouts)
+        torch.manual_seed(5)
+        stats = rl_update(models.learner, copy.deepcopy(exp), cfg, 0.05, True)
+        out[free] = (exp, [p.detach().clone() for p in models.actor.parameters()], stats)
+        # packed: the reference forward of both rollout chunks, and the update's micro-batches
+        # that hold padding (those without any run padded: PACK_MIN_PADDING)
+        assert ran == (2 if free else 0) and (len(layouts) > ran) == free
+    (e0, w0, s0), (e1, w1, s1) = out[False], out[True]
+    m = e0.response_mask
+    assert torch.equal(m, e1.response_mask)  # the same rollout
+    torch.testing.assert_close(e1.ref_logprobs[m], e0.ref_logprobs[m], rtol=0, atol=1e-5)
+    assert float(e1.ref_logprobs[~m].abs().max()) == 0.0  # 0 after a response's end
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    for k in ("loss/policy", "loss/value", "loss/entropy"):
+        assert s0[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-7), k
+
+
 def test_policy_logprobs_by_column_indices_equal_the_sliced_last_columns(buffer):
     """policy_logprobs asks HF for the T state columns by index (contiguous logits, issue 24);
     the path before asked for the last T+1 columns and sliced one off. Same log-probs, entropies

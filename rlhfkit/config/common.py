@@ -50,6 +50,14 @@ class ModelConfig:
         "models.cpu_fused), forward bit-identical to HF's, gradients equal up to fp32 rounding; "
         "or HF's own modules. Other dtypes, devices and adapters always use HF's",
     )
+    padding_free: bool = knob(
+        True,
+        "fp32 RL forwards of the policy (reference, old and new logprobs) on the real tokens "
+        "alone: the rows of a batch packed into one, attention kept within each row "
+        "(models.packing; verl's use_remove_padding, TRL's padding_free); equal to the padded "
+        "forward up to fp32 rounding. Llama, Qwen2 and Qwen3 on SDPA attention; below fp32 the "
+        "rollout's fixed layout is kept (rollout.collect.fixed_layout) and this does not apply",
+    )
     allow_pickle: bool = knob(
         False, "allow loading .bin (pickle) weights; off: safetensors only (security)"
     )

@@ -35,7 +35,7 @@ from rlhfkit.algos import (
 )
 from rlhfkit.config import PPOAlgoConfig, PPOConfig
 from rlhfkit.models import autocast
-from rlhfkit.rollout.collect import fixed_layout
+from rlhfkit.rollout.collect import fixed_layout, packs
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.forward import join
 from rlhfkit.train import dist
@@ -137,11 +137,13 @@ def micro_step(
     update_actor: bool,
     denom: torch.Tensor,
     dtype: str = "fp32",
+    packed: bool = False,
 ) -> dict[str, float]:
     """Forward + backward of one micro-batch: the policy loss (after the critic warm-up), with the
     entropy bonus and, with ``kl_in: loss``, beta KL_t; plus the value loss if there is a critic.
-    ``dtype``: ``model.dtype``; bf16-mixed runs the forward under autocast, the losses in fp32."""
-    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask)
+    ``dtype``: ``model.dtype``; bf16-mixed runs the forward under autocast, the losses in fp32.
+    ``packed``: the policy's forward on the real tokens alone (``model.padding_free``)."""
+    seq = join(mb.prompt_ids, mb.prompt_mask, mb.response, mb.response_mask, packed)
     m = mb.loss_mask  # the model's own tokens: an environment's get no loss, KL or entropy
     with_entropy = update_actor and pc.ent_coef > 0
     with autocast(dtype, m.device):
@@ -224,8 +226,9 @@ def rl_update(
             for j in range(0, len(mb_idx), per_rank_micro):
                 mb = exp.select(mb_idx[j : j + per_rank_micro], trim)
                 stats = micro_step(
-                    learner, mb, pc, temperature, kl_coef, update_actor, denom, cfg.model.dtype
-                )
+                    learner, mb, pc, temperature, kl_coef, update_actor, denom, cfg.model.dtype,
+                    packs(cfg.model),
+                )  # fmt: skip
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
             n_micro = math.ceil(len(mb_idx) / per_rank_micro)

@@ -97,6 +97,11 @@ def fixed_layout(dtype: str) -> bool:
     return dtype != "fp32"
 
 
+def packs(model_cfg) -> bool:
+    """Whether the policy's forwards pack the rows (``model.padding_free``, in fp32 only)."""
+    return model_cfg.padding_free and not fixed_layout(model_cfg.dtype)
+
+
 def sampler_logprobs_usable(choice: str, dtype: str) -> bool:
     """``rollout.old_logprobs``: fp32 logprobs from the KV-cache sampler equal a full forward's to
     rounding; bf16 ones can differ by ~0.1 nats with the layout, which would bias the PPO ratio
@@ -200,7 +205,7 @@ def rollout_chunk(
         gen = _pad_generation(gen, rc.max_new_tokens, tok.pad_token_id)
     # the model's own tokens: all of a single-turn response, the model's turns of an episode
     action = gen.mask if ep.action_mask is None else _pad_cols(ep.action_mask, gen.mask)
-    seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask)
+    seq = join(prompt_ids, prompt_mask, gen.tokens, gen.mask, packs(cfg.model))
     # the sampler's logprobs as log pi_old when they are the policy's own (the hf engine's, in
     # fp32); another engine's are kept for the rollout correction only
     exact = sampler_logprobs_usable(rc.old_logprobs, cfg.model.dtype)

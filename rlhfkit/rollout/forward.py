@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.algos import last_index, logprobs_and_entropy, position_ids, token_logprobs
+from rlhfkit.models.packing import packable, packed_attention
 
 
 @dataclass
@@ -22,13 +23,16 @@ class Sequences:
     prompt_width: int  # P
     response: torch.Tensor  # (B, T) a_t
     response_mask: torch.Tensor  # (B, T) bool
+    # the policy's forwards may pack the rows into one (``models.packing``; fp32 only, where the
+    # layout changes logprobs by rounding alone: ``rollout.collect.fixed_layout``)
+    packed: bool = False
 
 
-def join(prompt_ids, prompt_mask, response, response_mask) -> Sequences:
+def join(prompt_ids, prompt_mask, response, response_mask, packed: bool = False) -> Sequences:
     ids = torch.cat([prompt_ids, response], dim=1)
     attn = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     return Sequences(
-        ids, attn, position_ids(attn), prompt_ids.shape[1], response, response_mask.bool()
+        ids, attn, position_ids(attn), prompt_ids.shape[1], response, response_mask.bool(), packed
     )
 
 
@@ -51,7 +55,12 @@ def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
     ``logits_to_keep`` as the state columns' indices (HF models take a tensor there) gives
     contiguous (B, T, V) logits: with ``logits_to_keep=T+1`` and a ``[:, :-1]`` slice, the
     log-softmax copied the whole slice in forward and autograd wrote a zero-filled (B, T+1, V)
-    gradient in backward, ~1 GB each at 16 x 256 positions of a 49k vocabulary (issue 24)."""
+    gradient in backward, ~1 GB each at 16 x 256 positions of a 49k vocabulary (issue 24).
+
+    With ``seq.packed`` and a ``packable`` model the forward runs on the real tokens alone
+    (``packed_logprobs``); positions after a response's end then hold 0 (as the sampler's do)."""
+    if seq.packed and padding_share(seq) >= PACK_MIN_PADDING and packable(model):
+        return packed_logprobs(model, seq, temperature, with_entropy)
     logits = model(
         input_ids=seq.input_ids,
         attention_mask=seq.attention_mask,
@@ -60,6 +69,43 @@ def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
         logits_to_keep=state_indices(seq),
     ).logits  # (B, T, V)
     return _logprobs(logits, seq.response, temperature, with_entropy)
+
+
+# the packed forward gathers each layer's queries, keys and values into rows and back: 2-3% of
+# a tiny model's step with no padding to remove (benchmarks/grpo_step.py --with-padded, Zen 1
+# EPYC, session 19), so a batch with less padding than this runs padded
+PACK_MIN_PADDING = 1 / 32
+
+
+def padding_share(seq: Sequences) -> float:
+    """The share of padding cells in the batch's (B, P+T) layout."""
+    return 1.0 - float(seq.attention_mask.sum()) / seq.attention_mask.numel()
+
+
+def packed_logprobs(model, seq: Sequences, temperature: float, with_entropy: bool = False):
+    """``policy_logprobs`` on one packed row: the real tokens of every row end to end, each row's
+    positions from 0, attention within each row (``models.packing``), logits only for the real
+    response tokens' states. (B, T) outputs, 0 where ``response_mask`` is False."""
+    real = seq.attention_mask.bool()
+    t, p = seq.response.shape[1], seq.prompt_width
+    index = real.flatten().cumsum(0).view(real.shape) - 1  # packed index of each real cell
+    state_real = real[:, p - 1 : p - 1 + t][seq.response_mask]
+    if not bool(state_real.all()):  # a state of a response token is padding: not one sequence
+        raise ValueError("packed forward: a response token follows a padding column in its row")
+    states = index[:, p - 1 : p - 1 + t][seq.response_mask]  # (n,) row-major
+    with packed_attention(model, real.sum(1)):
+        logits = model(
+            input_ids=seq.input_ids[real][None],
+            position_ids=seq.position_ids[real][None],
+            use_cache=False,
+            logits_to_keep=states,
+        ).logits  # (1, n, V)
+    logp, ent = _logprobs(logits, seq.response[seq.response_mask][None], temperature, with_entropy)
+
+    def unpack(x):  # (1, n) -> (B, T), zeros after each response's end
+        return torch.zeros_like(seq.response, dtype=x.dtype).masked_scatter(seq.response_mask, x)
+
+    return unpack(logp), None if ent is None else unpack(ent)
 
 
 def _state_columns(per_position: torch.Tensor, seq: Sequences) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 
 from rlhfkit.config import ConfigError, PPOConfig
 from rlhfkit.models import autocast, device_of
-from rlhfkit.rollout.collect import PromptStream, RolloutModels, Timings, collect
+from rlhfkit.rollout.collect import PromptStream, RolloutModels, Timings, collect, packs
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.forward import join, policy_logprobs
 from rlhfkit.train import dist
@@ -168,7 +168,7 @@ def refresh(models: RolloutModels, exp: Experience, cfg: PPOConfig) -> None:
     """log pi_old and V(s_t) of ``exp`` from the trainer's current weights (in place); the
     sampler's log pi stays in ``sampler_logprobs``."""
     learner = models.learner
-    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask)
+    seq = join(exp.prompt_ids, exp.prompt_mask, exp.response, exp.response_mask, packs(cfg.model))
     learner.actor.eval()
     try:
         with autocast(cfg.model.dtype, device_of(learner.actor)):
