@@ -194,7 +194,8 @@ def runner_rows(impl: str, script: str, args: list[str], python: str) -> list[di
 
     here = Path(__file__).parent
     cmd = [python, str(here / script), *args]
-    env = {**child_env(impl != "trl", "system"), "PYTHONPATH": str(here)}
+    # this checkout's rlhfkit, also when the virtualenv's editable install points at another
+    env = {**child_env(impl != "trl", "system"), "PYTHONPATH": f"{here}{os.pathsep}{here.parent}"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{impl} runner failed:\n{out.stderr[-4000:]}")
