@@ -347,3 +347,31 @@ def test_prefilling_each_distinct_prompt_once_changes_no_bit(policy, monkeypatch
     for f in ("tokens", "lengths", "stopped", "logprobs", "entropy"):
         assert torch.equal(getattr(shared, f), getattr(every, f)), f
     assert len({tuple(r.tolist()) for r in shared.tokens}) > len(TEXTS)  # the rows sampled apart
+
+
+def test_dropping_ended_rows_changes_no_sample(policy, monkeypatch):
+    """``generate`` drops rows that ended (EOS) from the decode batch and their KV cache rows
+    (``_compact``); the rows left decode as before, from the same random stream: tokens and
+    lengths equal decoding every row to the end, logprobs and entropies to fp32 rounding (the
+    forward runs on fewer rows), and the rows really were dropped along the way."""
+    tok, model = policy
+    batches = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: batches.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        kw = {"repeat": 4, "max_new_tokens": 24, "temperature": 2.0, "seed": 3}
+        dropped = _sample(policy, **kw)
+        assert min(batches) < max(batches[1:])  # the decode batch shrank
+        monkeypatch.setattr(sampling, "_compact", lambda done: False)
+        batches.clear()
+        every = _sample(policy, **kw)
+        assert len(set(batches[1:])) == 1  # every row to the end
+    finally:
+        hook.remove()
+    assert dropped.stopped.any() and not dropped.stopped.all()  # some rows end early, some not
+    _assert_same_samples(dropped, every, atol=1e-6)
+    assert torch.equal(dropped.stopped, every.stopped)
+    for g in (dropped, every):  # nothing after a row's end
+        assert float(g.logprobs[~g.mask].abs().max()) == 0.0
+        assert bool((g.tokens[~g.mask] == tok.pad_token_id).all())
