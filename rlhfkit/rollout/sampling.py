@@ -8,6 +8,7 @@ every row has stopped.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -241,12 +242,16 @@ class _Decoder:
         return out.logits[:, -1].clone() if self.graphs else out.logits[:, -1]
 
 
+# RLHFKIT_SHRINK_DECODE=0 decodes every row to the end (benchmarks/shrinking_decode.py)
+_SHRINK = os.environ.get("RLHFKIT_SHRINK_DECODE", "1") != "0"
+
+
 def _compact(done: torch.Tensor) -> bool:
     """Whether to drop the ended rows from the decode batch (their KV cache rows too): once an
     eighth of the live rows have ended. A row's forward does not depend on the others', so the
     samples stay the same; the copy of the cache (~0.5 GB for 32 SmolLM2 rows at 338 columns,
     ~60 ms) is paid a handful of times per rollout instead of decoding padding to the end."""
-    return int(done.sum()) >= max(1, done.numel() // 8)
+    return _SHRINK and int(done.sum()) >= max(1, done.numel() // 8)
 
 
 def _ends_with(history: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
