@@ -72,7 +72,7 @@ WITH_MKL = common.WITH_MKL
 SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 |---|---|---|
 | sampler | own KV-cache loop, inverse-CDF sampling; the prompt forward once per distinct prompt, its cache copied to the group's rows (bit-identical) | HF `generate` (`do_sample`, top_k 0, top_p 1): the prompt forward for every row |
-| length | tiny/small: exactly 48 tokens, `rollout.ignore_eos=true`; SmolLM2: up to 256, EOS ends a row, which leaves the decode loop's work only when every row has ended | tiny/small: `generation_kwargs={"min_new_tokens": 48}`; SmolLM2: up to 256, HF `generate` stops at EOS per row but keeps decoding finished rows as padding until all end |
+| length | tiny/small: exactly 48 tokens, `rollout.ignore_eos=true`; SmolLM2: up to 256, EOS ends a row, and rows that ended leave the decode batch (an eighth of it at a time; the same samples) | tiny/small: `generation_kwargs={"min_new_tokens": 48}`; SmolLM2: up to 256, HF `generate` stops at EOS per row but keeps decoding finished rows as padding until all end |
 | old logprobs | the sampler's own (fp32 fast path; 1 epoch, so = detached current) | detached current (num_iterations=1) |
 | reference forward | one batch of 64, logits at the 48 response positions | `_get_per_token_logps_and_entropies`, its own batching |
 | entropy | from the sampling logits, for the metric | not computed (no entropy masking) |
@@ -80,7 +80,7 @@ SETTINGS = """| setting | rlhfkit | TRL 1.16 |
 | allocator | glibc (both runners); rlhfkit sets glibc's mmap/trim thresholds when it loads a CPU model (`rlhfkit.launch.tune_glibc_malloc`, off with `RLHFKIT_MALLOC_TUNE=0`; session 8) | glibc, its defaults |
 | gradient checkpointing | off | off (`gradient_checkpointing=False`; TRL 1.16's default is on, which recomputes the forward in backward: less memory, more time) |
 | loss | ppo clip 0.2, `kl_in: loss`, k3, beta 0.04, token mean (`aggregation: token`) | `loss_type: dapo` (token mean over the accumulated batch), beta 0.04 (k3) |
-| update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step | `gradient_accumulation_steps`, per-device batch 16, in sampling order |
+| update | micro-batches of 16 (sorted by length: `rl.update.by_length`), one AdamW step; the reference and update forwards on the real tokens alone (`model.padding_free`, fp32; the `rlhfkit-padded` row of `--with-padded` without) | `gradient_accumulation_steps`, per-device batch 16, in sampling order |
 | prompts | tiny/small: 31 words + BOS = 32; SmolLM2: the RLVR task's chat messages through its template | the same text / messages, tokenized and templated by TRL |"""
 
 
