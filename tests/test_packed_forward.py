@@ -191,3 +191,37 @@ def test_a_batch_without_padding_runs_padded(monkeypatch):
         assert layouts == []
         policy_logprobs(model, mixed, 1.0)
     assert len(layouts) == 1
+
+
+def test_scalar_models_packed_match_padded():
+    """A critic's V(s_t) and an RM's score (``PerTokenScalar``) from one packed row equal the
+    padded forward's up to fp32 rounding, gradients included; 0 at padding columns."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models import PerTokenScalar
+    from rlhfkit.rollout.forward import critic_values, reward_scores
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                      attn_implementation="sdpa")  # fmt: skip
+    scalar = PerTokenScalar(AutoModelForSequenceClassification.from_config(cfg))
+    assert packable(scalar)
+    pid, pm, rid, rm = batch()
+    got = {}
+    for packed in (False, True):
+        scalar.zero_grad(set_to_none=True)
+        seq = join(pid, pm, rid, rm, packed=packed)
+        v, r = critic_values(scalar, seq), reward_scores(scalar, seq)
+        ((v * rm).sum() + r.sum()).backward()
+        got[packed] = (v.detach(), r.detach(), [p.grad.clone() for p in scalar.parameters()])
+    (v0, r0, g0), (v1, r1, g1) = got[False], got[True]
+    p = pid.shape[1]
+    real = torch.cat([pm, rm], 1)[:, p - 1 : p - 1 + rm.shape[1]]  # the states that are tokens
+    assert bool((real & ~rm).any())  # the state after a response's last token is one of them
+    tol = 64 * EPS32 * max(1.0, float(v0[real].abs().max()), float(r0.abs().max()))
+    torch.testing.assert_close(v1[real], v0[real], rtol=0, atol=tol)
+    torch.testing.assert_close(r1, r0, rtol=0, atol=tol)
+    assert float(v1[~real].abs().max()) == 0.0  # padding columns: 0
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS32 * max(1.0, float(b.abs().max())))

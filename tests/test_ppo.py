@@ -309,9 +309,10 @@ def test_length_buckets_change_the_update_only_by_rounding(tmp_path, tiny_lm):
 
 
 def test_padding_free_changes_rollout_and_update_only_by_rounding(tmp_path, tiny_lm, monkeypatch):
-    """``model.padding_free`` (fp32): the reference forward and every update forward on the real
-    tokens alone (``models.packing``) give the padded run's reference logprobs and weights up to
-    fp32 rounding; the packed path really runs (its row layouts are counted)."""
+    """``model.padding_free`` (fp32): the reference and critic forwards of the rollout and every
+    update forward on the real tokens alone (``models.packing``) give the padded run's reference
+    logprobs, values and actor and critic weights up to fp32 rounding; the packed path really
+    runs (its row layouts are counted)."""
     import copy
 
     from rlhfkit.models import packing
@@ -329,14 +330,16 @@ def test_padding_free_changes_rollout_and_update_only_by_rounding(tmp_path, tiny
         ran = len(layouts)
         torch.manual_seed(5)
         stats = rl_update(models.learner, copy.deepcopy(exp), cfg, 0.05, True)
-        out[free] = (exp, [p.detach().clone() for p in models.actor.parameters()], stats)
-        # packed: the reference forward of both rollout chunks, and the update's micro-batches
-        # that hold padding (those without any run padded: PACK_MIN_PADDING)
-        assert ran == (2 if free else 0) and (len(layouts) > ran) == free
+        params = [*models.actor.parameters(), *models.learner.critic.parameters()]
+        out[free] = (exp, [p.detach().clone() for p in params], stats)
+        # packed: the reference and critic forwards of both rollout chunks, and the update's
+        # micro-batches that hold padding (those without any run padded: PACK_MIN_PADDING)
+        assert ran == (4 if free else 0) and (len(layouts) > ran) == free
     (e0, w0, s0), (e1, w1, s1) = out[False], out[True]
     m = e0.response_mask
     assert torch.equal(m, e1.response_mask)  # the same rollout
     torch.testing.assert_close(e1.ref_logprobs[m], e0.ref_logprobs[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(e1.values[m], e0.values[m], rtol=0, atol=1e-5)  # the critic's
     assert float(e1.ref_logprobs[~m].abs().max()) == 0.0  # 0 after a response's end
     for a, b in zip(w0, w1, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)

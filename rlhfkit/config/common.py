@@ -52,8 +52,9 @@ class ModelConfig:
     )
     padding_free: bool = knob(
         True,
-        "fp32 RL forwards of the policy (reference, old and new logprobs) on the real tokens "
-        "alone: the rows of a batch packed into one, attention kept within each row "
+        "fp32 RL forwards (the policy's reference, old and new logprobs, a separate critic's "
+        "values, an RM's scores) on the real tokens alone: the rows of a batch packed into one, "
+        "attention kept within each row "
         "(models.packing; verl's use_remove_padding, TRL's padding_free); equal to the padded "
         "forward up to fp32 rounding. Llama, Qwen2 and Qwen3 on SDPA attention; below fp32 the "
         "rollout's fixed layout is kept (rollout.collect.fixed_layout) and this does not apply",

@@ -100,10 +100,17 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, _mask)
 
 
 def hf_config(model):
-    """The HF config of a model, through DDP/FSDP (``.module``) and PEFT wrappers; None if none."""
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module
-    return getattr(model, "config", None)
+    """The HF config of a model, through DDP/FSDP (``.module``), PEFT and our adapters
+    (``.model``: ``PerTokenScalar``); None if none."""
+    for _ in range(8):
+        cfg = getattr(model, "config", None)
+        if cfg is not None:
+            return cfg
+        inner = getattr(model, "module", None)
+        model = inner if inner is not None else getattr(model, "model", None)
+        if model is None:
+            return None
+    return None
 
 
 def packable(model) -> bool:

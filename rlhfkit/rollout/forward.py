@@ -114,9 +114,21 @@ def _state_columns(per_position: torch.Tensor, seq: Sequences) -> torch.Tensor:
     return per_position[:, seq.prompt_width - 1 : seq.prompt_width - 1 + t]
 
 
+def _per_position(scalar, seq: Sequences) -> torch.Tensor:
+    """A ``PerTokenScalar``'s (B, P+T) outputs; with ``seq.packed`` (as ``policy_logprobs``) from
+    one packed row, 0 at the padding."""
+    if not (seq.packed and padding_share(seq) >= PACK_MIN_PADDING and packable(scalar)):
+        return scalar(seq.input_ids, seq.attention_mask, seq.position_ids)
+    real = seq.attention_mask.bool()
+    with packed_attention(scalar, real.sum(1)):
+        v = scalar(seq.input_ids[real][None], None, seq.position_ids[real][None])  # (1, N)
+    return torch.zeros(real.shape, dtype=v.dtype, device=v.device).masked_scatter(real, v[0])
+
+
 def critic_values(critic, seq: Sequences) -> torch.Tensor:
-    """V(s_t) for each response position, (B, T) float32. ``critic``: a ``PerTokenScalar`` (or DDP of one)."""
-    return _state_columns(critic(seq.input_ids, seq.attention_mask, seq.position_ids), seq)
+    """V(s_t) for each response position, (B, T) float32 (0 at padding columns when packed).
+    ``critic``: a ``PerTokenScalar`` (or DDP of one)."""
+    return _state_columns(_per_position(critic, seq), seq)
 
 
 def actor_critic_outputs(ac, seq: Sequences, temperature: float, with_entropy: bool = False):
@@ -131,5 +143,5 @@ def actor_critic_outputs(ac, seq: Sequences, temperature: float, with_entropy: b
 def reward_scores(rm, seq: Sequences) -> torch.Tensor:
     """R_final: the RM's score read at the last real token of prompt + response. (B,)
     ``rm``: a ``PerTokenScalar``."""
-    r = rm(seq.input_ids, seq.attention_mask, seq.position_ids)  # (B, P+T)
+    r = _per_position(rm, seq)  # (B, P+T)
     return r[torch.arange(r.shape[0], device=r.device), last_index(seq.attention_mask)]
