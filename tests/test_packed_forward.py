@@ -225,3 +225,16 @@ def test_scalar_models_packed_match_padded():
     assert float(v1[~real].abs().max()) == 0.0  # padding columns: 0
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS32 * max(1.0, float(b.abs().max())))
+
+
+def test_activation_checkpointing_runs_padded():
+    """A checkpointed layer recomputes its forward in backward, outside the packed context: the
+    model runs padded then, and its gradients stay the padded forward's."""
+    model = tiny("llama")
+    _, _, g_plain, _ = outputs(model, packed=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert not packable(model)
+    _, _, g_ckpt, _ = outputs(model, packed=True)
+    for a, b in zip(g_ckpt, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS32 * max(1.0, float(b.abs().max())))

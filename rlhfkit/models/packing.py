@@ -115,9 +115,13 @@ def hf_config(model):
 
 def packable(model) -> bool:
     """Whether ``model`` runs packed: a family of ``PACKABLE_TYPES`` on HF's SDPA attention, every
-    layer full attention."""
+    layer full attention, and no activation checkpointing: a checkpointed layer recomputes its
+    forward in backward, outside ``packed_attention``, where its attention would run over the
+    whole packed row as one sequence."""
     cfg = hf_config(model)
     if cfg is None or getattr(cfg, "model_type", None) not in PACKABLE_TYPES:
+        return False
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         return False
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
     sliding = getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)
