@@ -238,3 +238,40 @@ def test_activation_checkpointing_runs_padded():
     _, _, g_ckpt, _ = outputs(model, packed=True)
     for a, b in zip(g_ckpt, g_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS32 * max(1.0, float(b.abs().max())))
+
+
+def test_two_threads_packed_on_one_model():
+    """Thread A enters a packed forward, thread B enters one, A leaves: B's forward still runs
+    packed (the config is restored when the last one leaves, not the first)."""
+    model = tiny("llama")
+    pid, pm, rid, rm = batch()
+    seq = join(pid, pm, rid, rm, packed=True)
+    with torch.no_grad():
+        want, _ = policy_logprobs(model, seq, 1.0)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    got = {}
+
+    def a():
+        with packed_attention(model, torch.tensor([3])):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        real = seq.attention_mask.bool()
+        with torch.no_grad(), packed_attention(model, real.sum(1)):
+            b_in.set()
+            a_out.wait()  # A has left: B's forward runs after that
+            assert model.config._attn_implementation == PACKED
+            got["ok"] = True
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"ok": True} and model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        again, _ = policy_logprobs(model, seq, 1.0)
+    assert torch.equal(again, want)

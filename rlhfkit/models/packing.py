@@ -26,6 +26,7 @@ below fp32 a layout changes logprobs beyond rounding, so the RL loop packs in fp
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -132,17 +133,30 @@ def packable(model) -> bool:
     )
 
 
+# per HF config object (by id: configs define __eq__, so they are not hashable): how many
+# packed forwards are inside it now, and the implementation to restore when the last one leaves
+_inside: dict[int, list] = {}
+_inside_lock = threading.Lock()
+
+
 @contextmanager
 def packed_attention(model, lengths: torch.Tensor):
     """Run ``model``'s forwards on one packed row of rows of ``lengths`` (R,) tokens (see the
     module's docstring). The caller passes ``input_ids`` and ``position_ids`` of shape (1, N)
-    and no attention mask."""
+    and no attention mask. Two threads may run packed forwards on one model at once: the config
+    keeps ``rlhfkit_packed`` until the last of them leaves."""
     cfg = hf_config(model)
-    before = cfg._attn_implementation
+    with _inside_lock:
+        entry = _inside.setdefault(id(cfg), [0, cfg._attn_implementation])
+        entry[0] += 1
+        cfg._attn_implementation = PACKED
     token = _rows.set(rows_of(lengths))
-    cfg._attn_implementation = PACKED
     try:
         yield
     finally:
-        cfg._attn_implementation = before
         _rows.reset(token)
+        with _inside_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                cfg._attn_implementation = entry[1]
+                del _inside[id(cfg)]
