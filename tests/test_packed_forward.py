@@ -69,16 +69,17 @@ def test_packed_forward_matches_padded_and_float64(kind):
     lp, ent, g, _ = outputs(model, packed=True)
     lp64, ent64, g64, _ = outputs(copy.deepcopy(model).double(), packed=False)
     assert model.config._attn_implementation == "sdpa"  # restored after the packed forward
-    # both fp32 forwards sit within fp32 rounding of the float64 one: a few hundred eps of the
-    # logits' magnitude through 3 layers (measured ~5 eps per nat); the packed forward no further
-    # from it than the padded one is, beyond the same bound
+    # both fp32 forwards sit within fp32 rounding of the float64 one, in eps of the outputs'
+    # magnitude: measured at most 3.3 eps for logprobs and entropies and 5.5 eps for gradients
+    # on all three families (both forwards alike); 32 eps leaves room for other CPUs' kernels,
+    # while a row seeing another row or a position off by one is off by orders more
     for x, x_pad, x64 in ((lp, lp_pad, lp64), (ent, ent_pad, ent64)):
-        tol = 256 * EPS32 * max(1.0, float(x64[rm].abs().max()))
+        tol = 32 * EPS32 * max(1.0, float(x64[rm].abs().max()))
         assert float((x.double() - x64)[rm].abs().max()) <= tol
         assert float((x_pad.double() - x64)[rm].abs().max()) <= tol
         assert float(x[~rm].abs().max()) == 0.0  # after a response's end: 0, as the sampler's
     for a, a_pad, a64 in zip(g, g_pad, g64, strict=True):
-        tol = 256 * EPS32 * max(1.0, float(a64.abs().max()))
+        tol = 32 * EPS32 * max(1.0, float(a64.abs().max()))
         assert float((a.double() - a64).abs().max()) <= tol
         assert float((a_pad.double() - a64).abs().max()) <= tol
 

@@ -59,7 +59,7 @@ def policy_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
 
     With ``seq.packed`` and a ``packable`` model the forward runs on the real tokens alone
     (``packed_logprobs``); positions after a response's end then hold 0 (as the sampler's do)."""
-    if seq.packed and padding_share(seq) >= PACK_MIN_PADDING and packable(model):
+    if runs_packed(model, seq):
         return packed_logprobs(model, seq, temperature, with_entropy)
     logits = model(
         input_ids=seq.input_ids,
@@ -82,6 +82,20 @@ def padding_share(seq: Sequences) -> float:
     return 1.0 - float(seq.attention_mask.sum()) / seq.attention_mask.numel()
 
 
+def runs_packed(model, seq: Sequences) -> bool:
+    """Whether ``model``'s forward over ``seq`` runs on one packed row (``models.packing``)."""
+    return seq.packed and padding_share(seq) >= PACK_MIN_PADDING and packable(model)
+
+
+def _packed_forward(model, seq: Sequences, **kw):
+    """``model`` called on the real tokens of ``seq`` as one packed row (1, N), positions from 0
+    in each row, attention within each row; ``kw``: the call's other keyword arguments."""
+    real = seq.attention_mask.bool()
+    with packed_attention(model, real.sum(1)):
+        return model(input_ids=seq.input_ids[real][None], position_ids=seq.position_ids[real][None],
+                     **kw)  # fmt: skip
+
+
 def packed_logprobs(model, seq: Sequences, temperature: float, with_entropy: bool = False):
     """``policy_logprobs`` on one packed row: the real tokens of every row end to end, each row's
     positions from 0, attention within each row (``models.packing``), logits only for the real
@@ -93,13 +107,7 @@ def packed_logprobs(model, seq: Sequences, temperature: float, with_entropy: boo
     if not bool(state_real.all()):  # a state of a response token is padding: not one sequence
         raise ValueError("packed forward: a response token follows a padding column in its row")
     states = index[:, p - 1 : p - 1 + t][seq.response_mask]  # (n,) row-major
-    with packed_attention(model, real.sum(1)):
-        logits = model(
-            input_ids=seq.input_ids[real][None],
-            position_ids=seq.position_ids[real][None],
-            use_cache=False,
-            logits_to_keep=states,
-        ).logits  # (1, n, V)
+    logits = _packed_forward(model, seq, use_cache=False, logits_to_keep=states).logits  # (1, n, V)
     logp, ent = _logprobs(logits, seq.response[seq.response_mask][None], temperature, with_entropy)
 
     def unpack(x):  # (1, n) -> (B, T), zeros after each response's end
@@ -117,11 +125,10 @@ def _state_columns(per_position: torch.Tensor, seq: Sequences) -> torch.Tensor:
 def _per_position(scalar, seq: Sequences) -> torch.Tensor:
     """A ``PerTokenScalar``'s (B, P+T) outputs; with ``seq.packed`` (as ``policy_logprobs``) from
     one packed row, 0 at the padding."""
-    if not (seq.packed and padding_share(seq) >= PACK_MIN_PADDING and packable(scalar)):
+    if not runs_packed(scalar, seq):
         return scalar(seq.input_ids, seq.attention_mask, seq.position_ids)
+    v = _packed_forward(scalar, seq, attention_mask=None)  # (1, N)
     real = seq.attention_mask.bool()
-    with packed_attention(scalar, real.sum(1)):
-        v = scalar(seq.input_ids[real][None], None, seq.position_ids[real][None])  # (1, N)
     return torch.zeros(real.shape, dtype=v.dtype, device=v.device).masked_scatter(real, v[0])
 
 

@@ -321,6 +321,7 @@ def generate(
     entropy = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
     filtered = bool(top_k) or top_p < 1.0
     live = torch.arange(b, device=device)  # the rows the model still decodes (``_compact``)
+    longest_stop = max((len(s) for s in stops), default=0)
     for t in range(max_new_tokens):
         # one log-softmax pass per step: its exp is both the sampling distribution (unless a
         # top-k/p filter changes it) and the entropy's weights; no division at temperature 1
@@ -332,16 +333,16 @@ def generate(
             tok = sample_from_logits(filter_logits(scaled, top_k, top_p), u=u)
         else:
             tok = sample_from_probs(probs, u=u)
-        tok = torch.where(done[live], torch.full_like(tok, pad_id), tok)
+        ended = done[live]  # rows that ended but still sit in the batch: they sample padding
+        tok = torch.where(ended, torch.full_like(tok, pad_id), tok)
         tokens[live, t] = tok
         logprobs[live, t] = logp.gather(1, tok[:, None]).squeeze(1)
         entropy[live, t] = -(probs * logp).sum(-1)
+        tail = tokens[live, max(0, t + 1 - longest_stop) : t + 1]  # all a stop sequence can end in
         hit = (
-            _ends_with(tokens[live, : t + 1], stops)
-            if eos_id is None
-            else (tok == eos_id) | _ends_with(tokens[live, : t + 1], stops)
+            _ends_with(tail, stops) if eos_id is None else (tok == eos_id) | _ends_with(tail, stops)
         )
-        new_stop = hit & ~done[live]
+        new_stop = hit & ~ended
         lengths[live] = torch.where(new_stop, torch.full_like(tok, t + 1), lengths[live])
         stopped[live] |= new_stop
         done[live] |= new_stop
